@@ -1,0 +1,147 @@
+"""The common sample record every reader yields, and how bad input is reported.
+
+Each source reader (BIMCV, CAAXR, CheXpert, covid-chestxray, DICOM) turns its own layout into
+``Sample`` records and a list of ``Skipped`` inputs. Everything downstream (protocols,
+TFRecord writing) only sees these records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in pixel coordinates of the original image.
+
+    ``xmin``/``ymin`` are the top-left corner, ``xmax``/``ymax`` the bottom-right corner
+    (exclusive), so ``width = xmax - xmin``.
+    """
+
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    finding: str = "abnormality"
+
+    @property
+    def width(self) -> float:
+        return self.xmax - self.xmin
+
+    @property
+    def height(self) -> float:
+        return self.ymax - self.ymin
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and everything known about it, independent of its source.
+
+    Attributes:
+        image_id: unique id of the image within its source (e.g. the BIMCV file stem).
+        patient_id: id of the subject; splits are grouped by it.
+        source: ``bimcv``, ``chexpert``, ``covid-chestxray`` or ``dicom``.
+        path: absolute path of the image file.
+        labels: source observations as numbers (CheXpert: 1/0/-1/NaN per observation;
+            BIMCV/CAAXR: ``{"COVID-19": 1.0}``).
+        findings: study-level finding names (CAAXR study-level annotations,
+            covid-chestxray ``finding`` tokens).
+        boxes: annotated boxes (CAAXR abnormalities, covid-chestxray lungs).
+        invert: the stored pixels must be contrast-inverted before use
+            (BIMCV sidecar ``20500020`` == ``INVERSE``).
+        bit_depth: bits stored per pixel when the source says so (BIMCV sidecar ``00280101``);
+            ``None`` means: take it from the decoded image (8 or 16).
+        view: view position, lower case (``pa``, ``ap``, ``ap supine``, ``ll``...).
+        study_id: study or session id where the source has one.
+    """
+
+    image_id: str
+    patient_id: str
+    source: str
+    path: str
+    labels: dict[str, float] = field(default_factory=dict)
+    findings: tuple[str, ...] = ()
+    boxes: tuple[Box, ...] = ()
+    invert: bool = False
+    bit_depth: int | None = None
+    view: str = ""
+    study_id: str = ""
+
+    def replace(self, **changes) -> "Sample":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that was left out, with the file and field that caused it."""
+
+    path: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.field}: {self.reason}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "field": self.field, "reason": self.reason}
+
+
+class InputError(ValueError):
+    """Bad input in one file: names the file and the field."""
+
+    def __init__(self, path: str, field: str, reason: str):
+        super().__init__(f"{path}: {field}: {reason}")
+        self.path = str(path)
+        self.field = field
+        self.reason = reason
+
+    def as_skipped(self) -> Skipped:
+        return Skipped(self.path, self.field, self.reason)
+
+
+class SchemaError(InputError):
+    """A file whose structure is wrong as a whole (e.g. a CSV without a required column).
+
+    Unlike ``InputError`` this stops the run before anything is written.
+    """
+
+
+@dataclass
+class ReadResult:
+    """What a reader returns: the usable samples and every input it skipped."""
+
+    samples: list[Sample] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    # Inputs left out on purpose, not because they are bad (e.g. "lateral view": 47).
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    def extend(self, other: "ReadResult") -> None:
+        self.samples.extend(other.samples)
+        self.skipped.extend(other.skipped)
+        for reason, count in other.excluded.items():
+            self.exclude(reason, count)
+
+    def exclude(self, reason: str, count: int = 1) -> None:
+        self.excluded[reason] = self.excluded.get(reason, 0) + count
+
+    def skip(self, path: str, field_name: str, reason: str) -> None:
+        self.skipped.append(Skipped(str(path), field_name, reason))
+
+
+def check_unique_ids(samples: Iterable[Sample], result: ReadResult) -> list[Sample]:
+    """Keep the first sample of each image id; report the others as duplicates."""
+    seen: dict[str, str] = {}
+    unique: list[Sample] = []
+    for sample in samples:
+        if sample.image_id in seen:
+            result.skip(
+                sample.path,
+                "image_id",
+                f"duplicate image id {sample.image_id!r} (first seen at {seen[sample.image_id]})",
+            )
+            continue
+        seen[sample.image_id] = sample.path
+        unique.append(sample)
+    return unique
