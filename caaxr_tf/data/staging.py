@@ -1,0 +1,120 @@
+"""Decoding, checking and re-encoding one image for the TFRecord shards.
+
+Runs in worker processes, so it imports no TensorFlow. Each image is decoded once, checked
+(bit depth, boxes inside the image), shrunk to the storage size and written as PNG into a
+staging folder; the shard writer later copies those bytes into the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from caaxr_tf.data.images import encode_png, load_image, resize_long_side
+from caaxr_tf.data.records import InputError, Sample, Skipped
+
+
+@dataclass
+class StagedImage:
+    """What the shard writer needs about one staged image. Boxes are normalised to [0, 1]."""
+
+    image_id: str
+    png_path: str
+    bit_depth: int
+    original_height: int
+    original_width: int
+    height: int
+    width: int
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    box_findings: list[str] = field(default_factory=list)
+
+
+def staged_name(image_id: str) -> str:
+    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:24]
+
+
+def effective_bit_depth(path: str, pixels: np.ndarray, decoded_bits: int, stored_bits: int | None) -> int:
+    """Bits per pixel to scale by: the sidecar's BitsStored when given, checked against the data."""
+    if stored_bits is None:
+        return decoded_bits
+    if not 1 <= stored_bits <= 16:
+        raise InputError(path, "bit_depth", f"BitsStored {stored_bits} is outside 1..16")
+    if stored_bits > decoded_bits:
+        raise InputError(path, "bit_depth", f"BitsStored is {stored_bits} but the image holds {decoded_bits}-bit pixels")
+    if stored_bits < decoded_bits and int(pixels.max(initial=0)) > (1 << stored_bits) - 1:
+        raise InputError(
+            path, "bit_depth", f"pixel values up to {int(pixels.max())} exceed BitsStored {stored_bits}"
+        )
+    return stored_bits
+
+
+def check_boxes(sample: Sample, height: int, width: int) -> tuple[list, list[str], list[Skipped]]:
+    """Normalise boxes lying inside the image; report the others."""
+    boxes, findings, dropped = [], [], []
+    for index, box in enumerate(sample.boxes):
+        values = (box.xmin, box.ymin, box.xmax, box.ymax)
+        field_name = f"box {index} ({box.finding})"
+        if any(v is None or not np.isfinite(v) for v in values):
+            dropped.append(Skipped(sample.path, field_name, f"non-numeric coordinates {values}"))
+        elif box.xmin < 0 or box.ymin < 0 or box.xmax > width or box.ymax > height:
+            dropped.append(
+                Skipped(sample.path, field_name, f"box {values} lies outside the {width}x{height} image")
+            )
+        elif box.xmax <= box.xmin or box.ymax <= box.ymin:
+            dropped.append(Skipped(sample.path, field_name, f"empty box {values}"))
+        else:
+            boxes.append((box.xmin / width, box.ymin / height, box.xmax / width, box.ymax / height))
+            findings.append(box.finding)
+    return boxes, findings, dropped
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+    os.replace(temporary, path)
+
+
+def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[StagedImage | None, list[Skipped]]:
+    """Decode, check and store one image. Returns the staged image (None if it is unusable)
+    and everything that was dropped on the way."""
+    name = staged_name(sample.image_id)
+    meta_path = os.path.join(staging_dir, name + ".json")
+    if os.path.exists(meta_path):  # staged by an earlier, interrupted run
+        with open(meta_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        return StagedImage(**meta["staged"]), [Skipped(**s) for s in meta["dropped"]]
+    try:
+        loaded = load_image(sample.path)
+        bits = effective_bit_depth(sample.path, loaded.pixels, loaded.bit_depth, sample.bit_depth)
+    except InputError as error:
+        return None, [error.as_skipped()]
+    boxes, findings, dropped = check_boxes(sample, loaded.height, loaded.width)
+    pixels = resize_long_side(loaded.pixels, storage_size)
+    png_path = os.path.join(staging_dir, name + ".png")
+    _write_atomic(png_path, encode_png(pixels))
+    staged = StagedImage(
+        image_id=sample.image_id,
+        png_path=png_path,
+        bit_depth=bits,
+        original_height=loaded.height,
+        original_width=loaded.width,
+        height=int(pixels.shape[0]),
+        width=int(pixels.shape[1]),
+        boxes=boxes,
+        box_findings=findings,
+    )
+    meta = {"staged": asdict(staged), "dropped": [d.as_dict() for d in dropped]}
+    _write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
+    return staged, dropped
+
+
+def stage_task(task: tuple[Sample, str, int]) -> tuple[str, StagedImage | None, list[Skipped]]:
+    """Picklable entry point for a process pool."""
+    sample, staging_dir, storage_size = task
+    staged, dropped = stage_image(sample, staging_dir, storage_size)
+    return sample.image_id, staged, dropped

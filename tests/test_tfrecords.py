@@ -1,0 +1,194 @@
+"""make_tfrecords on the tiny synthetic set: counts, splits, determinism, resumption."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+from caaxr_tf.data import tfrecords as tfr
+from caaxr_tf.data.pipeline import parse_record
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOLS = ("seg", "2class", "3class", "4class")
+
+
+def build(data_root: Path, out: Path, **kwargs) -> dict:
+    kwargs.setdefault("workers", 1)
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("log", lambda line: None)
+    return tfr.build_tfrecords(data_root, out, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_data_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tfrecords")
+    build(tiny_data_root, out, workers=2)
+    return out
+
+
+def read_manifest(protocol_dir: Path) -> list[dict[str, str]]:
+    with open(protocol_dir / "manifest.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def expected_class_totals(data_root: Path) -> dict[str, dict[str, int]]:
+    counts = json.loads((data_root / "synthetic.json").read_text())["counts"]
+    covid = counts["covid_boxes"] + counts["covid_no_boxes"]
+    return {
+        "seg": {"lesion": counts["covid_boxes"]},
+        "2class": {
+            "covid": covid,
+            "non_covid": counts["chexpert_healthy"] + counts["chexpert_pneumonia"]
+            + counts["chexpert_other"] + counts["chexpert_uncertain"],
+        },
+        "3class": {
+            "covid": covid,
+            "non_covid_unhealthy": counts["chexpert_pneumonia"] + counts["chexpert_other"],
+            "healthy": counts["chexpert_healthy"],
+        },
+        "4class": {
+            "covid": covid,
+            "pneumonia": counts["chexpert_pneumonia"],
+            "other_unhealthy": counts["chexpert_other"],
+            "healthy": counts["chexpert_healthy"],
+        },
+    }
+
+
+def records_per_split(protocol_dir: Path, summary: dict) -> dict[str, Counter]:
+    found = {}
+    for key, names in summary["shards"].items():
+        counter: Counter = Counter()
+        for name in names:
+            for serialized in tf.data.TFRecordDataset(str(protocol_dir / name)):
+                counter[parse_record(serialized)["label/name"].numpy().decode()] += 1
+        found[key] = counter
+    return found
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_counts_agree_between_sources_manifest_summary_and_shards(built, tiny_data_root, protocol):
+    protocol_dir = built / protocol
+    summary = json.loads((protocol_dir / "summary.json").read_text())
+    rows = read_manifest(protocol_dir)
+    assert summary["counts"]["total"] == expected_class_totals(tiny_data_root)[protocol]
+    assert dict(Counter(r["label"] for r in rows)) == summary["counts"]["total"]
+    assert len({r["image_id"] for r in rows}) == len(rows)
+
+    in_shards = records_per_split(protocol_dir, summary)
+    assert dict(in_shards["test"]) == summary["counts"]["test"]
+    for fold in (1, 2):
+        for split in ("train", "val"):
+            from_manifest = Counter(r["label"] for r in rows if r[f"split_fold{fold}"] == split)
+            assert dict(in_shards[f"fold{fold}/{split}"]) == summary["counts"][f"fold{fold}"][split] == dict(from_manifest)
+    # every split is split in at least two files, so two workers can each read their own
+    assert all(len(names) >= 2 for names in summary["shards"].values())
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_splits_fixed_test_set_disjoint_validation_and_no_shared_patient(built, protocol):
+    rows = read_manifest(built / protocol)
+    test_ids = {r["image_id"] for r in rows if r["split_fold1"] == "test"}
+    assert test_ids == {r["image_id"] for r in rows if r["split_fold2"] == "test"}
+    assert abs(len(test_ids) - len(rows) / 2) <= 2
+    val1 = {r["image_id"] for r in rows if r["split_fold1"] == "val"}
+    val2 = {r["image_id"] for r in rows if r["split_fold2"] == "val"}
+    assert val1 and val2 and not val1 & val2
+    for fold in (1, 2):
+        patients = defaultdict(set)
+        for r in rows:
+            patients[r[f"split_fold{fold}"]].add(r["patient_id"])
+        assert not patients["train"] & patients["val"]
+        assert not patients["train"] & patients["test"]
+        assert not patients["val"] & patients["test"]
+
+
+def test_consolidation_subset_counts_match_manifest(built, tiny_data_root):
+    rows = read_manifest(built / "seg")
+    summary = json.loads((built / "seg" / "summary.json").read_text())
+    manifest = json.loads((tiny_data_root / "synthetic.json").read_text())
+    truth = {
+        e["image_id"]: any(b["finding"].lower() in ("consolidation", "ground glass opacity") for b in e["boxes"])
+        for e in manifest["images"]
+    }
+    assert all(r["subset_consolidation"] == str(int(truth[r["image_id"]])) for r in rows)
+    in_test = sum(1 for r in rows if r["split_fold1"] == "test" and truth[r["image_id"]])
+    assert summary["counts"]["subset_consolidation"]["test"] == in_test > 0
+
+
+def all_output_bytes(out: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and (p.suffix == ".tfrecord" or p.name == "manifest.csv")
+    }
+
+
+def test_rerun_gives_byte_identical_shards_and_skips_finished_work(built, tiny_data_root, tmp_path):
+    again = tmp_path / "again"
+    build(tiny_data_root, again, workers=1)  # other worker count, other folder
+    assert all_output_bytes(again) == all_output_bytes(built)
+    assert not (again / tfr.STAGING_DIR).exists()
+
+    stamps = {p: p.stat().st_mtime_ns for p in again.rglob("*.tfrecord")}
+    lines: list[str] = []
+    build(tiny_data_root, again, log=lines.append)
+    assert sum("up to date" in line for line in lines) == len(PROTOCOLS)
+    assert {p: p.stat().st_mtime_ns for p in again.rglob("*.tfrecord")} == stamps
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(built, tiny_data_root, tmp_path, monkeypatch):
+    out = tmp_path / "resume"
+    real = tfr.make_example
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 30:  # inside the second of the two test shards
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tfr, "make_example", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build(tiny_data_root, out, protocols="2class")
+    # nothing half-written under a final name, and no summary: the protocol is incomplete
+    assert not (out / "2class" / "summary.json").exists()
+    finished = sorted(p.name for p in (out / "2class").rglob("*.tfrecord"))
+    assert len(finished) >= 1
+    for shard in (out / "2class").rglob("*.tfrecord"):
+        assert sum(1 for _ in tf.data.TFRecordDataset(str(shard))) > 0
+
+    monkeypatch.setattr(tfr, "make_example", real)
+    build(tiny_data_root, out, protocols="2class")
+    expected = {k: v for k, v in all_output_bytes(built).items() if k.startswith("2class/")}
+    assert all_output_bytes(out) == expected
+
+
+def test_sampling_down_is_exact_and_seeded(tiny_data_root, tmp_path):
+    overrides = ["caaxr.2class.classes.covid.count=10", "caaxr.2class.classes.non_covid.count=12"]
+    first = build(tiny_data_root, tmp_path / "a", protocols="2class", protocol_overrides=overrides)
+    assert first["2class"]["counts"]["total"] == {"covid": 10, "non_covid": 12}
+    assert first["2class"]["warnings"] == []
+    build(tiny_data_root, tmp_path / "b", protocols="2class", protocol_overrides=overrides)
+    build(tiny_data_root, tmp_path / "c", protocols="2class", protocol_overrides=overrides, seed=5)
+    ids = {d: {r["image_id"] for r in read_manifest(tmp_path / d / "2class")} for d in "abc"}
+    assert ids["a"] == ids["b"]
+    assert ids["a"] != ids["c"]
+
+
+def test_cli_reports_unknown_protocol_and_missing_root(tmp_path):
+    cli = [sys.executable, str(REPO / "tools" / "make_tfrecords.py")]
+    missing = subprocess.run(cli + ["--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "data root not found" in missing.stderr
+    assert not (tmp_path / "o").exists()
+    bad = subprocess.run(cli + ["--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--protocol", "5class"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
