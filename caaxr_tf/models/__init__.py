@@ -1,0 +1,40 @@
+"""CAAXR models: lung segmentation (U-Net, SegNet) and COVID-19 classifiers.
+
+    from caaxr_tf.models import build_model, available_models, model_task
+    model = build_model("mobilenetv2", num_classes=3, weights="none")
+
+Every model takes raw grayscale images `[N, H, W, 1]` in 0..255 and does its
+own normalisation.
+"""
+
+from caaxr_tf.models import classifier, segnet, unet  # noqa: F401  (registers the models)
+from caaxr_tf.models.classifier import BACKBONES, build_classifier
+from caaxr_tf.models.layers import (
+    GrayscaleToRGB,
+    ImageNetPreprocessing,
+    MaxPoolingWithArgmax2D,
+    MaxUnpooling2D,
+)
+from caaxr_tf.models.registry import available_models, build_model, model_task, register_model
+from caaxr_tf.models.resnet18 import ResNet18
+from caaxr_tf.models.segnet import build_segnet
+from caaxr_tf.models.unet import build_unet
+from caaxr_tf.models.weights import WeightsUnavailableError, load_weights_file
+
+__all__ = [
+    "BACKBONES",
+    "GrayscaleToRGB",
+    "ImageNetPreprocessing",
+    "MaxPoolingWithArgmax2D",
+    "MaxUnpooling2D",
+    "ResNet18",
+    "WeightsUnavailableError",
+    "available_models",
+    "build_classifier",
+    "build_model",
+    "build_segnet",
+    "build_unet",
+    "load_weights_file",
+    "model_task",
+    "register_model",
+]
