@@ -92,7 +92,7 @@ def damaged(tiny_data_root, tmp_path_factory) -> tuple[Path, dict]:
 
     def unknown_label(fields, rows):
         for row in rows:
-            if row["Frontal/Lateral"] == "Frontal" and row["Path"] != healthy[0]["image_id"] and row["No Finding"] == "1.0":
+            if row["Frontal/Lateral"] == "Frontal" and not healthy[0]["path"].endswith(row["Path"]) and row["No Finding"] == "1.0":
                 row["No Finding"] = "2"
                 unknown_row["path"] = row["Path"]
                 break

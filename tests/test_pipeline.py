@@ -138,6 +138,24 @@ def test_training_batches_shuffle_and_augment_reproducibly(built):
     assert not any(np.array_equal(a_images[0], p) for p in plain_images)
 
 
+def test_augmentation_moves_image_and_mask_together_and_is_seeded():
+    from caaxr_tf.data.pipeline import augment_batch
+
+    masks = np.zeros((4, 64, 64, 1), np.float32)
+    masks[:, 20:40, 10:30] = 1.0
+    images = tf.constant(masks * 200.0 + 20.0)
+    seed = tf.constant([3, 0], tf.int64)
+    out_images, out_masks = augment_batch(images, tf.constant(masks), seed)
+    again, _ = augment_batch(images, tf.constant(masks), seed)
+    np.testing.assert_array_equal(out_images.numpy(), again.numpy())
+    out_images, out_masks = out_images.numpy(), out_masks.numpy()
+    assert set(np.unique(out_masks)) <= {0.0, 1.0}
+    assert not np.array_equal(out_masks, masks)  # the boxes moved
+    for image, mask in zip(out_images[..., 0], out_masks[..., 0].astype(bool)):
+        bright = image > (image[mask].mean() + image[~mask].mean()) / 2
+        assert (bright & mask).sum() / (bright | mask).sum() > 0.85
+
+
 def test_consolidation_subset_filter(built):
     summary = json.loads((built / "seg" / "summary.json").read_text())
     dataset = make_dataset(built / "seg", "test", batch_size=4, subset="consolidation")

@@ -92,29 +92,57 @@ def shard_files(tfrecord_dir: str | Path, split: str, fold: int = 1) -> list[str
     return files
 
 
-def _geometric_augmenter(seed: int | None):
-    import keras
-
-    return keras.Sequential(
-        [
-            keras.layers.RandomRotation(0.02, fill_mode="constant", seed=seed),
-            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed),
-            keras.layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed),
-        ],
-        name="geometric_augmentation",
-    )
+# Augmentation ranges: rotation in degrees, shift and zoom as fractions of the image size,
+# contrast as a factor range around 1, brightness as a fraction of 255.
+ROTATION_DEGREES = 7.0
+SHIFT = 0.05
+ZOOM = 0.1
+CONTRAST = 0.2
+BRIGHTNESS = 0.1
 
 
-def _photometric_augmenter(seed: int | None):
-    import keras
+def augment_batch(images: tf.Tensor, masks: tf.Tensor | None, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Random rotation, shift and zoom (images and masks alike) and contrast/brightness (images).
 
-    return keras.Sequential(
-        [
-            keras.layers.RandomContrast(0.2, value_range=(0, 255), seed=seed),
-            keras.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
-        ],
-        name="photometric_augmentation",
-    )
+    Stateless: the same ``seed`` (shape [2]) gives the same transforms, so a seeded pipeline
+    is reproducible even with parallel map calls. Masks use nearest-neighbour sampling.
+    """
+    batch = tf.shape(images)[0]
+    height = tf.cast(tf.shape(images)[1], tf.float32)
+    width = tf.cast(tf.shape(images)[2], tf.float32)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
+
+    def uniform(index: int, low: float, high: float) -> tf.Tensor:
+        return tf.random.stateless_uniform([batch], seeds[index], low, high)
+
+    angle = uniform(0, -ROTATION_DEGREES, ROTATION_DEGREES) * (3.141592653589793 / 180.0)
+    shift_x = uniform(1, -SHIFT, SHIFT) * width
+    shift_y = uniform(2, -SHIFT, SHIFT) * height
+    scale = uniform(3, 1.0 - ZOOM, 1.0 + ZOOM)
+    # Each transform maps an output pixel (x, y) back to the input pixel it samples.
+    cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    a0, a1 = tf.cos(angle) / scale, tf.sin(angle) / scale
+    b0, b1 = -tf.sin(angle) / scale, tf.cos(angle) / scale
+    a2 = cx - a0 * (cx + shift_x) - a1 * (cy + shift_y)
+    b2 = cy - b0 * (cx + shift_x) - b1 * (cy + shift_y)
+    zeros = tf.zeros_like(a0)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    output_shape = tf.shape(images)[1:3]
+
+    def warp(tensor: tf.Tensor, interpolation: str) -> tf.Tensor:
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=tensor, transforms=transforms, output_shape=output_shape,
+            interpolation=interpolation, fill_mode="CONSTANT", fill_value=0.0,
+        )
+
+    images = warp(images, "BILINEAR")
+    if masks is not None:
+        masks = warp(masks, "NEAREST")
+    contrast = uniform(4, 1.0 - CONTRAST, 1.0 + CONTRAST)[:, None, None, None]
+    brightness = uniform(5, -BRIGHTNESS, BRIGHTNESS)[:, None, None, None] * 255.0
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    images = tf.clip_by_value((images - mean) * contrast + mean + brightness, 0.0, 255.0)
+    return images, masks
 
 
 def make_dataset(
@@ -143,8 +171,9 @@ def make_dataset(
     classification, the box mask [B, S, S, 1] (float32 0/1) for segmentation, and for detection
     a dict with ``mask``, ``boxes`` [B, max_boxes, 4] (ymin, xmin, ymax, xmax, normalised, zero
     padded) and ``num_boxes``. ``training`` (default: split == "train") shuffles;
-    ``augment`` (default: training) adds random rotation, shift, zoom, contrast and brightness
-    (geometric changes are applied to image and mask together). ``subset`` keeps only records of
+    ``augment`` (default: training, not for detection) adds random rotation, shift, zoom,
+    contrast and brightness (see ``augment_batch``; geometric changes move image and mask
+    together). ``subset`` keeps only records of
     a summary subset (e.g. ``consolidation``). ``with_ids`` adds the image ids as a third element.
     """
     summary = read_summary(tfrecord_dir)
@@ -154,7 +183,9 @@ def make_dataset(
     if task != "classification" and summary["task"] != "segmentation":
         raise ValueError(f"{tfrecord_dir} holds a {summary['task']} protocol; it has no masks for task {task!r}")
     training = split == "train" if training is None else training
-    augment = training if augment is None else augment
+    augment = (training and task != "detection") if augment is None else augment
+    if augment and task == "detection":
+        raise ValueError("augmentation is not supported for the detection task (boxes would not follow)")
     num_classes = len(summary["classes"])
     files = shard_files(tfrecord_dir, split, fold)
     subset_findings: list[str] = []
@@ -202,21 +233,15 @@ def make_dataset(
     if repeat:
         dataset = dataset.repeat()
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
+    # One random number per batch, different in every epoch, seeds that batch's augmentation.
+    randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    dataset = tf.data.Dataset.zip((dataset, randoms))
 
-    geometric = _geometric_augmenter(seed) if augment and task != "detection" else None
-    photometric = _photometric_augmenter(seed) if augment else None
-
-    def to_model_inputs(batch):
+    def to_model_inputs(batch, random):
         image = tf.cast(batch["image"], tf.float32)
         mask = tf.cast(batch["mask"], tf.float32) if "mask" in batch else None
-        if geometric is not None:
-            if mask is not None:
-                both = geometric(tf.concat([image, mask * 255.0], axis=-1), training=True)
-                image, mask = both[..., :1], tf.cast(both[..., 1:] >= 127.5, tf.float32)
-            else:
-                image = geometric(image, training=True)
-        if photometric is not None:
-            image = tf.clip_by_value(photometric(image, training=True), 0.0, 255.0)
+        if augment:
+            image, mask = augment_batch(image, mask, tf.stack([random, tf.constant(0, tf.int64)]))
         if task == "classification":
             target = tf.one_hot(batch["label"], num_classes, dtype=tf.float32)
         elif task == "segmentation":

@@ -8,8 +8,12 @@ TFRecord writing) only sees these records.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    import pandas
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class Sample:
         patient_id: id of the subject; splits are grouped by it.
         source: ``bimcv``, ``chexpert``, ``covid-chestxray`` or ``dicom``.
         path: absolute path of the image file.
-        labels: source observations as numbers (CheXpert: 1/0/-1/NaN per observation;
+        labels: source observations as numbers (CheXpert: 1/0/-1 per observation, blank read as 0;
             BIMCV/CAAXR: ``{"COVID-19": 1.0}``).
         findings: study-level finding names (CAAXR study-level annotations,
             covid-chestxray ``finding`` tokens).
@@ -145,3 +149,37 @@ def check_unique_ids(samples: Iterable[Sample], result: ReadResult) -> list[Samp
         seen[sample.image_id] = sample.path
         unique.append(sample)
     return unique
+
+
+def read_csv_table(path: str | os.PathLike, required: Iterable[str] = ()) -> pandas.DataFrame:
+    """Read a CSV file as text cells (blank cells are ``""``), checking its columns.
+
+    Tries UTF-8 (a byte-order mark is dropped) and falls back to Latin-1 (public metadata
+    files mix encodings). Column names are stripped of surrounding spaces. A missing or
+    unreadable file, or one lacking any of ``required``, raises ``SchemaError`` naming the
+    file and the columns.
+    Data row ``i`` of the returned frame is row ``i + 2`` of the file (header = row 1).
+    """
+    import pandas as pd
+
+    path = str(path)
+    frame = None
+    for encoding in ("utf-8-sig", "latin-1"):
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+        except FileNotFoundError as error:
+            raise SchemaError(path, "file", "not found") from error
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+            raise SchemaError(path, "file", f"cannot be read as CSV ({error})") from error
+    if frame is None:  # Latin-1 decodes any bytes, so this is only a guard
+        raise SchemaError(path, "file", "cannot be decoded as UTF-8 or Latin-1")
+    frame.columns = [str(name).strip() for name in frame.columns]
+    missing = [name for name in required if name not in frame.columns]
+    if missing:
+        raise SchemaError(
+            path, ", ".join(missing), f"required column(s) missing; found {list(frame.columns)}"
+        )
+    return frame.reset_index(drop=True)

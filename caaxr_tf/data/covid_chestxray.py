@@ -1,0 +1,206 @@
+"""covid-chestxray reader: the public COVID-19 image data collection (Cohen et al. 2020).
+
+``metadata.csv`` has one row per image; rows with modality X-ray and a frontal view are kept.
+The optional COCO file ``annotations/lung_bounding_boxes.json`` adds "Right Lung" /
+"Left Lung" boxes. A broken box is reported and dropped; its image stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from caaxr_tf.config import deep_merge, load_config
+from caaxr_tf.data.caaxr import BoxError, parse_box
+from caaxr_tf.data.records import Box, ReadResult, Sample, SchemaError, read_csv_table
+
+SOURCE = "covid-chestxray"
+REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
+EXCLUDED_MODALITY = "modality not X-ray"
+EXCLUDED_VIEW = "non-frontal view"
+_FINDING_SPLIT = re.compile(r"[,/]")
+
+
+def covid_chestxray_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``covid_chestxray`` section of configs/data.yaml with ``config`` applied on top."""
+    return deep_merge(load_config("data")["covid_chestxray"], config or {})
+
+
+def split_finding(value: str) -> tuple[str, ...]:
+    """``"Pneumonia/Viral/COVID-19"`` or ``"COVID-19, ARDS"`` -> its stripped tokens."""
+    return tuple(token.strip() for token in _FINDING_SPLIT.split(value) if token.strip())
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) from the file header, without decoding the pixels."""
+    try:
+        from PIL import Image  # Pillow comes with matplotlib; without it the check is skipped
+    except ImportError:
+        return None
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError):
+        return None  # an unreadable image is reported when it is decoded
+    return (height, width)
+
+
+def read_lung_boxes(
+    path: str | os.PathLike, images_dir: str | os.PathLike, result: ReadResult
+) -> dict[str, list[Box]]:
+    """Read COCO lung boxes, keyed by image file name; bad boxes go to ``result.skipped``.
+
+    Each box is checked against the size given for its image in the COCO file. Where that
+    size disagrees with the image file itself, the image's boxes were drawn on another copy
+    of it: the image is reported once (``image <id>: width/height``) and its boxes dropped.
+    A missing file is reported and gives no boxes; a file that is not COCO JSON raises
+    ``SchemaError``.
+    """
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            coco = json.load(handle)
+    except FileNotFoundError:
+        result.skip(path, "file", "lung box annotations not found; images get no boxes")
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SchemaError(path, "json", f"cannot be read as JSON ({error})") from error
+    keys = ("images", "annotations", "categories")
+    if not isinstance(coco, dict) or not all(isinstance(coco.get(key), list) for key in keys):
+        raise SchemaError(path, "json", f"expected a COCO object with lists {', '.join(keys)}")
+
+    entries = [entry for entry in coco["images"] if isinstance(entry, dict)]
+    categories = {
+        entry.get("id"): str(entry.get("name", ""))
+        for entry in coco["categories"]
+        if isinstance(entry, dict)
+    }
+    images: dict[Any, tuple[str, tuple[int, int] | None]] = {}
+    for entry in entries:
+        image_id, file_name = entry.get("id"), entry.get("file_name")
+        if not file_name:
+            result.skip(path, f"image {image_id}: file_name", "missing")
+            continue
+        declared = (entry.get("height"), entry.get("width"))
+        size = declared if all(isinstance(v, int) and v > 0 for v in declared) else None
+        actual = _image_size(Path(images_dir) / file_name)
+        if size is not None and actual is not None and actual != size:
+            result.skip(
+                path,
+                f"image {image_id}: width/height",
+                f"boxes drawn on a {size[1]}x{size[0]} image but {file_name} is "
+                f"{actual[1]}x{actual[0]}; its boxes are dropped",
+            )
+            continue
+        images[image_id] = (str(file_name), size or actual)
+
+    known_ids = {entry.get("id") for entry in entries}
+    boxes: dict[str, list[Box]] = {}
+    for annotation in coco["annotations"]:
+        if not isinstance(annotation, dict):
+            result.skip(path, "annotation ?", "not a JSON object")
+            continue
+        field = f"annotation {annotation.get('id')}"
+        image_id, category_id = annotation.get("image_id"), annotation.get("category_id")
+        image = images.get(image_id)
+        if image is None:
+            if image_id not in known_ids:  # else: the image was reported above
+                result.skip(path, f"{field}: image_id", f"unknown image id {image_id!r}")
+            continue
+        category = categories.get(category_id)
+        if not category:
+            result.skip(path, f"{field}: category_id", f"unknown category {category_id!r}")
+            continue
+        bbox = annotation.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4:
+            reason = f"expected [x, y, width, height], found {bbox!r}"
+            result.skip(path, f"{field}: bbox", reason)
+            continue
+        try:
+            coords = list(zip(("x", "y", "width", "height"), bbox))
+            box = parse_box(coords, "xywh", image[1], category)
+        except BoxError as error:
+            result.skip(path, f"{field}: bbox", str(error))
+            continue
+        boxes.setdefault(image[0], []).append(box)
+    return boxes
+
+
+def read_covid_chestxray(
+    root: str | os.PathLike, config: Mapping[str, Any] | None = None
+) -> ReadResult:
+    """Read the frontal X-rays of the collection under ``root``.
+
+    Args:
+        root: the collection folder; ``config`` paths (``metadata``, ``images``,
+            ``lung_boxes``) are relative to it.
+        config: the ``covid_chestxray`` section of configs/data.yaml (defaults fill missing keys).
+
+    Raises:
+        SchemaError: metadata.csv is missing or lacks a required column, or the lung box
+            file is not COCO JSON.
+    """
+    config = covid_chestxray_config(config)
+    root = Path(root).resolve()
+    metadata_path = root / config["metadata"]
+    images_dir = root / config["images"]
+    frontal = {str(view).strip().lower() for view in config["frontal_views"]}
+    modality = str(config.get("modality", "X-ray")).strip().lower()
+
+    table = read_csv_table(metadata_path, REQUIRED_COLUMNS)
+    result = ReadResult()
+    lung_boxes: dict[str, list[Box]] = {}
+    if config.get("lung_boxes"):
+        lung_boxes = read_lung_boxes(root / config["lung_boxes"], images_dir, result)
+
+    first_row: dict[str, tuple[int, str]] = {}
+    columns = [table[name].tolist() for name in REQUIRED_COLUMNS]
+    for index, (patient, finding, view, row_modality, filename) in enumerate(zip(*columns)):
+        row = index + 2
+        if row_modality.strip().lower() != modality:
+            result.exclude(EXCLUDED_MODALITY)
+            continue
+        if view.strip().lower() not in frontal:
+            result.exclude(EXCLUDED_VIEW)
+            continue
+        filename = filename.strip()
+        if not filename:
+            result.skip(str(metadata_path), f"row {row}: filename", "empty file name")
+            continue
+        image_path = images_dir / filename
+        if not image_path.is_file():
+            reason = f"image file not found: {filename}"
+            result.skip(str(metadata_path), f"row {row}: filename", reason)
+            continue
+        if not patient.strip():
+            result.skip(str(metadata_path), f"row {row}: patientid", "empty patient id")
+            continue
+        if filename in first_row:
+            # The collection repeats some files under a second patient id.
+            first, first_patient = first_row[filename]
+            result.skip(
+                str(metadata_path),
+                f"row {row}: filename",
+                f"duplicate file name {filename!r} (first at row {first}, patient {first_patient}; "
+                f"this row: patient {patient.strip()})",
+            )
+            continue
+        first_row[filename] = (row, patient.strip())
+        findings = split_finding(finding)
+        covid = any(token.lower() == "covid-19" for token in findings)
+        result.samples.append(
+            Sample(
+                image_id=filename,
+                patient_id=patient.strip(),
+                source=SOURCE,
+                path=str(image_path),
+                labels={"COVID-19": 1.0 if covid else 0.0},
+                findings=findings,
+                boxes=tuple(lung_boxes.get(filename, ())),
+                view=view.strip().lower(),
+            )
+        )
+    return result
