@@ -233,15 +233,17 @@ def make_dataset(
     if repeat:
         dataset = dataset.repeat()
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
-    # One random number per batch, different in every epoch, seeds that batch's augmentation.
-    randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    dataset = tf.data.Dataset.zip((dataset, randoms))
+    base_seed = tf.constant(0 if seed is None else seed, tf.int64)
 
-    def to_model_inputs(batch, random):
+    def to_model_inputs(batch):
         image = tf.cast(batch["image"], tf.float32)
         mask = tf.cast(batch["mask"], tf.float32) if "mask" in batch else None
         if augment:
-            image, mask = augment_batch(image, mask, tf.stack([random, tf.constant(0, tf.int64)]))
+            # The batch's seed comes from its image ids, which the shuffle changes every epoch.
+            # (A second random source zipped in would stop file-level auto-sharding.)
+            ids = tf.strings.reduce_join(batch["id"], separator="|")
+            batch_seed = tf.stack([base_seed, tf.strings.to_hash_bucket_fast(ids, 2**62)])
+            image, mask = augment_batch(image, mask, batch_seed)
         if task == "classification":
             target = tf.one_hot(batch["label"], num_classes, dtype=tf.float32)
         elif task == "segmentation":

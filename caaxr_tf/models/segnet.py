@@ -24,9 +24,9 @@ VGG16_CONVS = (2, 2, 3, 3, 3)
 VGG16_WIDTHS = (1, 2, 4, 8, 8)
 
 
-def _conv_bn_relu(x, filters: int, name: str):
+def _conv_bn_relu(x, filters: int, name: str, momentum: float):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -35,6 +35,7 @@ def build_segnet(
     base_filters: int = 64,
     convs_per_stage: Sequence[int] = VGG16_CONVS,
     width_multipliers: Sequence[int] = VGG16_WIDTHS,
+    batch_norm_momentum: float = 0.9,
     name: str = "segnet",
 ) -> keras.Model:
     """Functional SegNet.
@@ -45,6 +46,8 @@ def build_segnet(
         base_filters: filters of the first stage (64 in the paper).
         convs_per_stage: conv blocks per encoder stage (VGG16: 2, 2, 3, 3, 3).
         width_multipliers: filters of each stage as multiples of `base_filters`.
+        batch_norm_momentum: 0.9 (PyTorch's 0.1) so the moving statistics keep up with
+            small batches in short runs.
     """
     if len(convs_per_stage) != len(width_multipliers):
         raise ValueError("convs_per_stage and width_multipliers must have the same length")
@@ -55,7 +58,7 @@ def build_segnet(
     pooled_from, argmaxes = [], []
     for stage, (n_convs, width) in enumerate(zip(convs_per_stage, filters), start=1):
         for i in range(1, n_convs + 1):
-            x = _conv_bn_relu(x, width, name=f"enc{stage}_{i}")
+            x = _conv_bn_relu(x, width, f"enc{stage}_{i}", batch_norm_momentum)
         pooled_from.append(x)
         x, argmax = MaxPoolingWithArgmax2D(2, name=f"enc{stage}_pool")(x)
         argmaxes.append(argmax)
@@ -71,7 +74,7 @@ def build_segnet(
             if is_last and stage == 1:
                 break  # the output conv replaces the last block of the first stage
             width = last_width if is_last else filters[stage - 1]
-            x = _conv_bn_relu(x, width, name=f"dec{stage}_{i}")
+            x = _conv_bn_relu(x, width, f"dec{stage}_{i}", batch_norm_momentum)
     outputs = layers.Conv2D(1, 3, padding="same", activation="sigmoid", dtype="float32", name="mask")(x)
     return keras.Model(inputs, outputs, name=name)
 

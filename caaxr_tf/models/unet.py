@@ -18,10 +18,10 @@ from caaxr_tf.models.weights import NONE, check_segmentation_args, load_weights_
 UPSAMPLING_MODES = ("transpose", "bilinear")
 
 
-def _conv_block(x, filters: int, name: str):
+def _conv_block(x, filters: int, name: str, momentum: float):
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
-        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn{i}")(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     return x
 
@@ -32,6 +32,7 @@ def build_unet(
     depth: int = 4,
     upsampling: str = "transpose",
     dropout: float = 0.0,
+    batch_norm_momentum: float = 0.9,
     name: str = "unet",
 ) -> keras.Model:
     """Functional U-Net.
@@ -43,6 +44,8 @@ def build_unet(
         upsampling: `"transpose"` (2x2 stride-2 transposed conv) or
             `"bilinear"` (bilinear up-sampling followed by a 1x1 conv).
         dropout: dropout rate applied at the bottleneck (0 disables it).
+        batch_norm_momentum: 0.9 (PyTorch's 0.1) rather than Keras' 0.99, so the moving
+            statistics keep up with the small segmentation batches (4) of short runs.
     """
     if upsampling not in UPSAMPLING_MODES:
         raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {upsampling!r}")
@@ -56,10 +59,10 @@ def build_unet(
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     skips = []
     for level in range(depth):
-        x = _conv_block(x, base_filters * 2**level, name=f"down{level + 1}")
+        x = _conv_block(x, base_filters * 2**level, f"down{level + 1}", batch_norm_momentum)
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"down{level + 1}_pool")(x)
-    x = _conv_block(x, base_filters * 2**depth, name="bottleneck")
+    x = _conv_block(x, base_filters * 2**depth, "bottleneck", batch_norm_momentum)
     if dropout:
         x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
     for level in reversed(range(depth)):
@@ -71,7 +74,7 @@ def build_unet(
             x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{prefix}_upsample")(x)
             x = layers.Conv2D(filters, 1, name=f"{prefix}_upconv")(x)
         x = layers.Concatenate(name=f"{prefix}_concat")([skips[level], x])
-        x = _conv_block(x, filters, name=prefix)
+        x = _conv_block(x, filters, prefix, batch_norm_momentum)
     outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
     return keras.Model(inputs, outputs, name=name)
 
