@@ -1,0 +1,505 @@
+"""Cross-validation: train and evaluate every model on every fold of one protocol.
+
+    python -m caaxr_tf.cv --protocol 3class --models mobilenetv2,resnet18 \
+        --tfrecords TFRECORDS --out cv/3class [--folds 1,2] [--force] [--eval-only] \
+        [--epochs N] [--steps-per-epoch N] [--validation-steps N] [--batch-size N] [--lr X] \
+        [--weights none|imagenet|PATH] [--strategy auto|one|mirrored|multiworker] \
+        [--mixed-precision] [--jit] [--seed N] [--config FILE] [--set key=value ...] \
+        [--eval-batch-size N] [--no-plots] [--quiet]
+
+``--tfrecords`` is the folder holding the protocol folders (``TFRECORDS/<protocol>/summary.json``).
+Each (model, fold) gets the run folder ``OUT/<model>/fold<k>``: ``caaxr_tf.train.main`` trains
+it (the training flags above are passed through unchanged), then ``caaxr_tf.evaluate`` scores
+it on the test split, and on every subset of the protocol as well (``seg``: consolidation /
+ground-glass opacity).
+
+Resuming: a (model, fold) whose ``eval/metrics.json`` (and subset metrics) exist is skipped,
+so a killed CV started again with the same arguments picks up where it stopped (training
+itself resumes from the run's ``backup/`` checkpoints). ``--force`` calls the trainer and the
+evaluation again for every run (the trainer does nothing for a completed run, so this
+re-evaluates; delete a run folder to train it from scratch). ``--eval-only`` never trains.
+
+Outputs, rewritten after every run, cover the models and folds of this invocation:
+
+``OUT/results.csv``
+    Columns ``model, fold, status, <metrics>, run_dir``. Per model: one row per fold
+    (``status`` ``ok`` or ``failed: <reason>``), then a row with ``fold`` = ``mean`` and a row
+    with ``fold`` = ``std`` (sample standard deviation over the successful folds, n − 1 in the
+    denominator; empty with a single fold), whose ``status`` says how many folds they cover.
+    Metrics — segmentation: ``num_images, dice, iou`` and per subset ``num_images_<subset>,
+    dice_<subset>, iou_<subset>``; classification: ``num_images, accuracy, auc_<class>...,
+    auc_macro, sensitivity_at_99_specificity, sensitivity_at_90_specificity`` (COVID
+    one-vs-all; see ``caaxr_tf.evaluate``).
+``OUT/results.md``
+    One row per model, mean ± std over folds, with the paper's columns: DICE, IoU and DICE on
+    the consolidation subset; or AUC per class, COVID sensitivity at 99 % and 90 %
+    specificity and accuracy. Failed runs are listed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from caaxr_tf.evaluate import covid_index, metrics_path, write_text_atomic  # noqa: E402
+
+Trainer = Callable[[list[str]], int]
+Evaluator = Callable[..., dict]
+
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
+AGGREGATES = ("mean", "std")
+
+# Training flags passed through to caaxr_tf.train: (flag, takes a value).
+TRAIN_FLAGS: tuple[tuple[str, bool], ...] = (
+    ("--config", True),
+    ("--epochs", True),
+    ("--steps-per-epoch", True),
+    ("--validation-steps", True),
+    ("--batch-size", True),
+    ("--lr", True),
+    ("--weights", True),
+    ("--strategy", True),
+    ("--seed", True),
+    ("--mixed-precision", False),
+    ("--jit", False),
+    ("--quiet", False),
+)
+
+
+# --------------------------------------------------------------------------- #
+# Columns, rows and tables
+# --------------------------------------------------------------------------- #
+
+
+def metric_columns(task: str, class_names: Sequence[str] = (), subsets: Iterable[str] = ()) -> list[str]:
+    """The metric columns of results.csv for a protocol."""
+    if task == "classification":
+        return (
+            ["num_images", "accuracy"]
+            + [f"auc_{name}" for name in class_names]
+            + ["auc_macro", "sensitivity_at_99_specificity", "sensitivity_at_90_specificity"]
+        )
+    columns = ["num_images", "dice", "iou"]
+    for subset in subsets:
+        columns += [f"num_images_{subset}", f"dice_{subset}", f"iou_{subset}"]
+    return columns
+
+
+def paper_columns(task: str, class_names: Sequence[str] = (), subsets: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(results.csv column, header) pairs of the paper's table for a protocol."""
+    if task == "classification":
+        covid = class_names[covid_index(class_names)] if class_names else "covid"
+        return (
+            [(f"auc_{name}", f"AUC {name}") for name in class_names]
+            + [
+                ("sensitivity_at_99_specificity", f"Sens. @ 99% spec. ({covid})"),
+                ("sensitivity_at_90_specificity", f"Sens. @ 90% spec. ({covid})"),
+                ("accuracy", "Accuracy"),
+            ]
+        )
+    columns = [("dice", "DICE"), ("iou", "IoU")]
+    columns += [(f"dice_{subset}", f"DICE ({subset} subset)") for subset in subsets]
+    return columns
+
+
+def row_from_metrics(
+    model: str,
+    fold: int,
+    run_dir: str | Path,
+    metrics: Mapping[str, Any],
+    subset_metrics: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One results row from a run's metrics.json (and its subset metrics files)."""
+    row: dict[str, Any] = {"model": model, "fold": fold, "status": "ok", "run_dir": str(run_dir),
+                           "num_images": metrics.get("num_images")}
+    if metrics.get("task") == "classification":
+        row["accuracy"] = metrics.get("accuracy")
+        for name, value in (metrics.get("auc_per_class") or {}).items():
+            row[f"auc_{name}"] = value
+        for key in ("auc_macro", "sensitivity_at_99_specificity", "sensitivity_at_90_specificity"):
+            row[key] = metrics.get(key)
+    else:
+        row["dice"], row["iou"] = metrics.get("dice"), metrics.get("iou")
+        for subset, values in (subset_metrics or {}).items():
+            row[f"num_images_{subset}"] = values.get("num_images")
+            row[f"dice_{subset}"] = values.get("dice")
+            row[f"iou_{subset}"] = values.get("iou")
+    return row
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per model: ``{"n": folds ok, "folds": folds tried, column: (mean, std, count)}``.
+
+    Only successful fold rows count; ``std`` is the sample standard deviation (n − 1), None
+    when fewer than two values exist.
+    """
+    summary: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if str(row.get("fold")) in AGGREGATES:
+            continue
+        entry = summary.setdefault(str(row["model"]), {"n": 0, "folds": 0, "_rows": []})
+        entry["folds"] += 1
+        if row.get("status") == "ok":
+            entry["n"] += 1
+            entry["_rows"].append(row)
+    for entry in summary.values():
+        fold_rows = entry.pop("_rows")
+        for column in columns:
+            values = [v for v in (_number(r.get(column)) for r in fold_rows) if v is not None]
+            mean = sum(values) / len(values) if values else None
+            std = (
+                math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                if len(values) > 1 else None
+            )
+            entry[column] = (mean, std, len(values))
+    return summary
+
+
+def with_aggregates(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The fold rows grouped by model (in first-seen order), each group followed by mean and std rows."""
+    summary = summarize(rows, columns)
+    out: list[dict[str, Any]] = []
+    for model, entry in summary.items():
+        fold_rows = [dict(r) for r in rows if str(r["model"]) == model and str(r.get("fold")) not in AGGREGATES]
+        out += sorted(fold_rows, key=lambda r: int(r["fold"]))
+        covered = f"{entry['n']} of {entry['folds']} folds"
+        for which, index in (("mean", 0), ("std", 1)):
+            out.append({"model": model, "fold": which, "status": covered,
+                        **{c: entry[c][index] for c in columns}, "run_dir": ""})
+    return out
+
+
+def _cell(value: Any) -> str:
+    number = _number(value)
+    if number is None:
+        return "" if value is None else str(value)
+    return f"{number:.10g}"
+
+
+def results_csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """results.csv: fold rows and per-model mean/std rows (see the module docstring)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["model", "fold", "status", *columns, "run_dir"]
+    writer.writerow(header)
+    for row in with_aggregates(rows, columns):
+        writer.writerow([_cell(row.get(key)) for key in header])
+    return buffer.getvalue()
+
+
+def format_mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:
+    """``0.912 ± 0.013``; just the mean with one value; ``–`` without any."""
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_results_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[tuple[str, str]],
+    *,
+    markdown: bool = True,
+    digits: int = 3,
+) -> str:
+    """One line per model with mean ± std over its successful folds for each (column, header).
+
+    ``rows`` are fold rows as written to results.csv (aggregate rows are ignored);
+    ``columns`` e.g. ``paper_columns(task, class_names, subsets)``. Markdown table or plain
+    aligned text.
+    """
+    summary = summarize(rows, [key for key, _ in columns])
+    header = ["model", "folds", *(title for _, title in columns)]
+    body = [
+        [model, str(entry["n"]) if entry["n"] == entry["folds"] else f"{entry['n']} of {entry['folds']}",
+         *(format_mean_std(entry[key][0], entry[key][1], digits) for key, _ in columns)]
+        for model, entry in summary.items()
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(columns)) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
+             for cells in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def results_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    protocol: str,
+    task: str,
+    class_names: Sequence[str],
+    subsets: Sequence[str],
+    folds: Sequence[int],
+    tfrecords: str | Path,
+) -> str:
+    """results.md: a title, what the numbers are, the table and the failed runs."""
+    what = (
+        "per-image Dice and IoU (threshold 0.5), averaged over the test images"
+        if task != "classification"
+        else f"one-vs-rest ROC AUC per class, sensitivity of {class_names[covid_index(class_names)]} "
+             "(one-vs-all) at 99 % and 90 % specificity, and accuracy"
+    )
+    sizes = sorted({int(n) for n in (_number(r.get("num_images")) for r in rows if r.get("status") == "ok") if n})
+    images = f" ({' / '.join(map(str, sizes))} images)" if sizes else ""
+    lines = [
+        f"# Cross-validation results: {protocol}",
+        "",
+        f"Test split of `{tfrecords}`{images}; fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}. "
+        f"Each cell is the mean ± sample standard deviation (n − 1) over the folds of {what}.",
+        "",
+        format_results_table(rows, paper_columns(task, class_names, subsets)),
+        "",
+    ]
+    failed = [r for r in rows if str(r.get("fold")) not in AGGREGATES and r.get("status") != "ok"]
+    if failed:
+        lines += ["Runs left out:", ""]
+        lines += [f"* {r['model']} fold {r['fold']}: {r['status']}" for r in failed]
+        lines.append("")
+    lines.append(f"Per-fold values: `{RESULTS_CSV}`. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- #
+# Running
+# --------------------------------------------------------------------------- #
+
+
+def training_argv(protocol: str, model: str, fold: int, tfrecords: str | Path, run_dir: str | Path,
+                  train_args: Sequence[str] = ()) -> list[str]:
+    """Command line for ``caaxr_tf.train.main`` of one (model, fold)."""
+    return ["--protocol", protocol, "--model", model, "--fold", str(fold), "--tfrecords", str(tfrecords),
+            "--out", str(run_dir), *train_args]
+
+
+def _default_trainer(argv: list[str]) -> int:
+    from caaxr_tf.train import main
+
+    return main(argv)
+
+
+def _call_trainer(trainer: Trainer, argv: list[str]) -> str | None:
+    """Run the trainer; None on success, else why it failed."""
+    try:
+        code = trainer(argv)
+    except SystemExit as stop:  # argparse errors inside the trainer
+        code = stop.code if isinstance(stop.code, int) else 1
+    except Exception as error:  # one failed run must not stop the others
+        traceback.print_exc()
+        return f"training raised {type(error).__name__}: {error}"
+    return None if code in (0, None) else f"training exited with status {code}"
+
+
+def _reset_keras() -> None:
+    """Free the previous run's graphs and undo a mixed-precision policy before the next run."""
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
+    gc.collect()
+
+
+def _is_done(run_dir: Path, subsets: Sequence[str]) -> bool:
+    return metrics_path(run_dir).exists() and all(metrics_path(run_dir, subset=s).exists() for s in subsets)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_cv(
+    protocol: str,
+    models: Sequence[str],
+    tfrecords: str | Path,
+    out: str | Path,
+    *,
+    folds: Sequence[int] | None = None,
+    train_args: Sequence[str] = (),
+    force: bool = False,
+    eval_only: bool = False,
+    eval_batch_size: int | None = None,
+    plots: bool = True,
+    trainer: Trainer | None = None,
+    evaluator: Evaluator | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train and evaluate ``models`` × ``folds``; write OUT/results.csv and OUT/results.md.
+
+    ``trainer(argv) -> int`` defaults to ``caaxr_tf.train.main`` and ``evaluator`` to
+    ``caaxr_tf.evaluate.evaluate_run`` (both injectable for tests). Returns the fold rows.
+    Raises ValueError / FileNotFoundError for bad arguments before anything runs.
+    """
+    from caaxr_tf.data.pipeline import read_summary
+    from caaxr_tf.evaluate import evaluate_run
+    from caaxr_tf.models import available_models, model_task
+
+    trainer = trainer or _default_trainer
+    evaluator = evaluator or evaluate_run
+    tfrecords, out = Path(tfrecords).resolve(), Path(out).resolve()
+    protocol_dir = tfrecords / protocol
+    if not (protocol_dir / "summary.json").exists():
+        raise FileNotFoundError(f"{protocol_dir / 'summary.json'} not found: --tfrecords must hold the {protocol}/ protocol folder")
+    summary = read_summary(protocol_dir)
+    task = summary["task"]
+    class_names = [str(c) for c in summary["classes"]]
+    subsets = sorted(summary.get("subsets") or {})
+    available = int(summary["folds"])
+    folds = list(folds) if folds else list(range(1, available + 1))
+    bad_folds = [k for k in folds if not 1 <= k <= available]
+    if bad_folds:
+        raise ValueError(f"fold {bad_folds[0]} does not exist in {protocol_dir}: it has folds 1..{available}")
+    if not models:
+        raise ValueError("no models given")
+    known = available_models()
+    for model in models:
+        if model not in known:
+            raise ValueError(f"unknown model {model!r}; known models: {', '.join(known)}")
+        if model_task(model) != task:
+            raise ValueError(f"{model} is a {model_task(model)} model; protocol {protocol} is a {task} task")
+
+    columns = metric_columns(task, class_names, subsets)
+    rows: list[dict[str, Any]] = []
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_results() -> None:
+        write_text_atomic(out / RESULTS_CSV, results_csv_text(rows, columns))
+        write_text_atomic(out / RESULTS_MD, results_markdown(rows, protocol, task, class_names, subsets, folds, protocol_dir))
+
+    total = len(models) * len(folds)
+    for number, (model, fold) in enumerate(((m, k) for m in models for k in folds), start=1):
+        run_dir = out / model / f"fold{fold}"
+        prefix = f"[{number}/{total}] {model} fold {fold}"
+        started = time.perf_counter()
+        failure: str | None = None
+        if _is_done(run_dir, subsets) and not force:
+            log(f"{prefix}: already evaluated, skipped ({metrics_path(run_dir)})")
+        else:
+            if eval_only:
+                if not (run_dir / "best.keras").exists():
+                    failure = "not trained (--eval-only)"
+            else:
+                log(f"{prefix}: training in {run_dir}")
+                failure = _call_trainer(trainer, training_argv(protocol, model, fold, tfrecords, run_dir, train_args))
+            if failure is None:
+                log(f"{prefix}: evaluating")
+                try:
+                    for subset in [None, *subsets]:
+                        evaluator(run_dir, split="test", subset=subset, batch_size=eval_batch_size, which="best",
+                                  plots=plots, log=log)
+                except Exception as error:  # noqa: BLE001 — record it and go on with the next run
+                    traceback.print_exc()
+                    failure = f"evaluation raised {type(error).__name__}: {error}"
+            _reset_keras()
+        if failure is None:
+            subset_metrics = {s: _read_json(metrics_path(run_dir, subset=s)) for s in subsets}
+            rows.append(row_from_metrics(model, fold, run_dir, _read_json(metrics_path(run_dir)), subset_metrics))
+            log(f"{prefix}: ok ({time.perf_counter() - started:.0f} s)")
+        else:
+            rows.append({"model": model, "fold": fold, "status": f"failed: {failure}", "run_dir": str(run_dir)})
+            log(f"{prefix}: FAILED: {failure}")
+        write_results()
+
+    log("")
+    log(f"{protocol}: mean ± std over fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}")
+    log(format_results_table(rows, paper_columns(task, class_names, subsets), markdown=False))
+    log(f"wrote {out / RESULTS_CSV} and {out / RESULTS_MD}")
+    return rows
+
+
+def read_results_csv(path: str | Path) -> list[dict[str, str]]:
+    """The fold rows of a results.csv (mean/std rows left out), as strings."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [row for row in csv.DictReader(handle) if row["fold"] not in AGGREGATES]
+
+
+# --------------------------------------------------------------------------- #
+# Command line
+# --------------------------------------------------------------------------- #
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m caaxr_tf.cv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--protocol", required=True, choices=["seg", "2class", "3class", "4class"])
+    parser.add_argument("--models", required=True, help="comma-separated registry names")
+    parser.add_argument("--tfrecords", required=True, help="folder holding the protocol folders")
+    parser.add_argument("--out", required=True, help="CV folder: OUT/<model>/fold<k>, results.csv, results.md")
+    parser.add_argument("--folds", type=_int_list, default=None, help="e.g. 1,2 (default: every fold)")
+    parser.add_argument("--force", action="store_true", help="train (resume) and evaluate again even if evaluated")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate existing runs, never train")
+    parser.add_argument("--eval-batch-size", type=int, default=None)
+    parser.add_argument("--no-plots", action="store_true")
+    training = parser.add_argument_group("training (passed to caaxr_tf.train)")
+    for flag, takes_value in TRAIN_FLAGS:
+        if takes_value:
+            training.add_argument(flag, default=None)
+        else:
+            training.add_argument(flag, action="store_true")
+    training.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser.parse_args(argv)
+
+
+def train_args_from(args: argparse.Namespace) -> list[str]:
+    """The pass-through training flags, in a fixed order."""
+    argv: list[str] = []
+    for flag, takes_value in TRAIN_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if takes_value and value is not None:
+            argv += [flag, str(value)]
+        elif not takes_value and value:
+            argv.append(flag)
+    for override in args.overrides:
+        argv += ["--set", override]
+    return argv
+
+
+def main(argv: list[str] | None = None, trainer: Trainer | None = None) -> int:
+    args = parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        rows = run_cv(
+            args.protocol, models, args.tfrecords, args.out, folds=args.folds, train_args=train_args_from(args),
+            force=args.force, eval_only=args.eval_only, eval_batch_size=args.eval_batch_size,
+            plots=not args.no_plots, trainer=trainer,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
