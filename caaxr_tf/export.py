@@ -1,0 +1,510 @@
+"""Export a trained run as a TensorFlow Serving SavedModel.
+
+    python -m caaxr_tf.export --run RUN_DIR --out saved_models/NAME [--version N] [--overwrite]
+        [--which best|final] [--serving-root /models]
+
+writes ``saved_models/NAME/N/`` (``N`` defaults to the next free version) and rewrites
+``saved_models/models.config``, a ``model_config_list`` naming every model exported under
+``saved_models/``. The SavedModel is written to a hidden temporary folder, checked against the
+Keras model and renamed to ``N`` when complete, so TF Serving (which watches ``NAME/`` for
+integer-named folders) never sees a partial version.
+
+Signatures (see docs/serving.md):
+
+* ``serving_default``: ``images`` (string [N], encoded PNG 8/16-bit or JPEG), optional
+  ``invert`` (bool [N]) and ``bit_depth`` (int32 [N]; 0 = the file's own depth). The training
+  preprocessing (``caaxr_tf.data.pipeline.preprocess_image``) runs in the graph.
+* ``predict_preprocessed``: ``images`` float32 [N, 224, 224, 1] in 0..255.
+
+Both return ``probabilities`` [N, C], ``predicted_class`` [N] and ``class_names`` [N, C] for
+classifiers, ``mask`` [N, 224, 224, 1] for segmentation models, and every entry of a model that
+returns a dict (Mask R-CNN: ``mask``, ``boxes``, ``scores``, ``classes``, ``num_detections``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from caaxr_tf.data.pipeline import IMAGE_SIZE, preprocess_image  # noqa: E402
+
+SERVING_SIGNATURE = "serving_default"
+PREPROCESSED_SIGNATURE = "predict_preprocessed"
+MODELS_CONFIG = "models.config"
+METADATA_PATH = "assets.extra/caaxr_export.json"
+METADATA_FORMAT = 1
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+# A PNG starts with the 8-byte signature and the IHDR chunk (length, type, width, height),
+# so the bit depth is byte 24.
+PNG_BIT_DEPTH_OFFSET = 24
+HEADER_BYTES = 32
+
+TASKS = ("classification", "segmentation", "detection")
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+VERIFY_TOLERANCE = 1e-4
+
+
+# --------------------------------------------------------------------------- in-graph input
+
+
+def image_headers(images: tf.Tensor) -> tf.Tensor:
+    """The first ``HEADER_BYTES`` bytes of every encoded image, zero padded: uint8 [N, 32]."""
+    padded = tf.strings.join([images, tf.constant(b"\x00" * HEADER_BYTES)])
+    return tf.io.decode_raw(tf.strings.substr(padded, 0, HEADER_BYTES), tf.uint8)
+
+
+def _starts_with(headers: tf.Tensor, signature: bytes) -> tf.Tensor:
+    expected = tf.constant(list(signature), dtype=tf.uint8)
+    return tf.reduce_all(tf.equal(headers[:, : len(signature)], expected[None, :]), axis=1)
+
+
+def file_bit_depths(headers: tf.Tensor) -> tf.Tensor:
+    """16 for 16-bit PNGs, 8 for everything else (8-bit or lower PNGs decode to 8 bits, JPEG)."""
+    is_png = _starts_with(headers, PNG_SIGNATURE)
+    sixteen = tf.equal(headers[:, PNG_BIT_DEPTH_OFFSET], 16)
+    return tf.where(is_png & sixteen, 16, 8)
+
+
+def _per_image(values: tf.Tensor, count: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """An empty ``values`` (the signature default) stands for zeros / false for every image."""
+    values = tf.cast(values, dtype)
+    return tf.cond(
+        tf.equal(tf.size(values), 0), lambda: tf.zeros([count], dtype), lambda: values
+    )
+
+
+def decode_images(
+    images: tf.Tensor, invert: tf.Tensor, bit_depth: tf.Tensor, image_size: int = IMAGE_SIZE
+) -> tf.Tensor:
+    """Encoded PNG/JPEG batch -> float32 [N, S, S, 1] in 0..255, exactly as the tf.data pipeline.
+
+    Raises ``InvalidArgumentError`` (at run time) naming the problem for an empty batch, bytes
+    that are not PNG or JPEG, ``invert``/``bit_depth`` of the wrong length, and a bit depth
+    outside ``0..file depth`` (a JPEG or 8-bit PNG cannot hold 12 significant bits).
+    """
+    images = tf.convert_to_tensor(images, tf.string)
+    count = tf.size(images)
+    headers = image_headers(images)
+    known = _starts_with(headers, PNG_SIGNATURE) | _starts_with(headers, JPEG_SIGNATURE)
+    depth = file_bit_depths(headers)
+    checks = [
+        tf.debugging.assert_greater(
+            count, 0, message="empty batch: `images` must hold at least one encoded PNG or JPEG image"
+        ),
+        tf.debugging.Assert(
+            tf.reduce_all(known),
+            ["`images` must be encoded PNG or JPEG images; not an image at index:", tf.where(~known)[:, 0]],
+        ),
+    ]
+    for name, values in (("invert", invert), ("bit_depth", bit_depth)):
+        size = tf.size(values)
+        checks.append(
+            tf.debugging.Assert(
+                tf.equal(size, 0) | tf.equal(size, count),
+                [f"`{name}` must be empty or hold one value per image; images:", count, f"{name}:", size],
+            )
+        )
+    with tf.control_dependencies(checks):
+        images = tf.identity(images)
+        invert = _per_image(invert, count, tf.bool)
+        bit_depth = _per_image(bit_depth, count, tf.int32)
+    valid_depth = tf.equal(bit_depth, 0) | ((bit_depth >= 1) & (bit_depth <= depth))
+    with tf.control_dependencies(
+        [
+            tf.debugging.Assert(
+                tf.reduce_all(valid_depth),
+                [
+                    "`bit_depth` must be 0 (the file's own depth) or 1..16 for 16-bit PNGs, 1..8 for "
+                    "JPEG and 8-bit PNGs; bad values at index:",
+                    tf.where(~valid_depth)[:, 0],
+                    "given:",
+                    tf.boolean_mask(bit_depth, ~valid_depth),
+                ],
+                summarize=16,
+            )
+        ]
+    ):
+        bit_depth = tf.where(tf.equal(bit_depth, 0), depth, bit_depth)
+
+    def preprocess(args: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        encoded, flag, bits = args
+        return preprocess_image(encoded, bits, flag, image_size)
+
+    pixels = tf.map_fn(
+        preprocess,
+        (images, invert, bit_depth),
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 1], tf.uint8),
+    )
+    return tf.cast(pixels, tf.float32)
+
+
+def check_preprocessed(images: tf.Tensor) -> tf.Tensor:
+    """Pass ``images`` through after checking the batch is non-empty and within 0..255."""
+    checks = [
+        tf.debugging.assert_greater(
+            tf.shape(images)[0], 0, message="empty batch: `images` must hold at least one image"
+        ),
+        tf.debugging.Assert(
+            tf.reduce_all((images >= 0.0) & (images <= 255.0)),
+            [
+                "`images` must hold pixel values in 0..255 (float32, not normalised); min, max:",
+                tf.reduce_min(images),
+                tf.reduce_max(images),
+            ],
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(images)
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def named_outputs(outputs: Any, task: str, class_names: Sequence[str]) -> dict[str, tf.Tensor]:
+    """Model outputs -> the signature's named outputs (floating outputs as float32).
+
+    A dict (e.g. Mask R-CNN's) is returned entry by entry; a single tensor is ``mask`` for
+    segmentation and ``probabilities`` plus ``predicted_class`` and ``class_names`` for
+    classification. ``class_names`` is [N, C] rather than [C]: TF Serving's REST row format
+    needs every output to have the batch as its first dimension.
+    """
+
+    def as_float32(tensor: tf.Tensor) -> tf.Tensor:
+        tensor = tf.convert_to_tensor(tensor)
+        return tf.cast(tensor, tf.float32) if tensor.dtype.is_floating else tensor
+
+    if isinstance(outputs, Mapping):
+        return {str(key): as_float32(value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        raise ValueError(f"cannot name {len(outputs)} unnamed model outputs; return a dict instead")
+    outputs = as_float32(outputs)
+    if task != "classification":
+        return {"mask": outputs}
+    names = tf.constant(list(class_names), dtype=tf.string)
+    count = tf.shape(outputs)[0]
+    return {
+        "probabilities": outputs,
+        "predicted_class": tf.gather(names, tf.argmax(outputs, axis=-1)),
+        "class_names": tf.tile(names[None, :], [count, 1]),
+    }
+
+
+def make_export_archive(
+    model, *, task: str, class_names: Sequence[str] = (), image_size: int = IMAGE_SIZE
+):
+    """A ``keras.export.ExportArchive`` with the ``serving_default`` and
+    ``predict_preprocessed`` endpoints around ``model`` (called with ``training=False``)."""
+    import keras
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    image_shape = [None, image_size, image_size, 1]
+
+    def run_model(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return named_outputs(model(pixels, training=False), task, class_names)
+
+    # Empty tensors as defaults: TF Serving fills an input missing from a request with its
+    # SignatureDef default, and a [0] tensor fits the [N] spec whatever N is.
+    def serving_default(
+        images: tf.Tensor,
+        invert: tf.Tensor = tf.zeros([0], tf.bool),
+        bit_depth: tf.Tensor = tf.zeros([0], tf.int32),
+    ) -> dict[str, tf.Tensor]:
+        return run_model(decode_images(images, invert, bit_depth, image_size))
+
+    def predict_preprocessed(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return run_model(check_preprocessed(images))
+
+    # No archive.track(model): the endpoints capture the variables already, and tracking the
+    # Keras variables as well would store every weight twice.
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint(
+        SERVING_SIGNATURE,
+        serving_default,
+        input_signature=[
+            tf.TensorSpec([None], tf.string, name="images"),
+            tf.TensorSpec([None], tf.bool, name="invert"),
+            tf.TensorSpec([None], tf.int32, name="bit_depth"),
+        ],
+    )
+    archive.add_endpoint(
+        PREPROCESSED_SIGNATURE,
+        predict_preprocessed,
+        input_signature=[tf.TensorSpec(image_shape, tf.float32, name="images")],
+    )
+    return archive
+
+
+def _check_classes(model, task: str, class_names: Sequence[str], image_size: int) -> None:
+    if task != "classification":
+        return
+    output = model(np.zeros((1, image_size, image_size, 1), np.float32), training=False)
+    if not isinstance(output, Mapping) and int(output.shape[-1]) != len(class_names):
+        raise ValueError(
+            f"the model predicts {int(output.shape[-1])} classes but the run names "
+            f"{len(class_names)}: {list(class_names)}"
+        )
+
+
+def verify_export(model, export_dir: str | Path, image_size: int, seed: int = 0) -> float:
+    """Largest absolute difference between the Keras model and the reloaded export on random
+    images (``predict_preprocessed``); raises ``RuntimeError`` above ``VERIFY_TOLERANCE``."""
+    images = np.random.default_rng(seed).uniform(0, 255, (2, image_size, image_size, 1)).astype(np.float32)
+    expected = model(images, training=False)
+    if not isinstance(expected, Mapping):
+        expected = {None: expected}
+    loaded = tf.saved_model.load(str(export_dir))
+    got = loaded.signatures[PREPROCESSED_SIGNATURE](images=tf.constant(images))
+    worst = 0.0
+    for key, value in expected.items():
+        value = np.asarray(value)
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        name = key if key is not None else ("mask" if "mask" in got else "probabilities")
+        worst = max(worst, float(np.max(np.abs(got[name].numpy() - value.astype(np.float32)))))
+    if worst > VERIFY_TOLERANCE:
+        raise RuntimeError(f"the export at {export_dir} differs from the Keras model by {worst:g}")
+    return worst
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def list_versions(model_base: str | Path) -> list[int]:
+    """Versions present under ``saved_models/NAME`` (integer-named folders, as TF Serving reads them)."""
+    model_base = Path(model_base)
+    if not model_base.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(model_base: str | Path) -> int:
+    versions = list_versions(model_base)
+    return versions[-1] + 1 if versions else 1
+
+
+def _version_dirs(model_base: Path, version: int) -> list[Path]:
+    return [p for p in model_base.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) == version]
+
+
+def _escape(text: str) -> str:
+    from google.protobuf import text_encoding
+
+    return text_encoding.CEscape(text, as_utf8=True)
+
+
+def _config_prefix(config_path: Path) -> str | None:
+    """The folder that every ``base_path`` of an existing models.config lies in, if common."""
+    if not config_path.exists():
+        return None
+    text = config_path.read_text(encoding="utf-8")
+    prefixes = set()
+    for name, path in re.findall(r'name:\s*"([^"]*)"\s*base_path:\s*"([^"]*)"', text):
+        if not path.endswith("/" + name):
+            return None
+        prefixes.add(path[: -len(name) - 1] or "/")
+    return prefixes.pop() if len(prefixes) == 1 else None
+
+
+def _is_absolute(path: str) -> bool:
+    return path.startswith("/") or "://" in path
+
+
+def write_models_config(root: str | Path, serving_root: str | None = None) -> Path:
+    """Rewrite ``root/models.config`` listing every model folder under ``root`` with a version.
+
+    ``base_path`` is ``serving_root/NAME``. TF Serving's model server requires absolute base
+    paths (or URIs), so ``serving_root`` defaults to the prefix the existing file already uses,
+    else to the absolute path of ``root``; pass the path the server sees (e.g. ``/models`` for
+    the Docker image with ``-v $PWD/saved_models:/models``). Written atomically.
+    """
+    root = Path(root)
+    config_path = root / MODELS_CONFIG
+    prefix = serving_root or _config_prefix(config_path) or str(root.resolve())
+    prefix = prefix.rstrip("/") or "/"
+    if not _is_absolute(prefix):
+        raise ValueError(
+            f"serving root {prefix!r} must be an absolute path or a URI (TF Serving rejects relative base paths)"
+        )
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and list_versions(p))
+    lines = [
+        "# Written by caaxr_tf.export: every model under this folder. Regenerated on each export.",
+        "model_config_list {",
+    ]
+    for name in names:
+        base_path = f"{prefix.rstrip('/')}/{name}"
+        lines += [
+            "  config {",
+            f'    name: "{_escape(name)}"',
+            f'    base_path: "{_escape(base_path)}"',
+            '    model_platform: "tensorflow"',
+            "  }",
+        ]
+    lines.append("}")
+    temporary = config_path.with_name(f".{MODELS_CONFIG}.tmp-{os.getpid()}")
+    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(temporary, config_path)
+    return config_path
+
+
+def export_model(
+    model,
+    export_dir: str | Path,
+    *,
+    task: str,
+    class_names: Sequence[str] = (),
+    image_size: int = IMAGE_SIZE,
+    metadata: Mapping[str, Any] | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write ``model`` as a SavedModel at ``export_dir`` (which must not exist)."""
+    export_dir = Path(export_dir)
+    _check_classes(model, task, class_names, image_size)
+    archive = make_export_archive(model, task=task, class_names=class_names, image_size=image_size)
+    archive.write_out(str(export_dir), verbose=False)
+    if verify:
+        verify_export(model, export_dir, image_size)
+    info = {
+        "format": METADATA_FORMAT,
+        "task": task,
+        "class_names": list(class_names),
+        "image_size": image_size,
+        "signatures": {
+            SERVING_SIGNATURE: {"inputs": ["images", "invert", "bit_depth"]},
+            PREPROCESSED_SIGNATURE: {"inputs": ["images"]},
+        },
+        "tensorflow": tf.__version__,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(metadata or {}),
+    }
+    (export_dir / METADATA_PATH).parent.mkdir(parents=True, exist_ok=True)
+    (export_dir / METADATA_PATH).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return export_dir
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    version: int | None = None,
+    overwrite: bool = False,
+    *,
+    which: str = "best",
+    serving_root: str | None = None,
+    verify: bool = True,
+) -> Path:
+    """Export ``RUN_DIR/best.keras`` to ``out/<version>`` and update ``out/../models.config``.
+
+    Returns the version folder. ``version`` defaults to the next free one; an existing version
+    is a ``FileExistsError`` unless ``overwrite``.
+    """
+    import keras
+
+    from caaxr_tf.runs import load_run_config, load_run_model
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not MODEL_NAME_PATTERN.match(out.name):
+        raise ValueError(
+            f"model name {out.name!r} (the last part of --out) must use letters, digits, '_', '.' and '-'"
+        )
+    if version is not None and version < 0:
+        raise ValueError(f"version must be a non-negative integer, got {version}")
+    config = load_run_config(run_dir)
+    task = config.get("task")
+    if task not in TASKS:
+        raise ValueError(f"{run_dir}/config.yaml: task must be one of {', '.join(TASKS)}, got {task!r}")
+    class_names = [str(name) for name in config.get("class_names") or []]
+    image_size = int(config.get("image_size", IMAGE_SIZE))
+    out.mkdir(parents=True, exist_ok=True)
+    version = next_version(out) if version is None else int(version)
+    existing = _version_dirs(out, version)
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it or pick another --version")
+    model = load_run_model(run_dir, which)
+    temporary = out / f".export-{version}-{os.getpid()}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    metadata = {
+        "model": config.get("model"),
+        "protocol": config.get("protocol"),
+        "fold": config.get("fold"),
+        "run_dir": str(run_dir.resolve()),
+        "checkpoint": which,
+        "keras": keras.__version__,
+        "version": version,
+    }
+    target = out / str(version)
+    retired: list[tuple[Path, Path]] = []
+    try:
+        export_model(
+            model, temporary, task=task, class_names=class_names, image_size=image_size,
+            metadata=metadata, verify=verify,
+        )
+        for old in _version_dirs(out, version) if overwrite else []:
+            retired.append((old, out / f".retired-{old.name}-{os.getpid()}.tmp"))
+            os.rename(*retired[-1])
+        try:
+            os.rename(temporary, target)
+        except OSError as error:  # another export took this version meanwhile
+            for old, moved in retired:
+                os.rename(moved, old)
+            raise FileExistsError(f"{target} appeared during the export; nothing was replaced") from error
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    for _, moved in retired:
+        shutil.rmtree(moved, ignore_errors=True)
+    write_models_config(out.parent, serving_root)
+    return target
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m caaxr_tf.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", required=True, help="run folder written by caaxr_tf.train")
+    parser.add_argument("--out", required=True, help="saved_models/NAME: the model's TF Serving base path")
+    parser.add_argument("--version", type=int, default=None, help="version number (default: the next free one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    parser.add_argument("--which", choices=("best", "final"), default="best", help="checkpoint to export")
+    parser.add_argument(
+        "--serving-root",
+        default=None,
+        help="absolute folder the server sees saved_models/ as, for models.config base paths "
+        "(default: as the existing models.config, else the absolute local path)",
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip the check of the reloaded export")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        target = export_run(
+            args.run, args.out, args.version, args.overwrite,
+            which=args.which, serving_root=args.serving_root, verify=not args.no_verify,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run} to {target}")
+    print(f"updated {Path(args.out).parent / MODELS_CONFIG}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

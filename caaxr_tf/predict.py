@@ -1,0 +1,344 @@
+"""Predict with an exported model on PNG, JPEG and DICOM files.
+
+    python -m caaxr_tf.predict --model saved_models/NAME[/N] [--overlay DIR] [--batch-size 16]
+        [--bit-depth N] [--invert] [--no-sidecars] FILE_OR_DIR ...
+
+Prints one JSON line per image, in input order: the predicted class and the probability of
+every class for a classifier, the fraction of the image inside the mask (probability >= 0.5)
+for a segmentation model (``--overlay DIR`` also writes the mask over the image as a PNG).
+A file that cannot be read or predicted gives a line with ``"error"`` (repeated on stderr)
+and the others go on; the exit status is 1 if any file failed, 2 if nothing could be run.
+
+Inputs go through the export's ``serving_default`` signature, so they are preprocessed in the
+graph exactly as in training:
+
+* PNG/JPEG bytes are sent as they are. A BIMCV PNG with its DICOM-JSON sidecar beside it
+  (same name, ``.json``) uses the sidecar's BitsStored and Presentation LUT Shape, as the
+  TFRecords do; otherwise ``--bit-depth`` (significant bits of 16-bit PNGs) and ``--invert``
+  apply.
+* DICOM files are read with ``caaxr_tf.data.dicom.read_dicom`` (modality LUT, VOI window,
+  MONOCHROME1 inversion) and sent as 16-bit PNGs with bit depth 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from caaxr_tf.data.images import (  # noqa: E402
+    DICOM_SUFFIXES,
+    JPEG_SOI,
+    PNG_SIGNATURE,
+    check_complete,
+    encode_png,
+    is_dicom,
+)
+from caaxr_tf.data.records import InputError  # noqa: E402
+from caaxr_tf.export import (  # noqa: E402
+    PNG_BIT_DEPTH_OFFSET,
+    PREPROCESSED_SIGNATURE,
+    SERVING_SIGNATURE,
+    list_versions,
+)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MASK_THRESHOLD = 0.5
+OVERLAY_ALPHA = 0.4
+# Outputs reported in their own way; other outputs are listed as they are, except those with
+# more than two dimensions per image.
+REPORTED_OUTPUTS = ("probabilities", "predicted_class", "class_names", "mask", "num_detections")
+
+
+@dataclass
+class PreparedImage:
+    """One file ready for ``serving_default``."""
+
+    path: str
+    encoded: bytes
+    format: str  # png, jpeg or dicom
+    invert: bool
+    bit_depth: int
+
+
+def resolve_model_dir(model_dir: str | Path) -> Path:
+    """A version folder as given, or the highest version under a model's base path."""
+    model_dir = Path(model_dir)
+    if (model_dir / "saved_model.pb").exists():
+        return model_dir
+    versions = list_versions(model_dir)
+    if versions:
+        return model_dir / str(versions[-1])
+    raise FileNotFoundError(f"{model_dir} holds no SavedModel (saved_model.pb) and no numbered version of one")
+
+
+def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named directly, and the PNG, JPEG and DICOM files under folders (sorted)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append(path)  # a missing file is reported when it is read
+            continue
+        for file in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.as_posix()):
+            suffix = file.suffix.lower()
+            if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and is_dicom(str(file))):
+                found.append(file)
+    return found
+
+
+def prepare_image(
+    path: str | Path, *, invert: bool = False, bit_depth: int = 0, sidecars: bool = True
+) -> PreparedImage:
+    """Read one file; raises ``InputError`` naming the file and the problem."""
+    path = str(path)
+    if is_dicom(path):
+        from caaxr_tf.data.dicom import read_dicom
+
+        return PreparedImage(path, encode_png(read_dicom(path).pixels), "dicom", False, 16)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise InputError(path, "file", f"cannot be read ({error.strerror or error})") from error
+    if not data.startswith((PNG_SIGNATURE, JPEG_SOI)):
+        raise InputError(path, "image", "not a PNG, JPEG or DICOM file (unknown signature)")
+    check_complete(path, data)
+    is_png = data.startswith(PNG_SIGNATURE)
+    file_depth = 16 if is_png and len(data) > PNG_BIT_DEPTH_OFFSET and data[PNG_BIT_DEPTH_OFFSET] == 16 else 8
+    sidecar = Path(path).with_suffix(".json")
+    if sidecars and is_png and sidecar.exists():
+        from caaxr_tf.data.bimcv import read_sidecar
+
+        tags = read_sidecar(sidecar)
+        invert, bit_depth = tags.invert, tags.bit_depth or 0
+    elif file_depth == 8:
+        bit_depth = 0  # --bit-depth describes 16-bit PNGs
+    return PreparedImage(path, data, "png" if is_png else "jpeg", bool(invert), int(bit_depth) or file_depth)
+
+
+def error_message(error: BaseException) -> str:
+    """The useful part of an error: TensorFlow's graph boilerplate and node names removed."""
+    if isinstance(error, InputError):
+        return f"{error.field}: {error.reason}"
+    lines = [line.strip() for line in str(error).splitlines()]
+    noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[")
+    kept = [line for line in lines if line and not line.startswith(noise)]
+    message = " ".join(kept) or type(error).__name__
+    return message.split(" [Op:")[0]
+
+
+class ServedModel:
+    """An exported model loaded with ``tf.saved_model.load`` and called through its signature."""
+
+    def __init__(self, model_dir: str | Path):
+        self.path = resolve_model_dir(model_dir)
+        self.loaded = tf.saved_model.load(str(self.path))
+        self.signature = self.loaded.signatures[SERVING_SIGNATURE]
+        self.outputs = set(self.signature.structured_outputs)
+        spec = self.loaded.signatures[PREPROCESSED_SIGNATURE].structured_input_signature[1]["images"]
+        self.image_size = int(spec.shape[1])
+        if "probabilities" in self.outputs:
+            self.task = "classification"
+        elif "mask" in self.outputs:
+            self.task = "segmentation"
+        else:
+            raise ValueError(f"{self.path}: outputs {sorted(self.outputs)} have neither probabilities nor mask")
+
+    def __call__(self, images: Sequence[PreparedImage]) -> dict[str, np.ndarray]:
+        outputs = self.signature(
+            images=tf.constant([image.encoded for image in images], tf.string),
+            invert=tf.constant([image.invert for image in images], tf.bool),
+            bit_depth=tf.constant([image.bit_depth for image in images], tf.int32),
+        )
+        return {key: value.numpy() for key, value in outputs.items()}
+
+    def preprocess(self, image: PreparedImage) -> np.ndarray:
+        """The model's input for ``image``: uint8 [S, S] (for overlays)."""
+        from caaxr_tf.data.pipeline import preprocess_image
+
+        pixels = preprocess_image(tf.constant(image.encoded), image.bit_depth, image.invert, self.image_size)
+        return pixels.numpy()[:, :, 0]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _record(model: ServedModel, image: PreparedImage, outputs: dict[str, np.ndarray], index: int) -> dict[str, Any]:
+    record: dict[str, Any] = {"file": image.path}
+    if model.task == "classification":
+        names = [_text(name) for name in outputs["class_names"][index]]
+        probabilities = outputs["probabilities"][index]
+        record["predicted_class"] = _text(outputs["predicted_class"][index])
+        record["probabilities"] = {name: round(float(p), 6) for name, p in zip(names, probabilities)}
+    else:
+        mask = outputs["mask"][index]
+        record["mask_area_fraction"] = round(float(np.mean(mask >= MASK_THRESHOLD)), 6)
+        record["mask_threshold"] = MASK_THRESHOLD
+    count = None
+    if "num_detections" in outputs:
+        count = int(np.asarray(outputs["num_detections"][index]).reshape(-1)[0])
+        record["num_detections"] = count
+    for key in sorted(set(outputs) - set(REPORTED_OUTPUTS)):
+        value = np.asarray(outputs[key][index])
+        if value.ndim > 2:  # per-detection images such as Mask R-CNN's instance_masks
+            continue
+        if count is not None and value.ndim >= 1 and value.shape[0] >= count:
+            value = value[:count]
+        if value.dtype.kind in "SOU":
+            record[key] = [_text(v) for v in value.ravel()]
+        else:
+            record[key] = np.round(value.astype(np.float64), 6).tolist() if value.dtype.kind == "f" else value.tolist()
+    record["input"] = {"format": image.format, "invert": image.invert, "bit_depth": image.bit_depth}
+    return record
+
+
+def write_overlay(pixels: np.ndarray, mask: np.ndarray, path: Path) -> Path:
+    """The image in grey with the thresholded mask tinted red and outlined."""
+    import cv2
+
+    inside = mask >= MASK_THRESHOLD
+    base = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR).astype(np.float32)
+    red = np.array([0.0, 0.0, 255.0], np.float32)
+    base[inside] = (1.0 - OVERLAY_ALPHA) * base[inside] + OVERLAY_ALPHA * red
+    overlay = np.clip(np.rint(base), 0, 255).astype(np.uint8)
+    contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(overlay, contours, -1, (0, 0, 255), 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), overlay):
+        raise OSError(f"cannot write {path}")
+    return path
+
+
+def _overlay_path(overlay_dir: Path, source: str, taken: set[Path]) -> Path:
+    stem = Path(source).stem
+    path, number = overlay_dir / f"{stem}_overlay.png", 1
+    while path in taken:
+        number += 1
+        path = overlay_dir / f"{stem}_overlay-{number}.png"
+    taken.add(path)
+    return path
+
+
+def predict_files(
+    model_dir: str | Path,
+    paths: Iterable[str | Path],
+    overlay_dir: str | Path | None = None,
+    *,
+    batch_size: int = 16,
+    invert: bool = False,
+    bit_depth: int = 0,
+    sidecars: bool = True,
+    model: ServedModel | None = None,
+) -> list[dict[str, Any]]:
+    """One result dict per input file, in order; failures are ``{"file", "error"}`` dicts.
+
+    ``paths`` may name files and folders (searched recursively for PNG, JPEG and DICOM).
+    ``overlay_dir`` writes mask overlays for segmentation models. ``model`` reuses an
+    already loaded ``ServedModel`` instead of loading ``model_dir``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    model = model or ServedModel(model_dir)
+    overlay_dir = Path(overlay_dir) if overlay_dir is not None else None
+    files = find_inputs(paths)
+    results: list[dict[str, Any] | None] = [None] * len(files)
+    ready: list[tuple[int, PreparedImage]] = []
+    masks: dict[int, np.ndarray] = {}
+    for position, file in enumerate(files):
+        try:
+            ready.append((position, prepare_image(file, invert=invert, bit_depth=bit_depth, sidecars=sidecars)))
+        except (InputError, OSError) as error:
+            results[position] = {"file": str(file), "error": error_message(error)}
+
+    def run(items: list[tuple[int, PreparedImage]]) -> None:
+        try:
+            outputs = model([image for _, image in items])
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
+            if len(items) > 1:  # find the file(s) at fault
+                for item in items:
+                    run([item])
+                return
+            position, image = items[0]
+            results[position] = {"file": image.path, "error": error_message(error)}
+            return
+        for index, (position, image) in enumerate(items):
+            results[position] = _record(model, image, outputs, index)
+            if overlay_dir is not None and "mask" in outputs:
+                masks[position] = outputs["mask"][index, :, :, 0]
+
+    for start in range(0, len(ready), batch_size):
+        run(ready[start : start + batch_size])
+
+    taken: set[Path] = set()
+    for position, image in ready:
+        if position not in masks:
+            continue
+        target = _overlay_path(overlay_dir, image.path, taken)
+        try:
+            results[position]["overlay"] = str(write_overlay(model.preprocess(image), masks[position], target))
+        except OSError as error:
+            results[position]["error"] = f"overlay not written: {error}"
+    return [record for record in results if record is not None]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m caaxr_tf.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
+    parser.add_argument(
+        "--model", required=True, help="saved_models/NAME/N, or saved_models/NAME for its latest version"
+    )
+    parser.add_argument("--overlay", default=None, metavar="DIR", help="write mask overlays (segmentation models)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--bit-depth", type=int, default=0, help="significant bits of 16-bit PNGs without a sidecar (0: 16)"
+    )
+    parser.add_argument("--invert", action="store_true", help="invert PNG/JPEG inputs without a sidecar")
+    parser.add_argument("--no-sidecars", action="store_true", help="ignore BIMCV DICOM-JSON sidecars beside PNGs")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not 0 <= args.bit_depth <= 16:
+        print(f"error: --bit-depth must be 0..16, got {args.bit_depth}", file=sys.stderr)
+        return 2
+    try:
+        model = ServedModel(args.model)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"error: cannot load the model {args.model}: {error_message(error)}", file=sys.stderr)
+        return 2
+    results = predict_files(
+        model.path, args.inputs, args.overlay, batch_size=args.batch_size, invert=args.invert,
+        bit_depth=args.bit_depth, sidecars=not args.no_sidecars, model=model,
+    )
+    if not results:
+        print("error: no PNG, JPEG or DICOM files found in " + ", ".join(args.inputs), file=sys.stderr)
+        return 2
+    failed = 0
+    for record in results:
+        print(json.dumps(record), flush=True)
+        if "error" in record:
+            failed += 1
+            print(f"error: {record['file']}: {record['error']}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"{failed} of {len(results)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
