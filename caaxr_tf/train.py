@@ -508,7 +508,8 @@ def train(
     # Printed by every worker: workers that stayed in sync print the same number. Trainable
     # weights only: batch-norm moving statistics are each worker's own (no synchronised BN).
     checksum = float(sum(tf.reduce_sum(tf.abs(tf.cast(v, tf.float64))) for v in model.trainable_variables))
-    print(f"weights checksum {checksum:.6f}", flush=True)
+    if num_workers > 1:
+        print(f"weights checksum {checksum:.6f}", flush=True)
     if chief:
         save_model_atomic(model, run_dir / runs.FINAL_MODEL)
         shutil.rmtree(backup_dir, ignore_errors=True)

@@ -96,6 +96,21 @@ def _build_backbone(backbone: str, spec: BackboneSpec, rgb_shape, weights: str, 
     return model
 
 
+# Batch-norm momentum for backbones trained from scratch. keras.applications use 0.99-0.999,
+# with which the moving statistics of a short run stay near their initial values and
+# inference-mode outputs collapse to a constant; 0.9 is PyTorch's default (0.1).
+FROM_SCRATCH_BN_MOMENTUM = 0.9
+
+
+def _speed_up_batch_norm(model: keras.Model) -> None:
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        stack.extend(getattr(layer, "layers", []))
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = min(layer.momentum, FROM_SCRATCH_BN_MOMENTUM)
+
+
 def build_classifier(
     backbone: str,
     num_classes: int,
@@ -135,6 +150,7 @@ def build_classifier(
     features.trainable = weights == NONE
     if weights == NONE:
         logger.info("%s: random initialisation, backbone trainable", backbone)
+        _speed_up_batch_norm(features)
     else:
         logger.info("%s: weights from %s, backbone frozen (only the head trains)", backbone, weights)
 
