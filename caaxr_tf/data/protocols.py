@@ -17,27 +17,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from caaxr_tf.config import load_config
+from caaxr_tf.data.chexpert import OBSERVATIONS as CHEXPERT_OBSERVATIONS
 from caaxr_tf.data.records import Sample
 
 PROTOCOL_NAMES = ("seg", "2class", "3class", "4class")
 SOURCES = ("caaxr", "covid-chestxray")
 
-CHEXPERT_OBSERVATIONS = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
 # Observations that make an image "unhealthy"; support devices alone do not.
 CHEXPERT_PATHOLOGIES = tuple(o for o in CHEXPERT_OBSERVATIONS if o not in ("No Finding", "Support Devices"))
 

@@ -29,6 +29,8 @@ from typing import Any, Iterable, Sequence
 import cv2
 import numpy as np
 
+from caaxr_tf.data.chexpert import OBSERVATIONS
+
 MANIFEST_NAME = "synthetic.json"
 CHEXPERT_DIR = "CheXpert-v1.0-small"
 JPEG_QUALITY = 95
@@ -75,22 +77,7 @@ NO_FINDING = "No finding"
 OPACITY_SHARE = 0.8
 INVERSE_SHARE = 0.3
 
-CHEXPERT_LABELS = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
+CHEXPERT_LABELS = OBSERVATIONS
 CHEXPERT_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA") + CHEXPERT_LABELS
 BOX_COLUMNS = ("image_id", "finding", "x", "y", "width", "height")
 STUDY_COLUMNS = ("image_id", "findings")
