@@ -427,10 +427,13 @@ def train(
         for metric in val_metrics:
             metric.update_state(truth, tf.cast(predictions, tf.float32))
 
-    @tf.function(jit_compile=bool(config["jit"]) or None, reduce_retracing=True)
+    # XLA compiles the replica step; reading the iterator cannot be compiled.
+    replica_step = tf.function(replica_train_step, jit_compile=True) if config["jit"] else replica_train_step
+
+    @tf.function(reduce_retracing=True)
     def train_step(iterator):
         images, targets = next(iterator)
-        strategy.run(replica_train_step, args=(images, targets))
+        strategy.run(replica_step, args=(images, targets))
 
     @tf.function(reduce_retracing=True)
     def val_step(batch):

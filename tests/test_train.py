@@ -230,3 +230,18 @@ def test_classifier_learns_covid_vs_non_covid(tfrecords_root, tmp_path):
     labels, probabilities = predict_split(run_dir, "test", 96)
     auc = roc_auc_score(labels[:, 0], probabilities[:, 0])
     assert auc > 0.9, f"COVID test AUC {auc:.3f} after 30 steps"
+
+
+def test_xla_and_mixed_precision_steps_run(tfrecords_root, tmp_path):
+    # a subprocess: the mixed-precision policy is process-global
+    code = subprocess.run(
+        [sys.executable, "-m", "caaxr_tf.train", "--protocol", "2class", "--model", "resnet18",
+         "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "xla"), "--epochs", "1", "--steps-per-epoch", "2",
+         "--batch-size", "4", "--jit", "--mixed-precision", *SMALL],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert code.returncode == 0, code.stderr[-3000:]
+    config = runs.load_run_config(tmp_path / "xla")
+    assert config["jit"] is True and config["mixed_precision"] is True
+    rows = history(tmp_path / "xla")
+    assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"]))
