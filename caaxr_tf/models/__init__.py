@@ -8,6 +8,7 @@ own normalisation.
 """
 
 from caaxr_tf.models import classifier, segnet, unet  # noqa: F401  (registers the models)
+from caaxr_tf.models import mask_rcnn  # noqa: F401  (registers maskrcnn)
 from caaxr_tf.models.classifier import BACKBONES, build_classifier
 from caaxr_tf.models.layers import (
     GrayscaleToRGB,
