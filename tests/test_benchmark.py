@@ -1,0 +1,177 @@
+"""tools/benchmark.py: a --quick run's JSON structure (not its speed), the target arithmetic,
+the training-step replica against train.py's pieces, and the PyTorch peer's clean skip."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "benchmark.py"
+
+FIGURE_KEYS = {"label", "status", "reason", "unit", "values", "median", "reference", "ratio", "cpu_unit",
+               "cpu_values", "cpu_median", "cpu_ratio"}
+TARGET_KEYS = {"section", "name", "figure", "reference", "op", "threshold", "description", "value",
+               "reference_value", "ratio", "cpu_ratio", "passed", "cpu_passed", "note"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The tool as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("caaxr_benchmark_tool", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def torch_installed() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="module")
+def quick_report(tiny_data_root, tmp_path_factory) -> dict:
+    """A --quick run of the two sections without models (the cheap ones) on the tiny set."""
+    out = tmp_path_factory.mktemp("benchmark") / "quick.json"
+    command = [sys.executable, str(SCRIPT), "pipeline", "tfrecords", "--quick", "--repeats", "1",
+               "--data-root", str(tiny_data_root), "--json", str(out)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "## targets" in completed.stdout  # the table is printed
+    return json.loads(out.read_text())
+
+
+def test_quick_report_structure(quick_report):
+    report = quick_report
+    assert report["schema"] == 1
+    assert report["settings"]["quick"] is True and report["settings"]["sections"] == ["pipeline", "tfrecords"]
+    machine = report["machine"]
+    for key in ("cores", "usable_cores", "cpu_model", "gpu", "tensorflow", "keras", "torch", "python"):
+        assert key in machine, key
+    assert machine["cores"] >= 1 and machine["tensorflow"]
+    assert {"before", "during", "after"} <= set(report["load_average"])
+    assert report["dataset"]["train_images"] > 0 and report["dataset"]["source"] == "caaxr"
+    assert set(report["sections"]) == {"pipeline", "tfrecords"}
+    for name, section in report["sections"].items():
+        assert section["status"] == "ok", (name, section.get("reason"))
+        assert section["figures"] and section["seconds"] >= 0
+        for key, item in section["figures"].items():
+            assert FIGURE_KEYS <= set(item), (name, key)
+            if item["status"] == "ok":
+                assert item["values"] and all(math.isfinite(v) and v > 0 for v in item["values"]), (name, key)
+                assert item["median"] > 0
+            else:
+                assert item["status"] == "skipped" and item["reason"] and item["median"] is None
+            if item["reference"] and item["status"] == "ok":
+                reference = section["figures"][item["reference"]]
+                if reference["status"] == "ok":
+                    assert item["ratio"] == pytest.approx(item["median"] / reference["median"])
+
+
+def test_quick_report_figures_and_targets(quick_report):
+    pipeline = quick_report["sections"]["pipeline"]["figures"]
+    assert {"tf_cold", "tf_first_epoch", "tf_warm", "limit", "torch", "torch_augment"} <= set(pipeline)
+    for key in ("tf_cold", "tf_warm", "limit"):
+        assert pipeline[key]["status"] == "ok" and pipeline[key]["unit"] == "images/s"
+    if torch_installed():
+        assert pipeline["torch"]["status"] == "ok"
+    else:  # CI installs only the dev extra: recorded as skipped, and its targets as not measured
+        assert pipeline["torch"]["status"] == "skipped" and "torch" in pipeline["torch"]["reason"]
+    tfrecords = quick_report["sections"]["tfrecords"]["figures"]
+    assert {"build_w1", "build_w2", "limit_w1", "limit_w2", "peak_rss_small", "peak_rss_large"} <= set(tfrecords)
+    assert tfrecords["build_w1"]["images"] == tfrecords["build_w2"]["images"] > 0
+    assert tfrecords["peak_rss_large"]["images"] > tfrecords["peak_rss_small"]["images"]
+    assert tfrecords["peak_rss_small"]["unit"] == "MiB"
+
+    targets = {t["name"]: t for t in quick_report["targets"]}
+    assert {"warm vs PyTorch", "cold vs PyTorch", "cold vs decode limit", "1 worker vs decode limit",
+            "2 workers vs decode limit", "2 workers vs 1", "peak memory growth"} == set(targets)
+    for target in targets.values():
+        assert TARGET_KEYS <= set(target)
+        assert target["passed"] in (True, False, None)
+        if target["passed"] is None:
+            assert target["note"].startswith("not measured")
+    assert targets["cold vs decode limit"]["passed"] is not None
+    if not torch_installed():
+        assert targets["warm vs PyTorch"]["passed"] is None
+
+
+def test_target_arithmetic(bench):
+    def item(values, workers=None, status="ok"):
+        extra = {"workers": workers} if workers else {}
+        return bench.figure(values, "images/s", status=status, **extra)
+
+    figures = {"build_w1": item([40.0], 1), "build_w2": item([60.0, 80.0, 70.0], 2), "limit_w1": item([100.0])}
+    sections = {"tfrecords": {"figures": figures}}
+    results = {t["name"]: t for t in bench.evaluate_targets(sections)}
+    # per worker: 70 / 2 = 35 against 100
+    assert results["2 workers vs decode limit"]["ratio"] == pytest.approx(0.35)
+    assert results["2 workers vs decode limit"]["passed"] is False
+    assert results["1 worker vs decode limit"]["ratio"] == pytest.approx(0.4)
+    assert results["2 workers vs 1"]["ratio"] == pytest.approx(70 / 40) and results["2 workers vs 1"]["passed"]
+    assert results["peak memory growth"]["passed"] is None  # not measured
+    assert "pipeline" not in {t["section"] for t in results.values()}
+
+    skipped = {"tf_warm": item([500.0]), "torch": bench.skipped("images/s", "torch is not installed")}
+    result = {t["name"]: t for t in bench.evaluate_targets({"pipeline": {"figures": skipped}})}["warm vs PyTorch"]
+    assert result["passed"] is None and "torch is not installed" in result["note"]
+
+    latency = {"keras_m_b1": bench.figure([10.0, 12.0], "ms/image"),
+               "saved_pre_m_b1": bench.figure([9.0], "ms/image", reference="keras_m_b1")}
+    bench.link_ratios(latency)
+    assert latency["saved_pre_m_b1"]["ratio"] == pytest.approx(9.0 / 11.0)
+    extra = [{"name": "m", "figure": "saved_pre_m_b1", "reference": "keras_m_b1", "op": "<=", "threshold": 1.0,
+              "description": "no slower"}]
+    result = bench.evaluate_targets({"inference": {"figures": latency, "extra_targets": extra}})[0]
+    assert result["passed"] is True
+
+
+def test_tables_render(bench):
+    figures = {"tf_warm": bench.figure([500.0, 520.0], "images/s", reference="torch", label="warm",
+                                       cpu_values=[900.0]),
+               "torch": bench.skipped("images/s", "torch is not installed", label="peer")}
+    bench.link_ratios(figures)
+    report = {
+        "machine": {"cpu_model": "cpu", "usable_cores": 2, "cores": 2, "memory_gib": 4, "gpu": None,
+                    "tensorflow": "2", "keras": "3", "torch": None},
+        "load_average": {"before": [1.0], "during": {}, "after": [1.0]},
+        "dataset": {"source": "caaxr"},
+        "sections": {"pipeline": {"status": "ok", "figures": figures, "notes": ["a note"]},
+                     "inference": {"status": "skipped", "reason": "export missing"}},
+        "targets": bench.evaluate_targets({"pipeline": {"figures": figures}}),
+    }
+    text = bench.report_tables(report)
+    assert "| tf_warm" in text and "skipped (torch is not installed)" in text
+    assert "skipped: export missing" in text and "n/a (not measured" in text
+
+
+def test_torch_peer_skips_cleanly_without_torch(bench, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    index = tmp_path / "index.json"
+    index.write_text("[]")
+    result = bench.child_torch_peer({"index": str(index), "workers": 1, "batch": 2, "augment": False,
+                                     "repeats": 1, "min_images": 1})
+    assert result["status"] == "skipped" and "torch" in result["reason"]
+
+
+def test_training_step_replica_runs(bench, tiny_data_root, tmp_path):
+    """The replica step is built from train.py's own pieces: it must keep working with them."""
+    from caaxr_tf.data.tfrecords import build_tfrecords
+
+    build_tfrecords(tiny_data_root, tmp_path / "tfrecords", protocols=["2class"], workers=1, progress=False,
+                    log=lambda line: None)
+    args = bench.parse_args(["train", "--quick", "--data-root", str(tiny_data_root), "--work-dir", str(tmp_path)])
+    state = bench.Bench(args, tmp_path)
+    state.tfrecords = tmp_path / "tfrecords"
+    config = bench.train_config(state, "mobilenetv2", "2class",
+                                ["image_size=64", "batch_size=2", "model_kwargs.alpha=0.35"])
+    rates = bench.measure_step(config, warmup=1, steps=1, repeats=1)
+    assert len(rates) == 1 and rates[0][0] > 0
+    cold, warm = bench.measure_input(config, 8)
+    assert cold[0] > 0 and warm[0] > 0
