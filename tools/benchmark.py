@@ -816,7 +816,9 @@ def bench_tfrecords(bench: Bench) -> dict[str, Any]:
         tree = result.get("peak_rss_tree")
         if tree is None:  # no psutil: the parent's peak plus the largest worker's
             tree = result["maxrss_main"] + result["maxrss_largest_worker"] * bench.workers
-            notes.append("psutil missing: peak memory estimated from getrusage (main + workers x largest worker).")
+            note = "psutil missing: peak memory estimated from getrusage (main + workers x largest worker)."
+            if note not in notes:
+                notes.append(note)
         figures[f"peak_rss_{label}"] = figure(
             [tree / MIB], "MiB", reference="peak_rss_small" if label == "large" else None,
             label=f"peak RSS (parent + workers), {result['images']} images", images=result["images"],
@@ -890,6 +892,10 @@ def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) 
             optimizer.build(model.trainable_variables)
             train_metrics = train_lib.make_metrics(config) if not owns_loss else []
             loss_tracker = keras.metrics.Mean(name="loss")
+            component_trackers = {}
+            if owns_loss:
+                for key in ("rpn_objectness", "rpn_box", "head_class", "head_box", "mask"):
+                    component_trackers[key] = keras.metrics.Mean(name=f"loss_{key}")
 
         # --- replica of train.train's replica_train_step / train_step (keep in step with it)
         def replica_train_step(images, targets):
@@ -900,6 +906,7 @@ def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) 
                     predictions = None
                 else:
                     predictions = model(images, training=True)
+                    losses = {}
                     loss = tf.nn.compute_average_loss(train_lib.per_example_loss(config, targets, predictions),
                                                       global_batch_size=global_batch)
                 if model.losses:
@@ -908,13 +915,19 @@ def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) 
             gradients = tape.gradient(scaled, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
             loss_tracker.update_state(loss * num_replicas)
+            for key, tracker in component_trackers.items():
+                if key in losses:
+                    tracker.update_state(losses[key])
             for metric in train_metrics:
                 metric.update_state(targets, tf.cast(predictions, tf.float32))
 
-        @tf.function(jit_compile=bool(config["jit"]) or None, reduce_retracing=True)
+        # as train.py: XLA compiles the replica step, not the iterator read
+        replica_step = tf.function(replica_train_step, jit_compile=True) if config["jit"] else replica_train_step
+
+        @tf.function(reduce_retracing=True)
         def train_step(iterator):
             images, targets = next(iterator)
-            strategy.run(replica_train_step, args=(images, targets))
+            strategy.run(replica_step, args=(images, targets))
 
         held = tf.data.Dataset.from_tensors(one_batch).repeat()
         iterator = iter(strategy.experimental_distribute_dataset(held))
