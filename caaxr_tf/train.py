@@ -282,6 +282,59 @@ def make_datasets(config: dict[str, Any], global_batch: int, num_workers: int):
     return train, int(steps), val, (int(val_steps) if val_steps else None), train_count, val_count
 
 
+# Loss components a model that computes its own losses (Mask R-CNN) reports.
+LOSS_COMPONENTS = ("rpn_objectness", "rpn_box", "head_class", "head_box", "mask")
+
+
+def make_component_trackers(owns_loss: bool) -> dict:
+    import keras
+
+    return {key: keras.metrics.Mean(name=f"loss_{key}") for key in LOSS_COMPONENTS} if owns_loss else {}
+
+
+def make_train_step(config: dict[str, Any], strategy, model, optimizer, loss_tracker, component_trackers: dict,
+                    train_metrics: list):
+    """The distributed training step: a tf.function that takes one batch from an iterator of
+    distributed batches and runs the replica step under ``strategy`` (the benchmark times it too)."""
+    import tensorflow as tf
+
+    owns_loss = config["loss"] == "model"
+    num_replicas = strategy.num_replicas_in_sync
+    global_batch = int(config["batch_size"])
+
+    def replica_train_step(images, targets):
+        with tf.GradientTape() as tape:
+            if owns_loss:
+                losses = model.compute_losses(images, targets, training=True)
+                loss = losses["loss"] / num_replicas
+                predictions = None
+            else:
+                predictions = model(images, training=True)
+                losses = {}
+                loss = tf.nn.compute_average_loss(per_example_loss(config, targets, predictions), global_batch_size=global_batch)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = optimizer.scale_loss(loss) if config["mixed_precision"] else loss
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        loss_tracker.update_state(loss * num_replicas)
+        for key, tracker in component_trackers.items():
+            if key in losses:
+                tracker.update_state(losses[key])
+        for metric in train_metrics:
+            metric.update_state(targets, tf.cast(predictions, tf.float32))
+
+    # XLA compiles the replica step; reading the iterator cannot be compiled.
+    replica_step = tf.function(replica_train_step, jit_compile=True) if config["jit"] else replica_train_step
+
+    @tf.function(reduce_retracing=True)
+    def train_step(iterator):
+        images, targets = next(iterator)
+        strategy.run(replica_step, args=(images, targets))
+
+    return train_step
+
+
 class History:
     """history.csv: one row per finished epoch, rewritten whole so it is never half a row."""
 
@@ -369,10 +422,7 @@ def train(
         val_metrics = make_metrics(config)
         loss_tracker = keras.metrics.Mean(name="loss")
         val_loss_tracker = keras.metrics.Mean(name="val_loss")
-        component_trackers = {}
-        if owns_loss:
-            for key in ("rpn_objectness", "rpn_box", "head_class", "head_box", "mask"):
-                component_trackers[key] = keras.metrics.Mean(name=f"loss_{key}")
+        component_trackers = make_component_trackers(owns_loss)
         epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
 
     backup_dir = run_dir / runs.BACKUP_DIR
@@ -392,28 +442,6 @@ def train(
         flush=True,
     )
 
-    def replica_train_step(images, targets):
-        with tf.GradientTape() as tape:
-            if owns_loss:
-                losses = model.compute_losses(images, targets, training=True)
-                loss = losses["loss"] / num_replicas
-                predictions = None
-            else:
-                predictions = model(images, training=True)
-                losses = {}
-                loss = tf.nn.compute_average_loss(per_example_loss(config, targets, predictions), global_batch_size=global_batch)
-            if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-            scaled = optimizer.scale_loss(loss) if config["mixed_precision"] else loss
-        gradients = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        loss_tracker.update_state(loss * num_replicas)
-        for key, tracker in component_trackers.items():
-            if key in losses:
-                tracker.update_state(losses[key])
-        for metric in train_metrics:
-            metric.update_state(targets, tf.cast(predictions, tf.float32))
-
     def replica_val_step(images, targets):
         outputs = model(images, training=False)
         if owns_loss:
@@ -427,13 +455,7 @@ def train(
         for metric in val_metrics:
             metric.update_state(truth, tf.cast(predictions, tf.float32))
 
-    # XLA compiles the replica step; reading the iterator cannot be compiled.
-    replica_step = tf.function(replica_train_step, jit_compile=True) if config["jit"] else replica_train_step
-
-    @tf.function(reduce_retracing=True)
-    def train_step(iterator):
-        images, targets = next(iterator)
-        strategy.run(replica_step, args=(images, targets))
+    train_step = make_train_step(config, strategy, model, optimizer, loss_tracker, component_trackers, train_metrics)
 
     @tf.function(reduce_retracing=True)
     def val_step(batch):

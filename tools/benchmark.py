@@ -879,7 +879,6 @@ def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) 
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         strategy = train_lib.make_strategy("one")
-        num_replicas = strategy.num_replicas_in_sync
         global_batch = int(config["batch_size"])
         owns_loss = config["loss"] == "model"
         train_ds, *_ = train_lib.make_datasets(config, global_batch, 1)
@@ -892,42 +891,9 @@ def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) 
             optimizer.build(model.trainable_variables)
             train_metrics = train_lib.make_metrics(config) if not owns_loss else []
             loss_tracker = keras.metrics.Mean(name="loss")
-            component_trackers = {}
-            if owns_loss:
-                for key in ("rpn_objectness", "rpn_box", "head_class", "head_box", "mask"):
-                    component_trackers[key] = keras.metrics.Mean(name=f"loss_{key}")
-
-        # --- replica of train.train's replica_train_step / train_step (keep in step with it)
-        def replica_train_step(images, targets):
-            with tf.GradientTape() as tape:
-                if owns_loss:
-                    losses = model.compute_losses(images, targets, training=True)
-                    loss = losses["loss"] / num_replicas
-                    predictions = None
-                else:
-                    predictions = model(images, training=True)
-                    losses = {}
-                    loss = tf.nn.compute_average_loss(train_lib.per_example_loss(config, targets, predictions),
-                                                      global_batch_size=global_batch)
-                if model.losses:
-                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-                scaled = optimizer.scale_loss(loss) if config["mixed_precision"] else loss
-            gradients = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            loss_tracker.update_state(loss * num_replicas)
-            for key, tracker in component_trackers.items():
-                if key in losses:
-                    tracker.update_state(losses[key])
-            for metric in train_metrics:
-                metric.update_state(targets, tf.cast(predictions, tf.float32))
-
-        # as train.py: XLA compiles the replica step, not the iterator read
-        replica_step = tf.function(replica_train_step, jit_compile=True) if config["jit"] else replica_train_step
-
-        @tf.function(reduce_retracing=True)
-        def train_step(iterator):
-            images, targets = next(iterator)
-            strategy.run(replica_step, args=(images, targets))
+            component_trackers = train_lib.make_component_trackers(owns_loss)
+        train_step = train_lib.make_train_step(config, strategy, model, optimizer, loss_tracker,
+                                               component_trackers, train_metrics)
 
         held = tf.data.Dataset.from_tensors(one_batch).repeat()
         iterator = iter(strategy.experimental_distribute_dataset(held))
