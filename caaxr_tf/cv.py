@@ -33,7 +33,12 @@ Outputs, rewritten after every run, cover the models and folds of this invocatio
 ``OUT/results.md``
     One row per model, mean ± std over folds, with the paper's columns: DICE, IoU and DICE on
     the consolidation subset; or AUC per class, COVID sensitivity at 99 % and 90 %
-    specificity and accuracy. Failed runs are listed under the table.
+    specificity and accuracy. Failed runs are listed under the table. For segmentation, a
+    second table gives the same scores for constant predictions (empty mask, all-ones mask)
+    on the same test images: the floor a model has to rise above.
+``OUT/baselines.json``
+    Those constant-prediction scores (segmentation only): ``{"" or subset: {prediction:
+    {num_images, dice, iou}}}``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import os
 import sys
@@ -52,13 +58,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from caaxr_tf.evaluate import covid_index, metrics_path, write_text_atomic  # noqa: E402
+from caaxr_tf.evaluate import covid_index, metrics_path, segmentation_baselines, write_text_atomic  # noqa: E402
 
 Trainer = Callable[[list[str]], int]
 Evaluator = Callable[..., dict]
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
+BASELINES_JSON = "baselines.json"
 AGGREGATES = ("mean", "std")
 
 # Training flags passed through to caaxr_tf.train: (flag, takes a value).
@@ -253,8 +260,10 @@ def results_markdown(
     subsets: Sequence[str],
     folds: Sequence[int],
     tfrecords: str | Path,
+    baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> str:
-    """results.md: a title, what the numbers are, the table and the failed runs."""
+    """results.md: a title, what the numbers are, the table, the constant-prediction
+    baselines (segmentation) and the failed runs."""
     what = (
         "per-image Dice and IoU (threshold 0.5), averaged over the test images"
         if task != "classification"
@@ -272,6 +281,14 @@ def results_markdown(
         format_results_table(rows, paper_columns(task, class_names, subsets)),
         "",
     ]
+    if baselines:
+        lines += [
+            "Constant predictions on the same test images, scored the same way (a model that learnt "
+            "nothing scores about this):",
+            "",
+            format_baselines_table(baselines, subsets),
+            "",
+        ]
     failed = [r for r in rows if str(r.get("fold")) not in AGGREGATES and r.get("status") != "ok"]
     if failed:
         lines += ["Runs left out:", ""]
@@ -279,6 +296,24 @@ def results_markdown(
         lines.append("")
     lines.append(f"Per-fold values: `{RESULTS_CSV}`. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.")
     return "\n".join(lines) + "\n"
+
+
+def format_baselines_table(
+    baselines: Mapping[str, Mapping[str, Mapping[str, Any]]], subsets: Sequence[str] = (), markdown: bool = True
+) -> str:
+    """``baselines[""|subset][name] = {"dice", "iou"}`` as one row per constant prediction."""
+    header = ["prediction", "DICE", "IoU", *(f"DICE ({subset} subset)" for subset in subsets)]
+    body = [
+        [name, f"{values['dice']:.3f}", f"{values['iou']:.3f}",
+         *(f"{baselines[subset][name]['dice']:.3f}" for subset in subsets if subset in baselines)]
+        for name, values in baselines[""].items()
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+                     for cells in [header, *body])
 
 
 # --------------------------------------------------------------------------- #
@@ -385,10 +420,18 @@ def run_cv(
     columns = metric_columns(task, class_names, subsets)
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
+    baselines = None
+    if task == "segmentation":
+        baselines = {"": segmentation_baselines(protocol_dir, "test")}
+        for subset in subsets:
+            baselines[subset] = segmentation_baselines(protocol_dir, "test", subset=subset)
+        write_text_atomic(out / BASELINES_JSON, json.dumps(baselines, indent=2) + "\n")
 
     def write_results() -> None:
         write_text_atomic(out / RESULTS_CSV, results_csv_text(rows, columns))
-        write_text_atomic(out / RESULTS_MD, results_markdown(rows, protocol, task, class_names, subsets, folds, protocol_dir))
+        write_text_atomic(
+            out / RESULTS_MD, results_markdown(rows, protocol, task, class_names, subsets, folds, protocol_dir, baselines)
+        )
 
     total = len(models) * len(folds)
     for number, (model, fold) in enumerate(((m, k) for m in models for k in folds), start=1):
@@ -427,6 +470,9 @@ def run_cv(
     log("")
     log(f"{protocol}: mean ± std over fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}")
     log(format_results_table(rows, paper_columns(task, class_names, subsets), markdown=False))
+    if baselines:
+        log("constant predictions on the same test images:")
+        log(format_baselines_table(baselines, subsets, markdown=False))
     log(f"wrote {out / RESULTS_CSV} and {out / RESULTS_MD}")
     return rows
 

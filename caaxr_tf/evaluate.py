@@ -461,6 +461,44 @@ def evaluate_run(
     return metrics
 
 
+BASELINES = {"empty mask": 0.0, "all-ones mask": 1.0}
+
+
+def segmentation_baselines(
+    tfrecords: str | Path,
+    split: str = "test",
+    *,
+    fold: int = 1,
+    subset: str | None = None,
+    image_size: int = 224,
+    batch_size: int = 32,
+) -> dict[str, dict[str, Any]]:
+    """DICE and IoU of constant predictions on a split, scored exactly as `evaluate_run` scores
+    a model: ``{"empty mask": {...}, "all-ones mask": {...}}``, each with ``num_images``,
+    ``dice``, ``iou``. A segmentation model has learnt something only well above both."""
+    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.metrics import dice_per_image, iou_per_image
+
+    dataset = make_dataset(
+        tfrecords, split, fold=fold, batch_size=batch_size, task="segmentation", training=False, augment=False,
+        cache=False, subset=subset, image_size=image_size,
+    )
+    scores: dict[str, tuple[list, list]] = {name: ([], []) for name in BASELINES}
+    for _, masks in dataset:
+        truth = masks.numpy()
+        for name, value in BASELINES.items():
+            constant = np.full(truth.shape, value, np.float32)
+            scores[name][0].append(dice_per_image(truth, constant, THRESHOLD, EMPTY_SCORE))
+            scores[name][1].append(iou_per_image(truth, constant, THRESHOLD, EMPTY_SCORE))
+    result = {}
+    for name, (dice, iou) in scores.items():
+        if not dice:
+            raise ValueError(f"no images in the {split} split of {tfrecords}")
+        dice_np, iou_np = np.concatenate(dice), np.concatenate(iou)
+        result[name] = {"num_images": int(len(dice_np)), "dice": float(dice_np.mean()), "iou": float(iou_np.mean())}
+    return result
+
+
 def _predict_function(model) -> Callable[[Any], Any]:
     """``images -> numpy outputs`` through one graph traced for any batch size."""
     import tensorflow as tf

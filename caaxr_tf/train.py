@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -89,6 +89,24 @@ def locate_protocol_dir(tfrecords: str | Path, protocol: str) -> Path:
     raise ConfigError(f"no TFRecords for protocol {protocol!r} under {root} (expected {root / protocol}/summary.json)")
 
 
+LAYERED_SECTIONS = ("defaults", "segmentation", "classification", "models")
+
+
+def merge_config_file(config: dict[str, Any], extra: Mapping[str, Any], task: str, model: str) -> dict[str, Any]:
+    """Merge a --config file: flat keys, or train.yaml's layered sections, or both.
+
+    Layered sections apply in train.yaml's order (``defaults`` < the task's section <
+    ``models.<model>``), then the flat keys, so one file can hold settings for several models
+    (``caaxr_tf.cv --config`` passes the same file to every model).
+    """
+    extra = dict(extra)
+    layers = {name: extra.pop(name) for name in LAYERED_SECTIONS if name in extra}
+    config = deep_merge(config, layers.get("defaults") or {})
+    config = deep_merge(config, layers.get(task) or {})
+    config = deep_merge(config, (layers.get("models") or {}).get(model) or {})
+    return deep_merge(config, extra)
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Merge configs/train.yaml, --config, flags and --set into one flat run config."""
     from caaxr_tf.models import model_task
@@ -109,7 +127,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     config = deep_merge(base.get("defaults", {}), base.get(task, {}))
     config = deep_merge(config, base.get("models", {}).get(args.model, {}))
     if args.config:
-        config = deep_merge(config, load_yaml(args.config))
+        config = merge_config_file(config, load_yaml(args.config), task, args.model)
     flags = {
         "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch,

@@ -145,6 +145,34 @@ def test_cv_segmentation_rows_and_mean_std(seg_cv, tfrecords):
     assert any("DICE" in line for line in log)  # the plain-text summary table was printed
 
 
+def test_cv_segmentation_baselines_against_numpy(seg_cv, tfrecords):
+    """Empty and all-ones predictions, scored from the test masks read back independently."""
+    out, _, _, log = seg_cv
+    baselines = json.loads((out / "baselines.json").read_text())
+    masks, subset_flags = [], []
+    manifest = {r["image_id"]: r for r in read_csv(tfrecords / "seg" / "manifest.csv")}
+    from caaxr_tf.data.pipeline import make_dataset
+
+    for _, mask, ids in make_dataset(tfrecords / "seg", "test", task="segmentation", training=False, augment=False,
+                                     cache=False, batch_size=8, with_ids=True):
+        masks.extend(m[..., 0] > 0.5 for m in mask.numpy())
+        subset_flags.extend(manifest[i.decode()]["subset_consolidation"] == "1" for i in ids.numpy())
+    area = np.array([m.sum() for m in masks], float)
+    total = masks[0].size
+    expected_ones = {"dice": 2 * area / (area + total), "iou": area / total}
+    expected_empty = {"dice": np.where(area == 0, 1.0, 0.0), "iou": np.where(area == 0, 1.0, 0.0)}
+    flags = np.array(subset_flags)
+    for key, chosen in (("", np.ones(len(masks), bool)), ("consolidation", flags)):
+        assert baselines[key]["all-ones mask"]["num_images"] == chosen.sum()
+        for metric in ("dice", "iou"):
+            assert baselines[key]["all-ones mask"][metric] == pytest.approx(expected_ones[metric][chosen].mean(), rel=1e-6)
+            assert baselines[key]["empty mask"][metric] == pytest.approx(expected_empty[metric][chosen].mean(), abs=1e-9)
+    markdown = (out / "results.md").read_text()
+    ones = baselines[""]["all-ones mask"]
+    assert f"| all-ones mask | {ones['dice']:.3f} | {ones['iou']:.3f} |" in markdown
+    assert any("constant predictions" in line for line in log)
+
+
 def test_cv_resumes_and_force(seg_cv, tfrecords):
     out, _, _, _ = seg_cv
     before = (out / "results.csv").read_text()

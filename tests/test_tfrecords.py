@@ -171,6 +171,39 @@ def test_interrupted_run_resumes_to_the_same_bytes(built, tiny_data_root, tmp_pa
     assert all_output_bytes(out) == expected
 
 
+def test_plain_grey_sources_that_fit_are_stored_as_they_are(built, tiny_data_root):
+    """Greyscale JPEG/PNG within the storage size: the record holds the file's own bytes;
+    larger images are shrunk and re-encoded as PNG. Either way tf.data decodes what cv2 decoded."""
+    import cv2
+    import numpy as np
+
+    from caaxr_tf.data.pipeline import decode_uint16
+
+    paths = {i["image_id"]: tiny_data_root / i["path"] for i in json.loads((tiny_data_root / "synthetic.json").read_text())["images"]}
+    formats: Counter = Counter()
+    summary = json.loads((built / "2class" / "summary.json").read_text())
+    for name in summary["shards"]["test"] + summary["shards"]["fold1/train"] + summary["shards"]["fold1/val"]:
+        for serialized in tf.data.TFRecordDataset(str(built / "2class" / name)):
+            record = parse_record(serialized)
+            source = paths[record["image/id"].numpy().decode()]
+            data, encoded = source.read_bytes(), record["image/encoded"].numpy()
+            original = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            kind = record["image/format"].numpy().decode()
+            if max(original.shape) <= summary["storage_size"]:
+                assert encoded == data and kind == ("jpeg" if source.suffix == ".jpg" else "png"), source
+                stored = original
+            else:
+                assert encoded != data and kind == "png" and encoded.startswith(b"\x89PNG")
+                stored = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+                assert max(stored.shape) == summary["storage_size"]
+            scale = 257 if stored.dtype == np.uint8 else 1
+            decoded = decode_uint16(tf.constant(encoded)).numpy()[..., 0]
+            np.testing.assert_array_equal(decoded, stored.astype(np.int64) * scale)
+            formats[(kind, encoded == data)] += 1
+    # the tiny set has all three cases
+    assert formats[("jpeg", True)] and formats[("png", True)] and formats[("png", False)], formats
+
+
 def test_sampling_down_is_exact_and_seeded(tiny_data_root, tmp_path):
     overrides = ["caaxr.2class.classes.covid.count=10", "caaxr.2class.classes.non_covid.count=12"]
     first = build(tiny_data_root, tmp_path / "a", protocols="2class", protocol_overrides=overrides)

@@ -118,6 +118,32 @@ def test_bad_arguments_fail_before_training(tfrecords_root, tmp_path, extra, mes
     assert not (tmp_path / "bad").exists()
 
 
+def test_config_file_with_layered_sections(tfrecords_root, tmp_path):
+    """One --config file for several models: defaults < task < models.<name> < flat keys < flags."""
+    config_file = tmp_path / "cv.yaml"
+    config_file.write_text(
+        "defaults: {epochs: 7, seed: 3}\n"
+        "segmentation: {batch_size: 6, epochs: 5}\n"
+        "models:\n"
+        "  maskrcnn: {batch_size: 2, model_kwargs: {fpn_filters: 64}}\n"
+        "  unet: {model_kwargs: {base_filters: 8}}\n"
+        "shuffle_buffer: 99\n"
+    )
+    common = ["--protocol", "seg", "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "r"),
+              "--config", str(config_file)]
+    unet = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "unet"]))
+    assert (unet["epochs"], unet["batch_size"], unet["seed"], unet["shuffle_buffer"]) == (5, 6, 3, 99)
+    assert unet["model_kwargs"] == {"base_filters": 8}
+    assert unet["optimizer"]["name"] == "adam"  # train.yaml's segmentation section is kept
+    maskrcnn = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "maskrcnn", "--epochs", "1"]))
+    assert (maskrcnn["epochs"], maskrcnn["batch_size"]) == (1, 2)
+    assert maskrcnn["model_kwargs"] == {"fpn_filters": 64} and maskrcnn["loss"] == "model"
+    resnet = train_lib.resolve_config(train_lib.parse_args(
+        ["--protocol", "2class", "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "c"),
+         "--config", str(config_file), "--model", "resnet18"]))
+    assert (resnet["epochs"], resnet["batch_size"], resnet["model_kwargs"]) == (7, 10, {})
+
+
 def test_tfrecords_of_another_protocol_and_empty_shards(tfrecords_root, tmp_path):
     with pytest.raises(train_lib.ConfigError, match="holds the TFRecords of protocol 'seg'"):
         train_lib.locate_protocol_dir(tfrecords_root / "seg", "2class")

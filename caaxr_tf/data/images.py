@@ -17,10 +17,17 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 
 @dataclass
 class LoadedImage:
-    """Decoded grayscale pixels (H, W) as uint8 or uint16 and the bits they use."""
+    """Decoded grayscale pixels (H, W) as uint8 or uint16 and the bits they use.
+
+    ``encoded``/``format`` hold the file's own bytes ("png" or "jpeg") when they already are
+    what the records store — one grey channel of 8 or 16 bits that TensorFlow decodes to the
+    same pixels — so the TFRecord builder can keep them instead of re-encoding.
+    """
 
     pixels: np.ndarray
     bit_depth: int
+    encoded: bytes | None = None
+    format: str | None = None
 
     @property
     def height(self) -> int:
@@ -67,6 +74,7 @@ def decode_image_bytes(path: str, data: bytes) -> LoadedImage:
     pixels = cv2.imdecode(buffer, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if pixels is None or pixels.size == 0:
         raise InputError(path, "image", "could not be decoded (corrupt image data)")
+    reusable = pixels.ndim == 2 and _stores_plain_grey(data)
     if pixels.ndim == 3:
         channels = pixels.shape[2]
         if channels == 4:
@@ -81,7 +89,21 @@ def decode_image_bytes(path: str, data: bytes) -> LoadedImage:
         bit_depth = 16
     else:
         raise InputError(path, "image", f"unsupported pixel type {pixels.dtype}")
-    return LoadedImage(np.ascontiguousarray(pixels), bit_depth)
+    if not reusable:
+        return LoadedImage(np.ascontiguousarray(pixels), bit_depth)
+    return LoadedImage(np.ascontiguousarray(pixels), bit_depth, data, "png" if data.startswith(PNG_SIGNATURE) else "jpeg")
+
+
+def _stores_plain_grey(data: bytes) -> bool:
+    """True for a greyscale PNG of 8/16 bits, or a JPEG without EXIF data.
+
+    Low-bit PNGs are widened differently by decoders, and OpenCV applies an EXIF
+    orientation that TensorFlow ignores, so those are re-encoded from the decoded pixels.
+    """
+    if data.startswith(PNG_SIGNATURE):
+        # IHDR is always the first chunk: bit depth at byte 24, colour type at byte 25
+        return len(data) > 25 and data[12:16] == b"IHDR" and data[24] in (8, 16) and data[25] == 0
+    return b"Exif\x00\x00" not in data[:65536]
 
 
 def load_image(path: str | os.PathLike) -> LoadedImage:
@@ -110,9 +132,19 @@ def resize_long_side(pixels: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
+def _png_parameters(compression: int) -> list[int]:
+    # The "up" filter with run-length zlib: about a third less CPU than OpenCV's adaptive
+    # filters with default zlib on X-rays, with smaller files (docs/BENCHMARKS.md). Both the
+    # encoder and, later, tf.data's decoder get cheaper.
+    parameters = [cv2.IMWRITE_PNG_COMPRESSION, compression, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # not in every OpenCV build
+        parameters += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+    return parameters
+
+
 def encode_png(pixels: np.ndarray, compression: int = 1) -> bytes:
     """PNG-encode uint8/uint16 grayscale pixels; the same pixels always give the same bytes."""
-    ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    ok, encoded = cv2.imencode(".png", pixels, _png_parameters(compression))
     if not ok:
         raise ValueError("PNG encoding failed")
     return encoded.tobytes()

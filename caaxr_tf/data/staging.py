@@ -1,8 +1,9 @@
 """Decoding, checking and re-encoding one image for the TFRecord shards.
 
-Runs in worker processes, so it imports no TensorFlow. Each image is decoded once, checked
-(bit depth, boxes inside the image), shrunk to the storage size and written as PNG into a
-staging folder; the shard writer later copies those bytes into the records.
+Runs in worker processes, so it imports no TensorFlow. Each image is decoded once and checked
+(bit depth, boxes inside the image). A greyscale PNG or JPEG that already fits the storage size
+is kept as it is: the shard writer copies the source file's bytes into the records. Any other
+image is shrunk to the storage size and written as PNG into a staging folder.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class StagedImage:
     """What the shard writer needs about one staged image. Boxes are normalised to [0, 1]."""
 
     image_id: str
-    png_path: str
+    encoded_path: str  # the bytes to store: a staged PNG, or the source file itself
     bit_depth: int
     original_height: int
     original_width: int
@@ -31,6 +32,10 @@ class StagedImage:
     width: int
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     box_findings: list[str] = field(default_factory=list)
+    format: str = "png"  # "png" or "jpeg"
+
+
+STAGING_VERSION = 2  # staged metadata of another version is staged again
 
 
 def staged_name(image_id: str) -> str:
@@ -87,7 +92,8 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
     if os.path.exists(meta_path):  # staged by an earlier, interrupted run
         with open(meta_path, encoding="utf-8") as handle:
             meta = json.load(handle)
-        return StagedImage(**meta["staged"]), [Skipped(**s) for s in meta["dropped"]]
+        if meta.get("version") == STAGING_VERSION:
+            return StagedImage(**meta["staged"]), [Skipped(**s) for s in meta["dropped"]]
     try:
         loaded = load_image(sample.path)
         bits = effective_bit_depth(sample.path, loaded.pixels, loaded.bit_depth, sample.bit_depth)
@@ -95,11 +101,15 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
         return None, [error.as_skipped()]
     boxes, findings, dropped = check_boxes(sample, loaded.height, loaded.width)
     pixels = resize_long_side(loaded.pixels, storage_size)
-    png_path = os.path.join(staging_dir, name + ".png")
-    _write_atomic(png_path, encode_png(pixels))
+    if loaded.encoded is not None and pixels is loaded.pixels:
+        encoded_path, encoded_format = os.path.abspath(sample.path), loaded.format or "png"
+    else:
+        encoded_path, encoded_format = os.path.join(staging_dir, name + ".png"), "png"
+        _write_atomic(encoded_path, encode_png(pixels))
     staged = StagedImage(
         image_id=sample.image_id,
-        png_path=png_path,
+        encoded_path=encoded_path,
+        format=encoded_format,
         bit_depth=bits,
         original_height=loaded.height,
         original_width=loaded.width,
@@ -108,7 +118,7 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
         boxes=boxes,
         box_findings=findings,
     )
-    meta = {"staged": asdict(staged), "dropped": [d.as_dict() for d in dropped]}
+    meta = {"version": STAGING_VERSION, "staged": asdict(staged), "dropped": [d.as_dict() for d in dropped]}
     _write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
     return staged, dropped
 

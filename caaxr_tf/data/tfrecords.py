@@ -16,6 +16,7 @@ shards it finished and writes the rest (the bytes are the same either way).
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import hashlib
 import io
@@ -36,7 +37,7 @@ from caaxr_tf.data import protocols as protocols_lib
 from caaxr_tf.data.records import ReadResult, Sample, Skipped
 from caaxr_tf.data.staging import StagedImage, stage_task
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: image/encoded may hold the source JPEG/PNG bytes
 STAGING_DIR = ".staging"
 
 
@@ -85,7 +86,7 @@ def make_example(sample: Sample, staged: StagedImage, encoded: bytes, label: int
     boxes = np.asarray(staged.boxes, dtype=np.float32).reshape(-1, 4)
     feature = {
         "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-        "image/format": strings("png"),
+        "image/format": strings(staged.format),
         "image/bit_depth": ints(staged.bit_depth),
         "image/invert": ints(int(sample.invert)),
         "image/height": ints(staged.height),
@@ -165,6 +166,12 @@ class Stager:
         self.dropped: dict[str, list[Skipped]] = {}
         self._pool = None
 
+    def start(self) -> None:
+        """Start the worker processes now, so their start-up overlaps the reading of the CSVs."""
+        if self.workers > 1 and self._pool is None:
+            # spawn, not fork: the parent may hold TensorFlow's threads
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+
     def stage(self, samples: Sequence[Sample], description: str) -> None:
         todo = [s for s in samples if s.image_id not in self.staged]
         if not todo:
@@ -174,9 +181,7 @@ class Stager:
         if self.workers == 1 or len(tasks) < 2:
             results: Iterable = map(stage_task, tasks)
         else:
-            if self._pool is None:
-                # spawn, not fork: the parent may hold TensorFlow's threads
-                self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            self.start()
             results = self._pool.imap_unordered(stage_task, tasks, chunksize=4)
         for image_id, staged, dropped in tqdm(
             results, total=len(tasks), desc=description, unit="img", disable=not self.progress, leave=False
@@ -338,7 +343,7 @@ def write_protocol(
             with tf.io.TFRecordWriter(str(temporary)) as shard:
                 for sample, label, class_name in chunk:
                     staged = stager.staged[sample.image_id]
-                    with open(staged.png_path, "rb") as handle:
+                    with open(staged.encoded_path, "rb") as handle:
                         encoded = handle.read()
                     shard.write(make_example(sample, staged, encoded, label, class_name))
                     bar.update(1)
@@ -358,6 +363,22 @@ def write_protocol(
             "all": sum(1 for r in rows if r[column] == "1"),
         }
     return shards, counts, rows
+
+
+def _write_and_summarize(
+    spec: protocols_lib.ProtocolSpec,
+    chosen: Mapping[str, Sequence[Sample]],
+    stager: Stager,
+    protocol_dir: Path,
+    seed: int,
+    records_per_shard: int,
+    progress: bool,
+    summary: dict[str, Any],
+) -> None:
+    """Write a protocol's shards, then fill in and write its summary.json (last: it marks the protocol complete)."""
+    shards, counts, _ = write_protocol(spec, chosen, stager, protocol_dir, seed, records_per_shard, progress)
+    summary.update(counts=counts, shards=shards)
+    write_atomic_text(protocol_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
 
 
 # --- the whole job -----------------------------------------------------------------------
@@ -393,20 +414,26 @@ def build_tfrecords(
     if not data_root.is_dir():
         raise FileNotFoundError(f"data root not found: {data_root}")
 
-    # Read everything first: a schema error stops the run before anything is written.
-    needed = {c.source for n in names for c in specs[n].classes}
-    readings = read_sources(source, data_root, needed, data_config)
-    for name, reading in readings.items():
-        log(f"read {name}: {len(reading.samples)} images, {len(reading.skipped)} skipped, excluded {reading.excluded or 'none'}")
-        for item in reading.skipped[:5]:
-            log(f"  skipped {item}")
-        if len(reading.skipped) > 5:
-            log(f"  ... and {len(reading.skipped) - 5} more (see summary.json)")
-
-    samples_by_source = {name: reading.samples for name, reading in readings.items()}
     stager = Stager(out_dir / STAGING_DIR, storage_size, workers or os.cpu_count() or 1, progress)
+    stager.start()
+    import tensorflow  # noqa: F401  (here, while the workers start, rather than in the writer thread)
+
+    # Shards of protocol N are written in a thread while the workers decode protocol N + 1.
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    pending: dict[str, concurrent.futures.Future] = {}
     summaries: dict[str, dict[str, Any]] = {}
     try:
+        # Read everything first: a schema error stops the run before anything is written.
+        needed = {c.source for n in names for c in specs[n].classes}
+        readings = read_sources(source, data_root, needed, data_config)
+        for name, reading in readings.items():
+            log(f"read {name}: {len(reading.samples)} images, {len(reading.skipped)} skipped, excluded {reading.excluded or 'none'}")
+            for item in reading.skipped[:5]:
+                log(f"  skipped {item}")
+            if len(reading.skipped) > 5:
+                log(f"  ... and {len(reading.skipped) - 5} more (see summary.json)")
+        samples_by_source = {name: reading.samples for name, reading in readings.items()}
+
         for name in names:
             spec = specs[name]
             members, excluded = protocols_lib.classify(spec, samples_by_source)
@@ -428,9 +455,8 @@ def build_tfrecords(
             chosen, skipped, warnings = select_and_stage(spec, members, stager, seed)
             for warning in warnings:
                 log(f"WARNING: {warning}")
-            shards, counts, _ = write_protocol(spec, chosen, stager, protocol_dir, seed, records_per_shard, progress)
             reader_skips = [s for src in spec.sources for s in readings[src].skipped]
-            reader_excluded = Counter()
+            reader_excluded: Counter = Counter()
             for src in spec.sources:
                 reader_excluded.update({f"{src}: {k}": v for k, v in readings[src].excluded.items()})
             reader_excluded.update(excluded)
@@ -443,18 +469,23 @@ def build_tfrecords(
                 "folds": spec.folds,
                 "seed": seed,
                 "storage_size": storage_size,
-                "counts": counts,
-                "shards": shards,
+                "counts": None,
+                "shards": None,
                 "subsets": {k: dict(v) for k, v in spec.subsets.items()},
                 "warnings": warnings,
                 "excluded": dict(sorted(reader_excluded.items())),
                 "skipped": [s.as_dict() for s in reader_skips + skipped],
                 "fingerprint": stamp,
             }
-            write_atomic_text(protocol_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
-            log(format_counts(summary))
+            pending[name] = writer.submit(
+                _write_and_summarize, spec, chosen, stager, protocol_dir, seed, records_per_shard, progress, summary
+            )
             summaries[name] = summary
+        for name, future in pending.items():
+            future.result()
+            log(format_counts(summaries[name]))
     finally:
+        writer.shutdown(wait=True, cancel_futures=True)
         stager.close()
     shutil.rmtree(out_dir / STAGING_DIR, ignore_errors=True)
     return summaries

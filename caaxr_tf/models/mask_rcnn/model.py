@@ -96,6 +96,10 @@ class MaskRCNN(keras.Model):
         image_shape: `(H, W, C)` of the raw 0..255 input, H and W multiples of 32, C 1 or 3.
         backbone: "resnet50" or "mobilenetv2".
         alpha: MobileNetV2 width multiplier.
+        backbone_bn_momentum: upper bound on the backbone's BatchNorm momentum
+            (keras.applications use 0.99-0.999, with which the moving statistics of a
+            backbone trained from scratch lag far behind in short runs and inference
+            outputs drift; 0.9 is PyTorch's default).
         freeze_backbone: "none" (all trainable), "bn" (backbone BatchNorm
             layers frozen, in inference mode), "all" (backbone frozen).
         fpn_filters: channels of the pyramid, RPN and RoI features.
@@ -128,6 +132,7 @@ class MaskRCNN(keras.Model):
         backbone: str = "resnet50",
         alpha: float = 1.0,
         freeze_backbone: str = "none",
+        backbone_bn_momentum: float = 0.9,
         fpn_filters: int = 256,
         anchor_sizes: Sequence[float] = (16, 32, 64, 128, 256),
         anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
@@ -188,6 +193,7 @@ class MaskRCNN(keras.Model):
         self.backbone_name = backbone
         self.alpha = float(alpha)
         self.freeze_backbone = freeze_backbone
+        self.backbone_bn_momentum = float(backbone_bn_momentum)
         self.fpn_filters = int(fpn_filters)
         self.anchor_sizes = tuple(float(s) for s in anchor_sizes)
         self.anchor_ratios = tuple(float(r) for r in anchor_ratios)
@@ -216,6 +222,9 @@ class MaskRCNN(keras.Model):
 
         rgb_shape = image_shape[:2] + (3,)
         backbone_model = build_backbone(backbone, rgb_shape, alpha=self.alpha)
+        for layer in backbone_model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = min(layer.momentum, self.backbone_bn_momentum)
         if freeze_backbone == "all":
             backbone_model.trainable = False
         elif freeze_backbone == "bn":
@@ -447,6 +456,7 @@ class MaskRCNN(keras.Model):
             "backbone": self.backbone_name,
             "alpha": self.alpha,
             "freeze_backbone": self.freeze_backbone,
+            "backbone_bn_momentum": self.backbone_bn_momentum,
             "fpn_filters": self.fpn_filters,
             "anchor_sizes": list(self.anchor_sizes),
             "anchor_ratios": list(self.anchor_ratios),
