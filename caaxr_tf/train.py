@@ -92,17 +92,22 @@ def locate_protocol_dir(tfrecords: str | Path, protocol: str) -> Path:
 LAYERED_SECTIONS = ("defaults", "segmentation", "classification", "models")
 
 
-def merge_config_file(config: dict[str, Any], extra: Mapping[str, Any], task: str, model: str) -> dict[str, Any]:
-    """Merge a --config file: flat keys, or train.yaml's layered sections, or both.
+def layered_config(base: Mapping[str, Any], extra: Mapping[str, Any], task: str, model: str) -> dict[str, Any]:
+    """Merge train.yaml (``base``) with a --config file (``extra``).
 
-    Layered sections apply in train.yaml's order (``defaults`` < the task's section <
-    ``models.<model>``), then the flat keys, so one file can hold settings for several models
-    (``caaxr_tf.cv --config`` passes the same file to every model).
+    ``extra`` may hold flat keys, train.yaml's layered sections, or both. Section by section,
+    the file wins over train.yaml, and more specific sections win over general ones:
+    defaults < the task's section < ``models.<model>`` < the file's flat keys. So one file can
+    carry settings for several models (``caaxr_tf.cv --config`` gives every model the same
+    file) without a task-wide key overriding a model's own setting in train.yaml.
     """
     extra = dict(extra)
     layers = {name: extra.pop(name) for name in LAYERED_SECTIONS if name in extra}
-    config = deep_merge(config, layers.get("defaults") or {})
-    config = deep_merge(config, layers.get(task) or {})
+    config: dict[str, Any] = {}
+    for section in ("defaults", task):
+        config = deep_merge(config, base.get(section) or {})
+        config = deep_merge(config, layers.get(section) or {})
+    config = deep_merge(config, (base.get("models") or {}).get(model) or {})
     config = deep_merge(config, (layers.get("models") or {}).get(model) or {})
     return deep_merge(config, extra)
 
@@ -124,10 +129,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"fold {args.fold} does not exist: {protocol_dir} has folds 1..{summary['folds']}")
 
     base = load_yaml(CONFIG_DIR / "train.yaml")
-    config = deep_merge(base.get("defaults", {}), base.get(task, {}))
-    config = deep_merge(config, base.get("models", {}).get(args.model, {}))
-    if args.config:
-        config = merge_config_file(config, load_yaml(args.config), task, args.model)
+    config = layered_config(base, load_yaml(args.config) if args.config else {}, task, args.model)
     flags = {
         "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch,
@@ -395,6 +397,74 @@ def save_model_atomic(model, path: Path) -> None:
 # --- the loop ----------------------------------------------------------------------------
 
 
+def batch_norm_layers(model) -> list:
+    """The BatchNormalization layers of ``model`` that update their moving statistics in training."""
+    import keras
+
+    found, stack, seen = [], [model], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if layer.trainable:
+                found.append(layer)
+            continue
+        stack.extend(getattr(layer, "layers", []) or [])
+        stack.extend(v for v in vars(layer).values() if isinstance(v, keras.Model))
+    return found
+
+
+def make_bn_recompute(config: dict[str, Any], strategy, model) -> Callable[[], None] | None:
+    """A function that re-estimates the BatchNorm moving statistics from the current weights.
+
+    With ``bn_recompute_images: N`` (> 0), after each epoch's training steps one forward pass
+    in training mode over the first N training images (no augmentation) runs with the
+    momentum of every trainable BatchNorm layer set to 0, so the moving mean and variance
+    become that batch's statistics under the weights that will be validated and saved. The
+    moving averages of a network trained from scratch with a large learning rate lag behind
+    its weights, and its inference-mode outputs are then far off (Mask R-CNN: validation loss
+    14.7 with the moving averages, 1.10 after recomputing, 1.0 in training mode). This is
+    "precise BN" (Wu and Johnson, 2021) with a single large batch. Returns None when off.
+    """
+    import tensorflow as tf
+
+    from caaxr_tf.data.pipeline import make_dataset
+
+    count = int(config.get("bn_recompute_images") or 0)
+    layers = batch_norm_layers(model)
+    if count <= 0 or not layers:
+        return None
+    task = "detection" if config["loss"] == "model" else None
+    dataset = make_dataset(config["tfrecords"], "train", fold=config["fold"], batch_size=count,
+                           image_size=config["image_size"], task=task, training=False, augment=False,
+                           cache=False, seed=config["seed"]).take(1)
+    distributed = strategy.experimental_distribute_dataset(dataset)
+
+    def replica_forward(images, targets):
+        del targets
+        model(images, training=True)
+
+    forward = None
+
+    def recompute() -> None:
+        nonlocal forward
+        momenta = [layer.momentum for layer in layers]
+        for layer in layers:
+            layer.momentum = 0.0
+        try:
+            if forward is None:  # traced while the momenta are 0, used only while they are
+                forward = tf.function(lambda batch: strategy.run(replica_forward, args=batch))
+            for batch in distributed:
+                forward(batch)
+        finally:
+            for layer, momentum in zip(layers, momenta):
+                layer.momentum = momentum
+
+    return recompute
+
+
 def train(
     config: dict[str, Any],
     run_dir: Path,
@@ -474,6 +544,7 @@ def train(
             metric.update_state(truth, tf.cast(predictions, tf.float32))
 
     train_step = make_train_step(config, strategy, model, optimizer, loss_tracker, component_trackers, train_metrics)
+    recompute_bn = make_bn_recompute(config, strategy, model)
 
     @tf.function(reduce_retracing=True)
     def val_step(batch):
@@ -504,6 +575,8 @@ def train(
         for step in range(steps):
             train_step(train_iterator)
             progress.update(step + 1, values=[("loss", float(loss_tracker.result()))])
+        if recompute_bn is not None:
+            recompute_bn()
         val_iterator = iter(distributed_val)
         taken = 0
         while val_steps is None or taken < val_steps:

@@ -119,11 +119,12 @@ def test_bad_arguments_fail_before_training(tfrecords_root, tmp_path, extra, mes
 
 
 def test_config_file_with_layered_sections(tfrecords_root, tmp_path):
-    """One --config file for several models: defaults < task < models.<name> < flat keys < flags."""
+    """One --config file for several models: defaults < task < models.<name> < flat keys < flags,
+    the file winning over train.yaml within each level."""
     config_file = tmp_path / "cv.yaml"
     config_file.write_text(
         "defaults: {epochs: 7, seed: 3}\n"
-        "segmentation: {batch_size: 6, epochs: 5}\n"
+        "segmentation: {batch_size: 6, epochs: 5, loss: bce_dice}\n"
         "models:\n"
         "  maskrcnn: {batch_size: 2, model_kwargs: {fpn_filters: 64}}\n"
         "  unet: {model_kwargs: {base_filters: 8}}\n"
@@ -137,11 +138,55 @@ def test_config_file_with_layered_sections(tfrecords_root, tmp_path):
     assert unet["optimizer"]["name"] == "adam"  # train.yaml's segmentation section is kept
     maskrcnn = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "maskrcnn", "--epochs", "1"]))
     assert (maskrcnn["epochs"], maskrcnn["batch_size"]) == (1, 2)
+    # train.yaml's models.maskrcnn (loss: model) is more specific than the file's segmentation section
     assert maskrcnn["model_kwargs"] == {"fpn_filters": 64} and maskrcnn["loss"] == "model"
+    assert unet["loss"] == "bce_dice"
     resnet = train_lib.resolve_config(train_lib.parse_args(
         ["--protocol", "2class", "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "c"),
          "--config", str(config_file), "--model", "resnet18"]))
-    assert (resnet["epochs"], resnet["batch_size"], resnet["model_kwargs"]) == (7, 10, {})
+    # the file's defaults (epochs 7) sit below train.yaml's classification section (epochs 30)
+    assert (resnet["epochs"], resnet["seed"], resnet["batch_size"], resnet["model_kwargs"]) == (30, 3, 10, {})
+
+
+def test_shipped_short_cpu_schedule_resolves_per_model(tfrecords_root, tmp_path):
+    common = ["--protocol", "seg", "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "r"),
+              "--config", str(REPO / "configs" / "seg_cpu_short.yaml")]
+    unet = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "unet"]))
+    maskrcnn = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "maskrcnn"]))
+    assert (unet["loss"], unet["model_kwargs"], unet["batch_size"]) == ("bce_dice", {"base_filters": 16}, 4)
+    assert (maskrcnn["loss"], maskrcnn["batch_size"], maskrcnn["augment"]) == ("model", 8, False)
+    assert maskrcnn["optimizer"] == {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9, "clipnorm": 5.0}
+
+
+def test_batch_norm_statistics_recomputed_from_the_first_training_images(tfrecords_root, tmp_path):
+    import keras
+
+    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.models import build_model
+
+    args = train_lib.parse_args(["--protocol", "seg", "--model", "unet", "--tfrecords", str(tfrecords_root),
+                                 "--out", str(tmp_path / "r"), "--set", "image_size=32", "--set", "bn_recompute_images=6",
+                                 "--set", "model_kwargs.base_filters=4", "--set", "model_kwargs.depth=2"])
+    config = train_lib.resolve_config(args)
+    strategy = train_lib.make_strategy("one")
+    with strategy.scope():
+        model = build_model("unet", input_shape=(32, 32, 1), **config["model_kwargs"])
+    layers = train_lib.batch_norm_layers(model)
+    assert len(layers) == sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers) > 0
+    first = min(layers, key=lambda l: model.layers.index(l))
+    assert np.allclose(first.moving_mean.numpy(), 0.0)
+    recompute = train_lib.make_bn_recompute(config, strategy, model)
+    recompute()
+    recompute()  # the second call reuses the traced forward pass and gives the same statistics
+    images, _ = next(iter(make_dataset(config["tfrecords"], "train", fold=1, batch_size=6, image_size=32,
+                                       training=False, augment=False, cache=False)))
+    assert images.shape[0] == 6
+    inputs = keras.Model(model.inputs, first.input)(images, training=True).numpy()
+    np.testing.assert_allclose(first.moving_mean.numpy(), inputs.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(first.moving_variance.numpy(), inputs.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-4)
+    assert all(layer.momentum == 0.9 for layer in layers)  # restored
+    config["bn_recompute_images"] = 0
+    assert train_lib.make_bn_recompute(config, strategy, model) is None
 
 
 def test_tfrecords_of_another_protocol_and_empty_shards(tfrecords_root, tmp_path):

@@ -479,7 +479,7 @@ def rss_now() -> int:
 def child_build(spec: dict[str, Any]) -> dict[str, Any]:
     """Time build_tfrecords (TensorFlow imported first, as any caller has it) and report how
     the time splits between staging (decode/resize/PNG encode in the workers) and writing the
-    shards (parent process)."""
+    shards (a thread of the parent process, overlapping the staging of the next protocol)."""
     import resource
 
     import tensorflow as tf  # noqa: F401  (the shard writer needs it; not part of the build time)
@@ -832,8 +832,9 @@ def bench_tfrecords(bench: Bench) -> dict[str, Any]:
     for workers in (1, 2):
         item = figures[f"build_w{workers}"]
         notes.append(f"{workers} worker(s): {item['images']} images, {item['records']} records, "
-                     f"{item['seconds']:.1f} s = staging {item['stage_seconds']:.1f} s (decode, resize, PNG encode, "
-                     f"in the workers) + writing {item['write_seconds']:.1f} s (parent) + rest.")
+                     f"{item['seconds']:.1f} s in all; staging {item['stage_seconds']:.1f} s (decode, and resize + PNG "
+                     f"encode where needed, in the workers), writing {item['write_seconds']:.1f} s (a parent thread, "
+                     "overlapping the next protocol's staging).")
     notes.append("The build time counts from build_tfrecords() with TensorFlow already imported; the worker pool's "
                  "start-up is inside it.")
     return {"figures": figures, "notes": notes, "settings": {"repeats": repeats, "memory_sizes": list(sizes)}}
@@ -982,33 +983,39 @@ def bench_train(bench: Bench) -> dict[str, Any]:
 # --------------------------------------------------------------------------- inference
 
 
-def time_calls(call: Callable[[], Any], batch: int, repeats: int, min_seconds: float) -> dict[str, list]:
-    """ms per image (wall and CPU), one value per repeat (each repeat calls until
-    ``min_seconds`` pass)."""
+def time_calls_in_turns(calls: dict[str, Callable[[], Any]], batch: int, repeats: int,
+                        min_seconds: float) -> dict[str, dict[str, list]]:
+    """ms per image (wall and CPU) of each call, one value per repeat; each repeat calls until
+    ``min_seconds`` pass. The repeats are taken in turns (A, B, C, A, B, C, ...), so a change
+    of load on a shared machine falls on every call alike and their ratios stay fair."""
     import tensorflow as tf
 
-    def run() -> None:
-        for value in tf.nest.flatten(call()):
-            if hasattr(value, "numpy"):
-                value.numpy()  # wait for the result
+    def runner(call: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for value in tf.nest.flatten(call()):
+                if hasattr(value, "numpy"):
+                    value.numpy()  # wait for the result
+        return run
 
-    run()
-    run()  # warm-up: tracing, allocations
-    # each repeat: calls until min_seconds have passed (at least one)
-    values, cpu_values = [], []
+    runners = {name: runner(call) for name, call in calls.items()}
+    for run in runners.values():
+        run()
+        run()  # warm-up: tracing, allocations
+    results = {name: {"values": [], "cpu_values": []} for name in calls}
     for _ in range(repeats):
-        calls = 0
-        cpu = time.process_time()
-        started = time.perf_counter()
-        while True:
-            run()
-            calls += 1
-            elapsed = time.perf_counter() - started
-            if elapsed >= min_seconds:
-                break
-        values.append(elapsed / calls / batch * 1000.0)
-        cpu_values.append((time.process_time() - cpu) / calls / batch * 1000.0)
-    return {"values": values, "cpu_values": cpu_values}
+        for name, run in runners.items():
+            count = 0
+            cpu = time.process_time()
+            started = time.perf_counter()
+            while True:
+                run()
+                count += 1
+                elapsed = time.perf_counter() - started
+                if elapsed >= min_seconds:
+                    break
+            results[name]["values"].append(elapsed / count / batch * 1000.0)
+            results[name]["cpu_values"].append((time.process_time() - cpu) / count / batch * 1000.0)
+    return results
 
 
 def bench_inference(bench: Bench) -> dict[str, Any]:
@@ -1092,22 +1099,24 @@ def bench_inference(bench: Bench) -> dict[str, Any]:
                 f"saved_enc_{key}": (lambda: serving(images=enc, invert=inv, bit_depth=bits), f"keras_enc_{key}",
                                      f"{model_name} SavedModel serving_default, PNG, batch {batch}"),
             }
+            active = {}
             for name, (call, reference, label) in calls.items():
                 if bench.quick and "eager" in name:
                     figures[name] = skipped("ms/image", "--quick", label=label)
-                    continue
-                bench.log(f"inference: {label}")
-                figures[name] = figure(unit="ms/image", reference=reference, label=label,
-                                       **time_calls(call, batch, repeats, min_seconds))
+                else:
+                    active[name] = (call, reference, label)
+            bench.log(f"inference: {model_name}, batch {batch}: {', '.join(active)} (repeats in turns)")
+            timings = time_calls_in_turns({n: c for n, (c, _, _) in active.items()}, batch, repeats, min_seconds)
+            for name, (_, reference, label) in active.items():
+                figures[name] = figure(unit="ms/image", reference=reference, label=label, **timings[name])
             for kind, ref in (("pre", "keras"), ("enc", "keras_enc")):
                 what = "predict_preprocessed" if kind == "pre" else "serving_default"
                 extra_targets.append({"name": f"{model_name} {what} b{batch} vs Keras", "figure": f"saved_{kind}_{key}",
                                       "reference": f"{ref}_{key}", "op": "<=", "threshold": 1.0,
                                       "description": f"{model_name} SavedModel {what} latency <= Keras, batch {batch}"})
-        del loaded, serving, preprocessed_sig, model
     notes.append("Latency per image = wall time of one call / batch size, outputs fetched; median of repeats, each "
-                 f"at least {min_seconds} s of calls after two warm-up calls. The models are one-step training runs "
-                 "(weights do not change the cost).")
+                 f"at least {min_seconds} s of calls after two warm-up calls, the variants of one batch size taken in "
+                 "turns. The models are one-step training runs (weights do not change the cost).")
     notes.append("Keras references (the targets compare against them): model(x, training=False) inside a "
                  "tf.function, as model.predict runs it; for PNG input the project's preprocess_image mapped over the "
                  "batch in the same tf.function. The eager rows call the same code without tf.function.")
