@@ -175,3 +175,29 @@ def test_training_step_replica_runs(bench, tiny_data_root, tmp_path):
     assert len(rates) == 1 and rates[0][0] > 0
     cold, warm = bench.measure_input(config, 8)
     assert cold[0] > 0 and warm[0] > 0
+
+
+def test_latency_repeats_are_taken_in_turns(bench):
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("keras", "saved", "other")}
+    timings = bench.time_calls_in_turns(calls, batch=2, repeats=3, min_seconds=0.0)
+    assert order[:6] == ["keras", "keras", "saved", "saved", "other", "other"]  # two warm-up calls each
+    assert order[6:] == ["keras", "saved", "other"] * 3  # then one repeat of each in turn
+    for name in calls:
+        assert len(timings[name]["values"]) == len(timings[name]["cpu_values"]) == 3
+        assert all(value >= 0 for value in timings[name]["values"])
+
+
+def test_count_of_sources_stored_as_they_are(bench, tiny_data_root):
+    import cv2
+
+    entries = json.loads((tiny_data_root / "synthetic.json").read_text())["images"]
+    files = [str(tiny_data_root / e["path"]) for e in entries if e["path"].endswith((".png", ".jpg"))][:60]
+    expected = 0
+    for path in files:
+        pixels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        if pixels is not None and pixels.ndim == 2 and max(pixels.shape) <= 512:
+            expected += 1
+    assert 0 < bench.stored_as_they_are(files, 512) == expected < len(files)
+    assert bench.stored_as_they_are(files, 0) == sum(
+        1 for p in files if (img := cv2.imread(p, cv2.IMREAD_UNCHANGED)) is not None and img.ndim == 2)

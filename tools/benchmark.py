@@ -60,6 +60,7 @@ SECTIONS = ("pipeline", "tfrecords", "train", "inference")
 IMAGE_SIZE = 224
 PIPELINE_BATCH = 32
 PIPELINE_PROTOCOL = "2class"  # every source has it, and it holds the most images
+STORAGE_SIZE = 512  # the default of build_tfrecords and make_tfrecords.py --storage-size
 # model -> protocol it trains on (the batch size comes from configs/train.yaml: 4, 10, 16)
 TRAIN_MODELS = {"unet": "seg", "mobilenetv2": "2class", "maskrcnn": "seg"}
 PAPER_BATCH = {"unet": 4, "mobilenetv2": 10, "maskrcnn": 16}
@@ -515,7 +516,8 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
     cpu = cpu_seconds()
     started = time.perf_counter()
     summaries = tfr.build_tfrecords(spec["data_root"], out, source=spec["source"], protocols=spec["protocols"],
-                                    workers=int(spec["workers"]), progress=False, log=lambda line: None)
+                                    workers=int(spec["workers"]), storage_size=int(spec.get("storage_size", 512)),
+                                    progress=False, log=lambda line: None)
     seconds = time.perf_counter() - started
     cpu = cpu_seconds() - cpu  # the pool is joined by now, so its workers are counted
     ids: set[str] = set()
@@ -757,6 +759,21 @@ def bench_pipeline(bench: Bench) -> dict[str, Any]:
 # --------------------------------------------------------------------------- tfrecords
 
 
+def stored_as_they_are(files: Sequence[str], storage_size: int) -> int:
+    """How many of ``files`` the TFRecord builder stores with their own bytes at ``storage_size``."""
+    from caaxr_tf.data.images import load_image
+
+    kept = 0
+    for path in files:
+        try:
+            loaded = load_image(path)
+        except Exception:  # noqa: BLE001 — unusable files are the builder's to report
+            continue
+        if loaded.encoded is not None and (storage_size <= 0 or max(loaded.pixels.shape) <= storage_size):
+            kept += 1
+    return kept
+
+
 def bench_tfrecords(bench: Bench) -> dict[str, Any]:
     args = bench.args
     repeats = 1 if bench.quick else max(2, min(3, bench.repeats))
@@ -771,7 +788,7 @@ def bench_tfrecords(bench: Bench) -> dict[str, Any]:
             bench.log(f"tfrecords: build_tfrecords (all protocols), {workers} worker(s), run {repeat + 1}/{repeats}")
             result = run_child("build", {"data_root": str(bench.data_root), "out": str(scratch / f"w{workers}"),
                                          "source": args.source, "protocols": "all", "workers": workers,
-                                         "return_ids": not image_ids})
+                                         "storage_size": STORAGE_SIZE, "return_ids": not image_ids})
             image_ids = image_ids or result.pop("image_ids")
             runs[f"w{workers}"].append(result)
         values = [r["images"] / r["seconds"] for r in runs[f"w{workers}"]]
@@ -786,7 +803,27 @@ def bench_tfrecords(bench: Bench) -> dict[str, Any]:
             images=runs[f"w{workers}"][0]["images"], records=runs[f"w{workers}"][0]["records"],
         )
 
+    if not bench.quick:
+        # The same build keeping every source at its own size: no image needs shrinking, so every
+        # greyscale PNG/JPEG goes into the records as it is and only the rest is re-encoded.
+        runs["w1_original"] = []
+        for repeat in range(repeats):
+            bench.log(f"tfrecords: build_tfrecords, 1 worker, --storage-size 0, run {repeat + 1}/{repeats}")
+            runs["w1_original"].append(run_child("build", {
+                "data_root": str(bench.data_root), "out": str(scratch / "w1-original"), "source": args.source,
+                "protocols": "all", "workers": 1, "storage_size": 0}))
+        items = runs["w1_original"]
+        figures["build_w1_original"] = figure(
+            [r["images"] / r["seconds"] for r in items], "images/s", reference="limit_w1",
+            cpu_values=[r["images"] / r["cpu_seconds"] for r in items],
+            label="build_tfrecords, 1 worker, --storage-size 0 (sources kept at their size)", workers=1,
+            seconds=median([r["seconds"] for r in items]), images=items[0]["images"], records=items[0]["records"])
+
     files = source_files(args.source, bench.data_root, image_ids)
+    kept = stored_as_they_are(files, STORAGE_SIZE)
+    notes.append(f"At --storage-size {STORAGE_SIZE}, {kept} of {len(files)} source images are greyscale PNG/JPEG that "
+                 "fit and go into the records with their own bytes; the others are shrunk (or converted to grey) "
+                 "and PNG-encoded.")
     for workers in (1, 2):
         bench.log(f"tfrecords: decode limit over {len(files)} source files, {workers} process(es)")
         limit = run_child("decode", {"files": files, "workers": workers, "repeats": max(3, repeats),
