@@ -394,7 +394,9 @@ def test_inference_outputs_are_fixed_size_padded_and_consistent(trained):
     flat_masks, flat_boxes = tf.reshape(out["instance_masks"], [-1, 28, 28]), tf.reshape(out["boxes"], [-1, 4])
     pasted = paste_masks(flat_masks, flat_boxes, (SIZE, SIZE)).numpy().reshape(4, k, SIZE, SIZE)
     keep = (scores >= model.mask_score_threshold)[:, :, None, None]
-    np.testing.assert_allclose(out["mask"].numpy()[..., 0], (pasted * keep).max(axis=1), atol=1e-5)
+    # atol: the model pasted inside a tf.function (Grappler may reorder the box arithmetic); for a
+    # thin box a rounding change of the sample coordinates moves the bilinear value by ~1e-5..1e-4
+    np.testing.assert_allclose(out["mask"].numpy()[..., 0], (pasted * keep).max(axis=1), atol=1e-3)
     assert out["mask"].numpy().min() >= 0.0 and out["mask"].numpy().max() <= 1.0
 
 

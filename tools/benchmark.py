@@ -954,6 +954,8 @@ def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) 
 
 
 def bench_train(bench: Bench) -> dict[str, Any]:
+    import resource
+
     import tensorflow as tf
 
     from caaxr_tf.models import available_models
@@ -1000,7 +1002,8 @@ def bench_train(bench: Bench) -> dict[str, Any]:
             figures[f"step_{model}{suffix}"] = figure(
                 [w for w, _ in rates], "images/s", cpu_values=[c for _, c in rates], label=f"{model} training step, batch {batch}"
                 + (f" ({'mixed precision' if mixed else 'float32'}, XLA {'on' if jit else 'off'})" if gpu else ""),
-                batch=batch, protocol=protocol, steps_per_repeat=steps)
+                batch=batch, protocol=protocol, steps_per_repeat=steps,
+                process_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
         for kind, position in (("cold", 0), ("warm", 1)):
             figures[f"input_{kind}_{model}"] = figure(
                 [i[position][0] for i in inputs], "images/s", reference=f"step_{model}",
@@ -1013,6 +1016,11 @@ def bench_train(bench: Bench) -> dict[str, Any]:
     notes.append("Step throughput: the step of caaxr_tf.train (replicated, same pieces) under OneDeviceStrategy "
                  "on one batch held in memory; the input figures are measured alone, before the model is built. On a "
                  "CPU-only machine both share the same cores during real training.")
+    peaks = ", ".join(f"{key.removeprefix('step_')} {item['process_peak_rss_mib'] / 1024:.1f} GiB"
+                      for key, item in figures.items() if "process_peak_rss_mib" in item)
+    if peaks:
+        notes.append(f"Peak resident memory of the benchmark process after each model's steps (models in this order, "
+                     f"so each is an upper bound for its own step): {peaks}.")
     return {"figures": figures, "notes": notes, "extra_targets": extra_targets,
             "settings": {"repeats": repeats, "gpu": gpu}}
 
