@@ -241,10 +241,16 @@ def format_results_table(
          *(format_mean_std(entry[key][0], entry[key][1], digits) for key, _ in columns)]
         for model, entry in summary.items()
     ]
+    return render_table(header, body, markdown=markdown, text_columns=2)
+
+
+def render_table(header: Sequence[str], body: Sequence[Sequence[str]], *, markdown: bool, text_columns: int = 1) -> str:
+    """A Markdown table (the first ``text_columns`` left-aligned, the rest right-aligned) or
+    plain aligned text with a dashed rule under the header (first column left-aligned)."""
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(columns)) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
+        rule = "|" + "|".join(["---"] * text_columns + ["---:"] * (len(header) - text_columns)) + "|"
+        lines = ["| " + " | ".join(header) + " |", rule]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
              for cells in [header, *body]]
@@ -308,12 +314,7 @@ def format_baselines_table(
          *(f"{baselines[subset][name]['dice']:.3f}" for subset in subsets if subset in baselines)]
         for name, values in baselines[""].items()
     ]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-                     for cells in [header, *body])
+    return render_table(header, body, markdown=markdown)
 
 
 # --------------------------------------------------------------------------- #

@@ -397,25 +397,6 @@ def save_model_atomic(model, path: Path) -> None:
 # --- the loop ----------------------------------------------------------------------------
 
 
-def batch_norm_layers(model) -> list:
-    """The BatchNormalization layers of ``model`` that update their moving statistics in training."""
-    import keras
-
-    found, stack, seen = [], [model], set()
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if isinstance(layer, keras.layers.BatchNormalization):
-            if layer.trainable:
-                found.append(layer)
-            continue
-        stack.extend(getattr(layer, "layers", []) or [])
-        stack.extend(v for v in vars(layer).values() if isinstance(v, keras.Model))
-    return found
-
-
 def make_bn_recompute(config: dict[str, Any], strategy, model) -> Callable[[], None] | None:
     """A function that re-estimates the BatchNorm moving statistics from the current weights.
 
@@ -431,9 +412,10 @@ def make_bn_recompute(config: dict[str, Any], strategy, model) -> Callable[[], N
     import tensorflow as tf
 
     from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.models.layers import batch_norm_layers
 
     count = int(config.get("bn_recompute_images") or 0)
-    layers = batch_norm_layers(model)
+    layers = batch_norm_layers(model, trainable_only=True)
     if count <= 0 or not layers:
         return None
     task = "detection" if config["loss"] == "model" else None

@@ -38,3 +38,19 @@ def covid_chestxray_root() -> Path:
     if not (SHARED_COVID_CXR / "metadata.csv").exists():
         pytest.skip(f"real covid-chestxray collection not found at {SHARED_COVID_CXR}")
     return SHARED_COVID_CXR
+
+
+@pytest.fixture
+def offline_keras_cache(tmp_path, monkeypatch):
+    """An empty Keras cache in tmp_path and a network that refuses every download."""
+    import urllib.error
+
+    from keras.src.backend import config as keras_config
+    from keras.src.utils import file_utils
+
+    def refuse(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras_home"))
+    monkeypatch.setattr(file_utils, "urlretrieve", refuse)
+    return tmp_path / "keras_home" / "models"

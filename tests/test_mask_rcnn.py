@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.error
 
 import h5py
 import keras
@@ -466,20 +465,6 @@ def test_compute_losses_under_mirrored_strategy_in_tf_function(tiny_data_root, t
 
 
 # --------------------------------------------------------------------------- backbone weights
-
-
-@pytest.fixture
-def offline_keras_cache(tmp_path, monkeypatch):
-    """An empty Keras cache in tmp_path and a network that refuses every download."""
-    from keras.src.backend import config as keras_config
-    from keras.src.utils import file_utils
-
-    def refuse(url, *args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras_home"))
-    monkeypatch.setattr(file_utils, "urlretrieve", refuse)
-    return tmp_path / "keras_home" / "models"
 
 
 def _assert_backbone_equals(model: MaskRCNN, source: keras.Model) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import urllib.error
 
 import h5py
 import keras
@@ -371,20 +370,6 @@ def test_weights_file_with_extra_variables_is_rejected(tmp_path):
     # Keras itself loads the first two layers of a three-layer file silently.
     with pytest.raises(ValueError, match="holds 6 variables, the model has 4"):
         load_weights_file(dense_stack(2), path, what="stack")
-
-
-@pytest.fixture
-def offline_keras_cache(tmp_path, monkeypatch):
-    """An empty Keras cache in tmp_path and a network that refuses every download."""
-    from keras.src.backend import config as keras_config
-    from keras.src.utils import file_utils
-
-    def refuse(url, *args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras_home"))
-    monkeypatch.setattr(file_utils, "urlretrieve", refuse)
-    return tmp_path / "keras_home" / "models"
 
 
 def test_imagenet_offline_is_a_clear_one_line_error(offline_keras_cache):

@@ -163,6 +163,7 @@ def test_batch_norm_statistics_recomputed_from_the_first_training_images(tfrecor
 
     from caaxr_tf.data.pipeline import make_dataset
     from caaxr_tf.models import build_model
+    from caaxr_tf.models.layers import batch_norm_layers
 
     args = train_lib.parse_args(["--protocol", "seg", "--model", "unet", "--tfrecords", str(tfrecords_root),
                                  "--out", str(tmp_path / "r"), "--set", "image_size=32", "--set", "bn_recompute_images=6",
@@ -171,7 +172,7 @@ def test_batch_norm_statistics_recomputed_from_the_first_training_images(tfrecor
     strategy = train_lib.make_strategy("one")
     with strategy.scope():
         model = build_model("unet", input_shape=(32, 32, 1), **config["model_kwargs"])
-    layers = train_lib.batch_norm_layers(model)
+    layers = batch_norm_layers(model, trainable_only=True)
     assert len(layers) == sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers) > 0
     first = min(layers, key=lambda l: model.layers.index(l))
     assert np.allclose(first.moving_mean.numpy(), 0.0)

@@ -762,6 +762,7 @@ def bench_pipeline(bench: Bench) -> dict[str, Any]:
 def stored_as_they_are(files: Sequence[str], storage_size: int) -> int:
     """How many of ``files`` the TFRecord builder stores with their own bytes at ``storage_size``."""
     from caaxr_tf.data.images import load_image
+    from caaxr_tf.data.staging import keeps_source_bytes
 
     kept = 0
     for path in files:
@@ -769,8 +770,7 @@ def stored_as_they_are(files: Sequence[str], storage_size: int) -> int:
             loaded = load_image(path)
         except Exception:  # noqa: BLE001 — unusable files are the builder's to report
             continue
-        if loaded.encoded is not None and (storage_size <= 0 or max(loaded.pixels.shape) <= storage_size):
-            kept += 1
+        kept += keeps_source_bytes(loaded, storage_size)
     return kept
 
 

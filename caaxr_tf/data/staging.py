@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from caaxr_tf.data.images import encode_png, load_image, resize_long_side
+from caaxr_tf.data.images import LoadedImage, encode_png, load_image, resize_long_side
 from caaxr_tf.data.records import InputError, Sample, Skipped
 
 
@@ -84,6 +84,11 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+def keeps_source_bytes(loaded: LoadedImage, storage_size: int) -> bool:
+    """True when the records store the file's own bytes: plain grey PNG/JPEG needing no shrinking."""
+    return loaded.encoded is not None and (storage_size <= 0 or max(loaded.height, loaded.width) <= storage_size)
+
+
 def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[StagedImage | None, list[Skipped]]:
     """Decode, check and store one image. Returns the staged image (None if it is unusable)
     and everything that was dropped on the way."""
@@ -101,7 +106,7 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
         return None, [error.as_skipped()]
     boxes, findings, dropped = check_boxes(sample, loaded.height, loaded.width)
     pixels = resize_long_side(loaded.pixels, storage_size)
-    if loaded.encoded is not None and pixels is loaded.pixels:
+    if keeps_source_bytes(loaded, storage_size):
         encoded_path, encoded_format = os.path.abspath(sample.path), loaded.format or "png"
     else:
         encoded_path, encoded_format = os.path.join(staging_dir, name + ".png"), "png"

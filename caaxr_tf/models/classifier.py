@@ -33,7 +33,7 @@ from typing import Any, Callable
 import keras
 from keras import layers
 
-from caaxr_tf.models.layers import GrayscaleToRGB, ImageNetPreprocessing
+from caaxr_tf.models.layers import GrayscaleToRGB, ImageNetPreprocessing, batch_norm_layers
 from caaxr_tf.models.registry import register_model
 from caaxr_tf.models.resnet18 import ResNet18
 from caaxr_tf.models.weights import (
@@ -103,12 +103,8 @@ FROM_SCRATCH_BN_MOMENTUM = 0.9
 
 
 def _speed_up_batch_norm(model: keras.Model) -> None:
-    stack = list(model.layers)
-    while stack:
-        layer = stack.pop()
-        stack.extend(getattr(layer, "layers", []))
-        if isinstance(layer, layers.BatchNormalization):
-            layer.momentum = min(layer.momentum, FROM_SCRATCH_BN_MOMENTUM)
+    for layer in batch_norm_layers(model):
+        layer.momentum = min(layer.momentum, FROM_SCRATCH_BN_MOMENTUM)
 
 
 def build_classifier(

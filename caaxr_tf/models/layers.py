@@ -30,6 +30,24 @@ _TORCH_STD_RGB = (0.229, 0.224, 0.225)
 PREPROCESSING_MODES = ("caffe", "tf", "torch")
 
 
+def batch_norm_layers(model: keras.layers.Layer, trainable_only: bool = False) -> list:
+    """Every BatchNormalization layer inside ``model``, nested models (functional sub-models
+    and sub-models held as attributes of a subclassed model) included, each once."""
+    found, stack, seen = [], [model], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if layer.trainable or not trainable_only:
+                found.append(layer)
+            continue
+        stack.extend(getattr(layer, "layers", []) or [])
+        stack.extend(v for v in vars(layer).values() if isinstance(v, keras.Model))
+    return found
+
+
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from caaxr_tf.models.layers import PACKAGE
+from caaxr_tf.models.layers import PACKAGE, batch_norm_layers
 from caaxr_tf.models.mask_rcnn.anchors import pyramid_anchors
 from caaxr_tf.models.mask_rcnn.boxes import DEFAULT_BOX_WEIGHTS, box_area, clip_boxes, decode_boxes
 from caaxr_tf.models.mask_rcnn.networks import (
@@ -222,9 +222,8 @@ class MaskRCNN(keras.Model):
 
         rgb_shape = image_shape[:2] + (3,)
         backbone_model = build_backbone(backbone, rgb_shape, alpha=self.alpha)
-        for layer in backbone_model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = min(layer.momentum, self.backbone_bn_momentum)
+        for layer in batch_norm_layers(backbone_model):
+            layer.momentum = min(layer.momentum, self.backbone_bn_momentum)
         if freeze_backbone == "all":
             backbone_model.trainable = False
         elif freeze_backbone == "bn":
