@@ -59,6 +59,10 @@ class Sample:
             ``None`` means: take it from the decoded image (8 or 16).
         view: view position, lower case (``pa``, ``ap``, ``ap supine``, ``ll``...).
         study_id: study or session id where the source has one.
+        mask_path: absolute path of a pixel-level ground-truth mask (QaTa-COV19 infection
+            masks, lungVAE lung masks); ``""`` when the source has none.
+        series_id: the image series a slice belongs to (CT: one sequence of one patient).
+        slice_index: position of a slice within its series (``-1`` for single images).
     """
 
     image_id: str
@@ -72,6 +76,9 @@ class Sample:
     bit_depth: int | None = None
     view: str = ""
     study_id: str = ""
+    mask_path: str = ""
+    series_id: str = ""
+    slice_index: int = -1
 
     def replace(self, **changes) -> "Sample":
         return dataclasses.replace(self, **changes)
