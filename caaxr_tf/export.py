@@ -97,6 +97,14 @@ def decode_images(
     outside ``0..file depth`` (a JPEG or 8-bit PNG cannot hold 12 significant bits).
     """
     images = tf.convert_to_tensor(images, tf.string)
+    # The ranks first: TF Serving does not check a request against the SignatureDef's shapes,
+    # and everything below assumes one value per image.
+    with tf.control_dependencies(
+        [assert_rank_one(images, "images", "encoded PNG or JPEG images"),
+         assert_rank_one(invert, "invert", "booleans"),
+         assert_rank_one(bit_depth, "bit_depth", "integers")]
+    ):
+        images = tf.identity(images)
     count = tf.size(images)
     headers = image_headers(images)
     known = _starts_with(headers, PNG_SIGNATURE) | _starts_with(headers, JPEG_SIGNATURE)
@@ -152,8 +160,44 @@ def decode_images(
     return tf.cast(pixels, tf.float32)
 
 
-def check_preprocessed(images: tf.Tensor) -> tf.Tensor:
-    """Pass ``images`` through after checking the batch is non-empty and within 0..255."""
+def runtime_shape(values: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(shape, rank)`` of ``values`` as the request delivers them.
+
+    A signature input keeps the static rank of its TensorSpec, so ``tf.rank`` and
+    ``tf.size(tf.shape(x))`` are folded to constants when the graph is built, while TF Serving
+    and a SavedModel's flat signature feed tensors of any shape. Masking the shape with a
+    condition known only at run time keeps its length, the true rank, out of the folding."""
+    shape = tf.shape(values)
+    return shape, tf.size(tf.boolean_mask(shape, shape >= 0))
+
+
+def assert_rank_one(values: tf.Tensor, name: str, what: str) -> tf.Operation:
+    """An op failing with INVALID_ARGUMENT unless ``values`` is a 1-D batch ``[N]``."""
+    shape, rank = runtime_shape(values)
+    return tf.debugging.Assert(
+        tf.equal(rank, 1), [f"`{name}` must be a 1-D batch [N] of {what}; got shape", shape], summarize=8
+    )
+
+
+def assert_image_shape(images: tf.Tensor, image_size: int) -> tf.Operation:
+    """An op failing with INVALID_ARGUMENT unless ``images`` is ``[N, S, S, 1]``.
+
+    Checked in the graph because neither TF Serving nor a SavedModel's flat signature checks a
+    request's shape, and a wrong one reaches the convolutions (oneDNN then aborts, or not,
+    depending on the CPU)."""
+    shape, rank = runtime_shape(images)
+    padded = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)  # defined for any rank
+    valid = tf.equal(rank, 4) & tf.reduce_all(tf.equal(padded[1:4], [image_size, image_size, 1]))
+    return tf.debugging.Assert(
+        valid, [f"`images` must have shape [N, {image_size}, {image_size}, 1]; got shape", shape], summarize=8
+    )
+
+
+def check_preprocessed(images: tf.Tensor, image_size: int = IMAGE_SIZE) -> tf.Tensor:
+    """Pass ``images`` through after checking its shape, that the batch is non-empty and that
+    the values lie within 0..255."""
+    with tf.control_dependencies([assert_image_shape(images, image_size)]):
+        images = tf.identity(images)
     checks = [
         tf.debugging.assert_greater(
             tf.shape(images)[0], 0, message="empty batch: `images` must hold at least one image"
@@ -227,7 +271,7 @@ def make_export_archive(
         return run_model(decode_images(images, invert, bit_depth, image_size))
 
     def predict_preprocessed(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return run_model(check_preprocessed(images))
+        return run_model(check_preprocessed(images, image_size))
 
     # No archive.track(model): the endpoints capture the variables already, and tracking the
     # Keras variables as well would store every weight twice.

@@ -453,8 +453,21 @@ def test_bad_requests_give_clear_errors(loaded_unet, own_files):
         preprocessed(images=tf.fill([1, 224, 224, 1], 300.0))
     with pytest.raises(tf.errors.InvalidArgumentError, match="empty batch"):
         preprocessed(images=tf.zeros([0, 224, 224, 1]))
-    with pytest.raises((tf.errors.InvalidArgumentError, TypeError, ValueError)):
-        preprocessed(images=tf.zeros([1, 128, 128, 1]))
+    # Wrong shapes are rejected by the graph itself (TF Serving does not check them), naming
+    # the expected and the given shape, before any convolution runs.
+    wrong_shapes = {(1, 128, 128, 1): "1 128 128 1", (2, 224, 224, 3): "2 224 224 3", (224, 224, 1): "224 224 1",
+                    (1, 1, 224, 224, 1): "1 1 224 224 1"}
+    for shape, given in wrong_shapes.items():
+        with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+            preprocessed(images=tf.zeros(shape))
+        assert re.search(r"`images` must have shape \[N, 224, 224, 1\]; got shape\] \[" + given + r"\]",
+                         str(raised.value)), str(raised.value)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`images` must be a 1-D batch \[N\] of encoded PNG or JPEG images; got shape\] \[2 1\]"):
+        serve(images=tf.constant([[png], [jpeg]]), invert=tf.constant([False, False]), bit_depth=tf.constant([0, 0]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`invert` must be a 1-D batch \[N\] of booleans; got shape\] \[2 1\]"):
+        serve(images=tf.constant([png, jpeg]), invert=tf.constant([[False], [True]]), bit_depth=tf.constant([0, 0]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`bit_depth` must be a 1-D batch \[N\] of integers; got shape\] \[\]"):
+        serve(images=tf.constant([png]), invert=tf.constant([False]), bit_depth=tf.constant(0))
     assert call([png, jpeg])["mask"].shape == (2, 224, 224, 1)  # the good request still works
 
 

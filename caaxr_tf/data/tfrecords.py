@@ -105,7 +105,10 @@ def make_example(sample: Sample, staged: StagedImage, encoded: bytes, label: int
         "bbox/finding": strings(*staged.box_findings),
         "findings": strings(*sample.findings),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic=True sorts the feature map by key; otherwise protobuf writes it in an order
+    # that depends on the process's hash seed, and two builds differ byte for byte.
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)
 
 
 def shard_names(prefix: str, count: int) -> list[str]:
