@@ -4,7 +4,7 @@
         --tfrecords TFRECORDS --out cv/3class [--folds 1,2] [--force] [--eval-only] \
         [--epochs N] [--steps-per-epoch N] [--validation-steps N] [--batch-size N] [--lr X] \
         [--weights none|imagenet|PATH] [--strategy auto|one|mirrored|multiworker] \
-        [--mixed-precision] [--jit] [--seed N] [--config FILE] [--set key=value ...] \
+        [--mixed-precision] [--jit] [--seed N] [--class-balance none|weights|sampling] [--config FILE] [--set key=value ...] \
         [--eval-batch-size N] [--no-plots] [--quiet]
 
 ``--tfrecords`` is the folder holding the protocol folders (``TFRECORDS/<protocol>/summary.json``).
@@ -79,6 +79,7 @@ TRAIN_FLAGS: tuple[tuple[str, bool], ...] = (
     ("--weights", True),
     ("--strategy", True),
     ("--seed", True),
+    ("--class-balance", True),
     ("--mixed-precision", False),
     ("--jit", False),
     ("--quiet", False),

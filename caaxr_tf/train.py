@@ -39,6 +39,7 @@ logger = logging.getLogger("caaxr_tf.train")
 
 PROTOCOLS = ("seg", "2class", "3class", "4class")
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
+CLASS_BALANCE = ("none", "weights", "sampling")
 # Keys whose change does not make a run folder "another run" (a finished run can be extended).
 RESUMABLE_KEYS = {"epochs", "strategy", "tfrecords"}
 
@@ -68,6 +69,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", action="store_true", default=None)
     parser.add_argument("--jit", action="store_true", default=None, help="XLA-compile the training step")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--class-balance", choices=CLASS_BALANCE,
+                        help="classifiers: none (default, the paper) | weights (class-weighted loss) | sampling (oversampling)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any resolved key, e.g. --set model_kwargs.base_filters=16")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -140,6 +143,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "mixed_precision": args.mixed_precision,
         "jit": args.jit,
         "seed": args.seed,
+        "class_balance": args.class_balance,
     }
     config.update({k: v for k, v in flags.items() if v is not None})
     if args.lr is not None:
@@ -156,6 +160,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("batch_size", "epochs"):
         if int(config[key]) < 1:
             raise ConfigError(f"{key} must be at least 1, got {config[key]}")
+    balance = str(config.get("class_balance", "none"))
+    if balance not in CLASS_BALANCE:
+        raise ConfigError(f"unknown class_balance {balance!r}; expected one of {', '.join(CLASS_BALANCE)}")
+    if balance != "none" and task != "classification":
+        raise ConfigError(f"class_balance {balance!r} applies to classifiers; protocol {args.protocol!r} is {task}")
     if config["strategy"] not in STRATEGIES:
         raise ConfigError(f"unknown strategy {config['strategy']!r}; expected one of {', '.join(STRATEGIES)}")
     weights = str(config["weights"])
@@ -259,8 +268,27 @@ def metric_values(metric_list: list, class_names: Sequence[str], prefix: str = "
     return values
 
 
-def per_example_loss(config: dict[str, Any], targets, predictions):
-    """One loss value per image."""
+def training_class_counts(config: dict[str, Any]) -> list[int]:
+    """Images per class (in ``class_names`` order) in the training split of the run's fold."""
+    from caaxr_tf.data.pipeline import read_summary
+
+    counts = read_summary(config["tfrecords"])["counts"][f"fold{config['fold']}"]["train"]
+    return [int(counts.get(name, 0)) for name in config["class_names"]]
+
+
+def balanced_class_weights(class_counts: Sequence[int]) -> list[float]:
+    """Loss weight ``N / (C * n_c)`` per class (scikit-learn's "balanced"); 0 for an absent class.
+
+    Every class then contributes the same total weight, and the weights average to 1 over the
+    training images, so the loss keeps its scale."""
+    present = [count for count in class_counts if count > 0]
+    total = sum(present)
+    return [total / (len(present) * count) if count > 0 else 0.0 for count in class_counts]
+
+
+def per_example_loss(config: dict[str, Any], targets, predictions, class_weights=None):
+    """One loss value per image; ``class_weights`` [C] scales each image's loss by the weight
+    of its (one-hot) class."""
     import keras
     import tensorflow as tf
 
@@ -274,13 +302,16 @@ def per_example_loss(config: dict[str, Any], targets, predictions):
             loss += 1.0 - (2.0 * overlap + 1.0) / (total + 1.0)
         return loss
     if config["loss"] == "categorical_crossentropy":
-        return keras.losses.categorical_crossentropy(targets, predictions)
+        loss = keras.losses.categorical_crossentropy(targets, predictions)
+        if class_weights is not None:
+            loss *= tf.reduce_sum(tf.cast(targets, tf.float32) * class_weights, axis=-1)
+        return loss
     raise ConfigError(f"unknown loss {config['loss']!r}")
 
 
 def make_datasets(config: dict[str, Any], global_batch: int, num_workers: int):
     """Training and validation datasets, with the number of steps each epoch takes."""
-    from caaxr_tf.data.pipeline import make_dataset, read_summary
+    from caaxr_tf.data.pipeline import balanced_repeats, make_dataset, read_summary
 
     summary = read_summary(config["tfrecords"])
     fold_counts = summary["counts"][f"fold{config['fold']}"]
@@ -291,9 +322,16 @@ def make_datasets(config: dict[str, Any], global_batch: int, num_workers: int):
     task = "detection" if config["loss"] == "model" else None
     common = dict(fold=config["fold"], batch_size=global_batch, image_size=config["image_size"], task=task,
                   seed=config["seed"], cache=config["cache"])
-    steps = config["steps_per_epoch"] or max(1, train_count // global_batch)
+    class_repeats = None
+    pass_size = train_count
+    if config.get("class_balance", "none") == "sampling":
+        counts = training_class_counts(config)
+        class_repeats = balanced_repeats(counts)
+        pass_size = round(sum(c * r for c, r in zip(counts, class_repeats)))
+    steps = config["steps_per_epoch"] or max(1, pass_size // global_batch)
     train = make_dataset(config["tfrecords"], "train", training=True, augment=bool(config["augment"]) and task is None,
-                         repeat=True, drop_remainder=True, shuffle_buffer=config["shuffle_buffer"], **common)
+                         repeat=True, drop_remainder=True, shuffle_buffer=config["shuffle_buffer"],
+                         class_repeats=class_repeats, **common)
     # Several workers must take the same number of validation steps: repeat and count them.
     val_steps = config["validation_steps"]
     if num_workers > 1 and not val_steps:
@@ -321,6 +359,9 @@ def make_train_step(config: dict[str, Any], strategy, model, optimizer, loss_tra
     owns_loss = config["loss"] == "model"
     num_replicas = strategy.num_replicas_in_sync
     global_batch = int(config["batch_size"])
+    class_weights = None
+    if config.get("class_balance", "none") == "weights":
+        class_weights = tf.constant(balanced_class_weights(training_class_counts(config)), tf.float32)
 
     def replica_train_step(images, targets):
         with tf.GradientTape() as tape:
@@ -331,7 +372,8 @@ def make_train_step(config: dict[str, Any], strategy, model, optimizer, loss_tra
             else:
                 predictions = model(images, training=True)
                 losses = {}
-                loss = tf.nn.compute_average_loss(per_example_loss(config, targets, predictions), global_batch_size=global_batch)
+                loss = tf.nn.compute_average_loss(per_example_loss(config, targets, predictions, class_weights),
+                                                  global_batch_size=global_batch)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             scaled = optimizer.scale_loss(loss) if config["mixed_precision"] else loss
@@ -463,6 +505,7 @@ def train(
     import keras
     import tensorflow as tf
 
+    from caaxr_tf.data.pipeline import balanced_repeats
     from caaxr_tf.models import build_model
 
     chief = is_chief(strategy)
@@ -511,6 +554,14 @@ def train(
         f"({'backbone frozen' if frozen else 'all layers train'}), epochs {start_epoch + 1}..{config['epochs']}",
         flush=True,
     )
+    balance = config.get("class_balance", "none")
+    if balance != "none":
+        counts = training_class_counts(config)
+        factors = balanced_class_weights(counts) if balance == "weights" else balanced_repeats(counts)
+        what = "loss weights" if balance == "weights" else "oversampling factors"
+        print(f"class_balance {balance}: training images per class "
+              + ", ".join(f"{n} {c}" for n, c in zip(config["class_names"], counts)) + f"; {what} "
+              + ", ".join(f"{n} {f:.3f}" for n, f in zip(config["class_names"], factors)), flush=True)
 
     def replica_val_step(images, targets):
         outputs = model(images, training=False)

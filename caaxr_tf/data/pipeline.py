@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import tensorflow as tf
 
@@ -167,6 +167,34 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor | None, seed: tf.Tensor) -
     return images, masks
 
 
+def balanced_repeats(class_counts: Sequence[int]) -> list[float]:
+    """Per-class oversampling factors that make every class as frequent as the largest one
+    (0 for an absent class)."""
+    largest = max(class_counts, default=0)
+    return [largest / count if count > 0 else 0.0 for count in class_counts]
+
+
+def repeat_by_class(dataset: tf.data.Dataset, class_repeats: Sequence[float]) -> tf.data.Dataset:
+    """Each record of class ``c`` appears ``floor(r_c)`` or ``floor(r_c) + 1`` times, so that a
+    class is ``r_c`` times as frequent on average (``r_c`` = ``class_repeats[c]``).
+
+    Which images get the extra copy is decided by a hash of the image id: the same on every
+    worker, run and epoch, with no random source in the pipeline. A random source
+    (``sample_from_datasets``, ``rejection_resample``) or any stateful step (``scan``) stops
+    tf.data's file-level auto-sharding, which multi-worker training relies on. The copies are
+    spread by the shuffle that follows and made different by augmentation.
+    """
+    factors = tf.constant(list(class_repeats), tf.float32)
+
+    def copies(record) -> tf.Tensor:
+        factor = tf.gather(factors, record["label"])
+        whole = tf.floor(factor)
+        draw = tf.cast(tf.strings.to_hash_bucket_fast(record["id"], 1 << 30), tf.float32) / float(1 << 30)
+        return tf.cast(whole, tf.int64) + tf.cast(draw < factor - whole, tf.int64)
+
+    return dataset.flat_map(lambda record: tf.data.Dataset.from_tensors(record).repeat(copies(record)))
+
+
 def make_dataset(
     tfrecord_dir: str | Path,
     split: str,
@@ -186,6 +214,7 @@ def make_dataset(
     seed: int | None = 0,
     deterministic: bool = True,
     with_ids: bool = False,
+    class_repeats: Sequence[float] | None = None,
 ) -> tf.data.Dataset:
     """Batches of ``(image, target)`` for one protocol split.
 
@@ -197,6 +226,8 @@ def make_dataset(
     contrast and brightness (see ``augment_batch``; geometric changes move image and mask
     together). ``subset`` keeps only records of
     a summary subset (e.g. ``consolidation``). ``with_ids`` adds the image ids as a third element.
+    ``class_repeats`` (one factor per class, see ``repeat_by_class``) oversamples classes after
+    the cache: balanced sampling for imbalanced training splits.
     """
     summary = read_summary(tfrecord_dir)
     task = task or summary["task"]
@@ -250,6 +281,10 @@ def make_dataset(
     dataset = dataset.map(deterministic_part, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if cache:
         dataset = dataset.cache("" if cache is True else str(cache))
+    if class_repeats is not None:
+        if len(class_repeats) != num_classes:
+            raise ValueError(f"class_repeats has {len(class_repeats)} factors for {num_classes} classes")
+        dataset = repeat_by_class(dataset, class_repeats)
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
