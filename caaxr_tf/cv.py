@@ -33,12 +33,13 @@ Outputs, rewritten after every run, cover the models and folds of this invocatio
 ``OUT/results.md``
     One row per model, mean ± std over folds, with the paper's columns: DICE, IoU and DICE on
     the consolidation subset; or AUC per class, COVID sensitivity at 99 % and 90 %
-    specificity and accuracy. Failed runs are listed under the table. For segmentation, a
-    second table gives the same scores for constant predictions (empty mask, all-ones mask)
-    on the same test images: the floor a model has to rise above.
+    specificity and accuracy. Failed runs are listed under the table. A second table gives the
+    same scores for constant predictions on the same test images — an empty and an all-ones
+    mask for segmentation, the training split's most frequent class for classifiers: the floor
+    a model has to rise above.
 ``OUT/baselines.json``
-    Those constant-prediction scores (segmentation only): ``{"" or subset: {prediction:
-    {num_images, dice, iou}}}``.
+    Those constant-prediction scores: ``{"" or subset: {prediction: metrics}}`` (segmentation:
+    ``num_images, dice, iou``; classification: the keys of ``metrics.json``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from caaxr_tf.evaluate import covid_index, metrics_path, segmentation_baselines, write_text_atomic  # noqa: E402
+from caaxr_tf.evaluate import (  # noqa: E402
+    classification_baselines,
+    covid_index,
+    metrics_path,
+    segmentation_baselines,
+    write_text_atomic,
+)
 
 Trainer = Callable[[list[str]], int]
 Evaluator = Callable[..., dict]
@@ -270,7 +277,7 @@ def results_markdown(
     baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> str:
     """results.md: a title, what the numbers are, the table, the constant-prediction
-    baselines (segmentation) and the failed runs."""
+    baselines and the failed runs."""
     what = (
         "per-image Dice and IoU (threshold 0.5), averaged over the test images"
         if task != "classification"
@@ -293,7 +300,7 @@ def results_markdown(
             "Constant predictions on the same test images, scored the same way (a model that learnt "
             "nothing scores about this):",
             "",
-            format_baselines_table(baselines, subsets),
+            format_baselines_table(baselines, paper_columns(task, class_names, subsets)),
             "",
         ]
     failed = [r for r in rows if str(r.get("fold")) not in AGGREGATES and r.get("status") != "ok"]
@@ -306,16 +313,23 @@ def results_markdown(
 
 
 def format_baselines_table(
-    baselines: Mapping[str, Mapping[str, Mapping[str, Any]]], subsets: Sequence[str] = (), markdown: bool = True
+    baselines: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    columns: Sequence[tuple[str, str]],
+    markdown: bool = True,
 ) -> str:
-    """``baselines[""|subset][name] = {"dice", "iou"}`` as one row per constant prediction."""
-    header = ["prediction", "DICE", "IoU", *(f"DICE ({subset} subset)" for subset in subsets)]
-    body = [
-        [name, f"{values['dice']:.3f}", f"{values['iou']:.3f}",
-         *(f"{baselines[subset][name]['dice']:.3f}" for subset in subsets if subset in baselines)]
-        for name, values in baselines[""].items()
-    ]
-    return render_table(header, body, markdown=markdown)
+    """``baselines[""|subset][name]`` = the metrics of one constant prediction, as one row per
+    prediction under the paper's ``columns`` (e.g. ``paper_columns(...)``)."""
+    subset_metrics = {subset: values for subset, values in baselines.items() if subset}
+    body = []
+    for name, metrics in baselines[""].items():
+        row = row_from_metrics(name, 0, "", metrics, {s: v[name] for s, v in subset_metrics.items() if name in v})
+        body.append([name, *(_baseline_cell(row.get(key)) for key, _ in columns)])
+    return render_table(["prediction", *(title for _, title in columns)], body, markdown=markdown)
+
+
+def _baseline_cell(value: Any) -> str:
+    number = _number(value)
+    return "–" if number is None else f"{number:.3f}"
 
 
 # --------------------------------------------------------------------------- #
@@ -422,12 +436,13 @@ def run_cv(
     columns = metric_columns(task, class_names, subsets)
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
-    baselines = None
     if task == "segmentation":
         baselines = {"": segmentation_baselines(protocol_dir, "test")}
         for subset in subsets:
             baselines[subset] = segmentation_baselines(protocol_dir, "test", subset=subset)
-        write_text_atomic(out / BASELINES_JSON, json.dumps(baselines, indent=2) + "\n")
+    else:
+        baselines = {"": classification_baselines(protocol_dir, "test", fold=folds[0])}
+    write_text_atomic(out / BASELINES_JSON, json.dumps(baselines, indent=2) + "\n")
 
     def write_results() -> None:
         write_text_atomic(out / RESULTS_CSV, results_csv_text(rows, columns))
@@ -474,7 +489,7 @@ def run_cv(
     log(format_results_table(rows, paper_columns(task, class_names, subsets), markdown=False))
     if baselines:
         log("constant predictions on the same test images:")
-        log(format_baselines_table(baselines, subsets, markdown=False))
+        log(format_baselines_table(baselines, paper_columns(task, class_names, subsets), markdown=False))
     log(f"wrote {out / RESULTS_CSV} and {out / RESULTS_MD}")
     return rows
 

@@ -1,6 +1,13 @@
-"""The end-to-end demo behind ``make demo``: synthetic data → TFRecords → tf.data batches.
+"""The end-to-end demo behind ``make demo``, about five minutes on two CPU cores:
 
-    python -m caaxr_tf.demo --out demo_output [--scale small] [--seed 0]
+1. a synthetic CAAXR dataset in the real on-disk layouts (BIMCV, CAAXR, CheXpert);
+2. TFRecords for every protocol (seg, 2class, 3class, 4class);
+3. one tf.data training batch per protocol;
+4. one model per protocol trained briefly from scratch and evaluated on the test split, with the
+   paper's tables and the scores of constant predictions beside them;
+5. a classifier and a U-Net exported for TF Serving, then predictions on a few source files.
+
+    python -m caaxr_tf.demo --out demo_output [--scale small] [--seed 0] [--steps-scale 1.0]
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", default="small", choices=["tiny", "small", "paper"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--steps", type=int, default=10, help="training steps per model (one epoch)")
+    parser.add_argument("--steps-scale", type=float, default=1.0,
+                        help="multiply every model's training steps (e.g. 0.1 for a smoke test)")
     parser.add_argument("--skip-training", action="store_true", help="stop after the pipeline check")
     return parser.parse_args(argv)
 
@@ -63,41 +71,74 @@ def show_batches(tfrecord_root: Path, protocols: list[str]) -> None:
         )
 
 
-# Brief training for the demo: the paper's models, fold 1, one short epoch each, small
-# segmentation nets so it finishes in minutes on a laptop CPU.
-DEMO_MODELS = {"seg": ["unet", "segnet"], "2class": ["mobilenetv2", "resnet18"],
-               "3class": ["mobilenetv2", "resnet18"], "4class": ["mobilenetv2", "resnet18"]}
+# Short training for the demo, chosen so that every model visibly learns on the small synthetic
+# set within about five minutes on two CPU cores (see README): one model per protocol, fold 1,
+# nothing pretrained. U-Net at 8 base filters with BCE + soft Dice (plain BCE stays at the empty
+# mask for many epochs on small lesions); ResNet-18 with Adam 1e-3 (the paper's SGD 1e-3 needs
+# far more steps from scratch) and BatchNorm statistics re-estimated after each epoch (after so few
+# steps the moving averages lag far behind the weights: test accuracy 0.43 with them, 0.73 with
+# re-estimated ones, at the same AUC). configs/train.yaml keeps the paper's settings for real runs.
+DEMO_RUNS: dict[str, tuple[str, list[str]]] = {
+    "seg": ("unet", ["--epochs", "2", "--steps-per-epoch", "50", "--batch-size", "8", "--lr", "3e-3",
+                     "--set", "model_kwargs.base_filters=8", "--set", "loss=bce_dice"]),
+    "2class": ("resnet18", ["--epochs", "2", "--steps-per-epoch", "15", "--batch-size", "10",
+                            "--set", "optimizer={name: adam, learning_rate: 1.0e-3}",
+                            "--set", "bn_recompute_images=100"]),
+}
+DEMO_RUNS["3class"] = DEMO_RUNS["4class"] = DEMO_RUNS["2class"]
 
 
-def train_and_evaluate(tfrecord_root: Path, cv_root: Path, steps: int) -> dict[str, list[dict]]:
+def train_and_evaluate(tfrecord_root: Path, cv_root: Path, steps_scale: float) -> dict[str, list[dict]]:
     from caaxr_tf.cv import run_cv
 
-    print(f"[4/5] training each protocol's models for {steps} steps (fold 1) and evaluating on the test split ...",
+    print("[4/5] training one model per protocol (fold 1, from scratch) and evaluating it on the test split ...",
           flush=True)
     results = {}
-    for protocol, models in DEMO_MODELS.items():
-        train_args = ["--epochs", "1", "--steps-per-epoch", str(steps), "--quiet"]
-        if protocol == "seg":
-            train_args += ["--set", "model_kwargs.base_filters=16", "--lr", "1e-3", "--set", "loss=bce_dice"]
-        else:
-            train_args += ["--lr", "1e-2"]
-        results[protocol] = run_cv(
-            protocol, models, tfrecord_root, cv_root / protocol, folds=[1], train_args=train_args,
-            log=lambda line: print("      " + line) if line.startswith("[") else None,
-        )
+    for protocol, (model, train_args) in DEMO_RUNS.items():
+        train_args = _scaled(train_args, steps_scale) + ["--quiet"]
+        started = time.perf_counter()
+        results[protocol] = run_cv(protocol, [model], tfrecord_root, cv_root / protocol, folds=[1],
+                                   train_args=train_args, eval_batch_size=32, log=lambda line: None)
+        print(f"      {protocol:<7} {model:<9} {_learning_curve(cv_root / protocol / model / 'fold1')}"
+              f"  ({time.perf_counter() - started:.0f} s)", flush=True)
     return results
 
 
-def print_tables(tfrecord_root: Path, results: dict[str, list[dict]]) -> None:
-    from caaxr_tf.cv import format_results_table, paper_columns
+def _scaled(train_args: list[str], scale: float) -> list[str]:
+    """The arguments with --steps-per-epoch multiplied by ``scale`` (at least one step)."""
+    args = list(train_args)
+    position = args.index("--steps-per-epoch") + 1
+    args[position] = str(max(1, round(int(args[position]) * scale)))
+    return args
+
+
+def _learning_curve(run_dir: Path) -> str:
+    """``loss 1.31 → 0.42, val_dice 0.05 → 0.61`` from the run's history.csv."""
+    import csv
+
+    with open(run_dir / "history.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    monitor = "val_dice" if "val_dice" in rows[0] else "val_auc_mean"
+    shown = []
+    for key in ("loss", monitor):
+        values = " → ".join(f"{float(row[key]):.2f}" for row in rows)
+        shown.append(f"{key} {values}")
+    return ", ".join(shown) + f" over {len(rows)} epochs"
+
+
+def print_tables(tfrecord_root: Path, cv_root: Path, results: dict[str, list[dict]]) -> None:
+    from caaxr_tf.cv import BASELINES_JSON, format_baselines_table, format_results_table, paper_columns
     from caaxr_tf.data.pipeline import read_summary
 
-    for number, protocol in enumerate(results, start=1):
+    for protocol, rows in results.items():
         summary = read_summary(tfrecord_root / protocol)
         columns = paper_columns(summary["task"], summary["classes"], sorted(summary.get("subsets") or {}))
         title = "Table 1 (segmentation)" if protocol == "seg" else f"Table 2 ({protocol})"
-        print(f"\n{title}: test split, fold 1, after a few training steps on synthetic data")
-        print(format_results_table(results[protocol], columns, markdown=False))
+        print(f"\n{title}: test split, fold 1, after a short training on synthetic data")
+        print(format_results_table(rows, columns, markdown=False))
+        baselines = json.loads((cv_root / protocol / BASELINES_JSON).read_text(encoding="utf-8"))
+        print("constant predictions on the same images (what a model that learnt nothing scores):")
+        print(format_baselines_table(baselines, columns, markdown=False))
 
 
 def export_and_predict(out: Path, data_root: Path) -> None:
@@ -119,6 +160,7 @@ def export_and_predict(out: Path, data_root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    demo_started = time.perf_counter()
     out = Path(args.out)
     data_root = out / "data"
     tfrecord_root = out / "tfrecords"
@@ -135,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      done in {time.perf_counter() - started:.1f} s")
     show_batches(tfrecord_root, list(summaries))
     if not args.skip_training:
-        results = train_and_evaluate(tfrecord_root, out / "cv", args.steps)
-        print_tables(tfrecord_root, results)
+        results = train_and_evaluate(tfrecord_root, out / "cv", args.steps_scale)
+        print_tables(tfrecord_root, out / "cv", results)
         export_and_predict(out, data_root)
-    print(f"demo finished: outputs in {out}/")
+    print(f"demo finished in {time.perf_counter() - demo_started:.0f} s: outputs in {out}/")
     return 0
 
 

@@ -499,6 +499,31 @@ def segmentation_baselines(
     return result
 
 
+def classification_baselines(tfrecords: str | Path, split: str = "test", *, fold: int = 1) -> dict[str, dict[str, Any]]:
+    """The metrics of a constant prediction on a split, scored exactly as `evaluate_run` scores a
+    model: every image gets probability 1 for the most frequent class of the fold's training
+    split. Its AUCs are 0.5, its sensitivities at high specificity 0 and its accuracy the share
+    of that class: a classifier has learnt something only well above them. Labels come from
+    the protocol's manifest.csv (no image is read)."""
+    from caaxr_tf.data.pipeline import read_summary
+
+    tfrecords = Path(tfrecords)
+    summary = read_summary(tfrecords)
+    class_names = [str(c) for c in summary["classes"]]
+    training = summary["counts"][f"fold{fold}"]["train"]
+    majority = max(class_names, key=lambda name: (training.get(name, 0), -class_names.index(name)))
+    with open(tfrecords / "manifest.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = np.array([int(r["label_index"]) for r in rows if r[f"split_fold{fold}"] == split], dtype=np.int64)
+    if not labels.size:
+        raise ValueError(f"no images in the {split} split of {tfrecords}")
+    scores = np.zeros((labels.size, len(class_names)))
+    scores[:, class_names.index(majority)] = 1.0
+    metrics = {"task": "classification", **classification_metrics(labels, scores, class_names)}
+    metrics["num_images"] = int(labels.size)
+    return {f"constant ({majority})": _finite_or_none(metrics)}
+
+
 def _predict_function(model) -> Callable[[Any], Any]:
     """``images -> numpy outputs`` through one graph traced for any batch size."""
     import tensorflow as tf
