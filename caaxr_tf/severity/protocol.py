@@ -21,7 +21,6 @@ scatter plot of the held-out predictions when asked).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field
