@@ -33,7 +33,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
 ]
 
-ALL_MODELS = ["densenet121", "maskrcnn", "mobilenetv2", "resnet18", "segnet", "unet", "vgg19"]
+REGRESSORS = ["densenet121_regressor", "mobilenetv2_regressor", "resnet18_regressor", "vgg19_regressor"]
+ALL_MODELS = sorted(["densenet121", "maskrcnn", "mobilenetv2", "resnet18", "segnet", "unet", "vgg19", *REGRESSORS])
 TINY = (64, 64, 1)
 
 
@@ -71,6 +72,8 @@ def test_registry_lists_models_and_tasks():
     assert available_models("classification") == ["densenet121", "mobilenetv2", "resnet18", "vgg19"]
     assert model_task("unet") == model_task("segnet") == "segmentation"
     assert model_task("vgg19") == "classification"
+    assert available_models("regression") == REGRESSORS
+    assert model_task("resnet18_regressor") == "regression"
 
 
 def test_registry_rejects_unknown_names_and_bad_arguments():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -129,6 +130,75 @@ def read_lung_boxes(
     return boxes
 
 
+@dataclass(frozen=True)
+class MetadataRow:
+    """One row of metadata.csv and what the reader makes of it.
+
+    ``sample`` is the frontal X-ray of a usable row (without lung boxes); for a row left out it
+    is ``None`` and ``field``/``reason`` say why. ``excluded`` marks rows left out on purpose
+    (another modality, a lateral view) rather than bad input.
+    """
+
+    row: int  # line of metadata.csv, header = 1
+    filename: str
+    sample: Sample | None
+    field: str = ""
+    reason: str = ""
+    excluded: bool = False
+
+
+def collection_paths(root: str | os.PathLike, config: Mapping[str, Any]) -> tuple[Path, Path]:
+    """(metadata.csv, images folder) of the collection under ``root``."""
+    root = Path(root).resolve()
+    return root / config["metadata"], root / config["images"]
+
+
+def read_metadata_rows(
+    metadata_path: str | os.PathLike, images_dir: str | os.PathLike, config: Mapping[str, Any]
+) -> list[MetadataRow]:
+    """Every row of metadata.csv, in file order, checked as `read_covid_chestxray` checks it.
+
+    ``config`` is a full ``covid_chestxray`` section (``frontal_views``, ``modality``).
+    Duplicate file names are not resolved here (every row is returned).
+
+    Raises:
+        SchemaError: the file is missing or lacks a required column.
+    """
+    frontal = {str(view).strip().lower() for view in config["frontal_views"]}
+    modality = str(config.get("modality", "X-ray")).strip().lower()
+    images_dir = Path(images_dir)
+    table = read_csv_table(metadata_path, REQUIRED_COLUMNS)
+
+    rows: list[MetadataRow] = []
+    columns = [table[name].tolist() for name in REQUIRED_COLUMNS]
+    for index, (patient, finding, view, row_modality, filename) in enumerate(zip(*columns)):
+        row, filename = index + 2, filename.strip()
+        if row_modality.strip().lower() != modality:
+            rows.append(MetadataRow(row, filename, None, "modality", EXCLUDED_MODALITY, excluded=True))
+        elif view.strip().lower() not in frontal:
+            rows.append(MetadataRow(row, filename, None, "view", EXCLUDED_VIEW, excluded=True))
+        elif not filename:
+            rows.append(MetadataRow(row, filename, None, "filename", "empty file name"))
+        elif not (images_dir / filename).is_file():
+            rows.append(MetadataRow(row, filename, None, "filename", f"image file not found: {filename}"))
+        elif not patient.strip():
+            rows.append(MetadataRow(row, filename, None, "patientid", "empty patient id"))
+        else:
+            findings = split_finding(finding)
+            covid = any(token.lower() == "covid-19" for token in findings)
+            sample = Sample(
+                image_id=filename,
+                patient_id=patient.strip(),
+                source=SOURCE,
+                path=str(images_dir / filename),
+                labels={"COVID-19": 1.0 if covid else 0.0},
+                findings=findings,
+                view=view.strip().lower(),
+            )
+            rows.append(MetadataRow(row, filename, sample))
+    return rows
+
+
 def read_covid_chestxray(
     root: str | os.PathLike, config: Mapping[str, Any] | None = None
 ) -> ReadResult:
@@ -144,63 +214,32 @@ def read_covid_chestxray(
             file is not COCO JSON.
     """
     config = covid_chestxray_config(config)
-    root = Path(root).resolve()
-    metadata_path = root / config["metadata"]
-    images_dir = root / config["images"]
-    frontal = {str(view).strip().lower() for view in config["frontal_views"]}
-    modality = str(config.get("modality", "X-ray")).strip().lower()
-
-    table = read_csv_table(metadata_path, REQUIRED_COLUMNS)
+    metadata_path, images_dir = collection_paths(root, config)
+    rows = read_metadata_rows(metadata_path, images_dir, config)
     result = ReadResult()
     lung_boxes: dict[str, list[Box]] = {}
     if config.get("lung_boxes"):
-        lung_boxes = read_lung_boxes(root / config["lung_boxes"], images_dir, result)
+        lung_boxes = read_lung_boxes(Path(root).resolve() / config["lung_boxes"], images_dir, result)
 
     first_row: dict[str, tuple[int, str]] = {}
-    columns = [table[name].tolist() for name in REQUIRED_COLUMNS]
-    for index, (patient, finding, view, row_modality, filename) in enumerate(zip(*columns)):
-        row = index + 2
-        if row_modality.strip().lower() != modality:
-            result.exclude(EXCLUDED_MODALITY)
+    for entry in rows:
+        if entry.sample is None:
+            if entry.excluded:
+                result.exclude(entry.reason)
+            else:
+                result.skip(str(metadata_path), f"row {entry.row}: {entry.field}", entry.reason)
             continue
-        if view.strip().lower() not in frontal:
-            result.exclude(EXCLUDED_VIEW)
-            continue
-        filename = filename.strip()
-        if not filename:
-            result.skip(str(metadata_path), f"row {row}: filename", "empty file name")
-            continue
-        image_path = images_dir / filename
-        if not image_path.is_file():
-            reason = f"image file not found: {filename}"
-            result.skip(str(metadata_path), f"row {row}: filename", reason)
-            continue
-        if not patient.strip():
-            result.skip(str(metadata_path), f"row {row}: patientid", "empty patient id")
-            continue
+        filename, patient = entry.filename, entry.sample.patient_id
         if filename in first_row:
             # The collection repeats some files under a second patient id.
             first, first_patient = first_row[filename]
             result.skip(
                 str(metadata_path),
-                f"row {row}: filename",
+                f"row {entry.row}: filename",
                 f"duplicate file name {filename!r} (first at row {first}, patient {first_patient}; "
-                f"this row: patient {patient.strip()})",
+                f"this row: patient {patient})",
             )
             continue
-        first_row[filename] = (row, patient.strip())
-        findings = split_finding(finding)
-        covid = any(token.lower() == "covid-19" for token in findings)
-        result.samples.append(
-            Sample(
-                image_id=filename,
-                patient_id=patient.strip(),
-                source=SOURCE,
-                path=str(image_path),
-                labels={"COVID-19": 1.0 if covid else 0.0},
-                findings=findings,
-                boxes=tuple(lung_boxes.get(filename, ())),
-                view=view.strip().lower(),
-            )
-        )
+        first_row[filename] = (entry.row, patient)
+        result.samples.append(entry.sample.replace(boxes=tuple(lung_boxes.get(filename, ()))))
     return result

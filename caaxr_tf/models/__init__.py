@@ -1,4 +1,4 @@
-"""CAAXR models: lung segmentation (U-Net, SegNet) and COVID-19 classifiers.
+"""CAAXR models: lung segmentation (U-Net, SegNet), COVID-19 classifiers and score regressors.
 
     from caaxr_tf.models import build_model, available_models, model_task
     model = build_model("mobilenetv2", num_classes=3, weights="none")
@@ -7,15 +7,16 @@ Every model takes raw grayscale images `[N, H, W, 1]` in 0..255 and does its
 own normalisation.
 """
 
-from caaxr_tf.models import classifier, segnet, unet  # noqa: F401  (registers the models)
+from caaxr_tf.models import classifier, regressor, segnet, unet  # noqa: F401  (registers the models)
 from caaxr_tf.models import mask_rcnn  # noqa: F401  (registers maskrcnn)
-from caaxr_tf.models.classifier import BACKBONES, build_classifier
+from caaxr_tf.models.classifier import BACKBONES, build_classifier, build_pooled_backbone
 from caaxr_tf.models.layers import (
     GrayscaleToRGB,
     ImageNetPreprocessing,
     MaxPoolingWithArgmax2D,
     MaxUnpooling2D,
 )
+from caaxr_tf.models.regressor import ClampOutputs, build_regressor, serving_regressor
 from caaxr_tf.models.registry import available_models, build_model, model_task, register_model
 from caaxr_tf.models.resnet18 import ResNet18
 from caaxr_tf.models.segnet import build_segnet
@@ -24,6 +25,7 @@ from caaxr_tf.models.weights import WeightsUnavailableError, load_weights_file
 
 __all__ = [
     "BACKBONES",
+    "ClampOutputs",
     "GrayscaleToRGB",
     "ImageNetPreprocessing",
     "MaxPoolingWithArgmax2D",
@@ -33,9 +35,12 @@ __all__ = [
     "available_models",
     "build_classifier",
     "build_model",
+    "build_pooled_backbone",
+    "build_regressor",
     "build_segnet",
     "build_unet",
     "load_weights_file",
     "model_task",
     "register_model",
+    "serving_regressor",
 ]

@@ -107,6 +107,49 @@ def _speed_up_batch_norm(model: keras.Model) -> None:
         layer.momentum = min(layer.momentum, FROM_SCRATCH_BN_MOMENTUM)
 
 
+def build_pooled_backbone(
+    backbone: str,
+    weights: str = NONE,
+    input_shape: tuple[int, int, int] = (224, 224, 1),
+    pooling: str = "avg",
+    **backbone_kwargs: Any,
+) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """The shared trunk of classifiers and regressors: ``(inputs, pooled features)``.
+
+    raw grey (or RGB) input -> `GrayscaleToRGB` -> `ImageNetPreprocessing` -> backbone ->
+    global pooling. ``weights`` as in `build_classifier`: with pretrained weights the
+    backbone is frozen, from scratch it trains with faster batch-norm statistics.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+    if pooling not in POOLING:
+        raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or input_shape[-1] not in (1, 3):
+        raise ValueError(f"input_shape must be (H, W, 1) or (H, W, 3), got {input_shape}")
+    weights = normalize_weights(weights)
+    spec = BACKBONES[backbone]
+    rgb_shape = input_shape[:2] + (3,)
+
+    features = _build_backbone(backbone, spec, rgb_shape, weights, backbone_kwargs)
+    features.trainable = weights == NONE
+    if weights == NONE:
+        logger.info("%s: random initialisation, backbone trainable", backbone)
+        _speed_up_batch_norm(features)
+    else:
+        logger.info("%s: weights from %s, backbone frozen (only the head trains)", backbone, weights)
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = GrayscaleToRGB(name="to_rgb")(inputs) if input_shape[-1] == 1 else inputs
+    x = ImageNetPreprocessing(spec.preprocessing, name="preprocess")(x)
+    x = features(x)
+    if pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    else:
+        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+    return inputs, x
+
+
 def build_classifier(
     backbone: str,
     num_classes: int,
@@ -133,31 +176,7 @@ def build_classifier(
         raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"{backbone}: num_classes must be an integer >= 2, got {num_classes!r}")
-    if pooling not in POOLING:
-        raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3 or input_shape[-1] not in (1, 3):
-        raise ValueError(f"input_shape must be (H, W, 1) or (H, W, 3), got {input_shape}")
-    weights = normalize_weights(weights)
-    spec = BACKBONES[backbone]
-    rgb_shape = input_shape[:2] + (3,)
-
-    features = _build_backbone(backbone, spec, rgb_shape, weights, backbone_kwargs)
-    features.trainable = weights == NONE
-    if weights == NONE:
-        logger.info("%s: random initialisation, backbone trainable", backbone)
-        _speed_up_batch_norm(features)
-    else:
-        logger.info("%s: weights from %s, backbone frozen (only the head trains)", backbone, weights)
-
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = GrayscaleToRGB(name="to_rgb")(inputs) if input_shape[-1] == 1 else inputs
-    x = ImageNetPreprocessing(spec.preprocessing, name="preprocess")(x)
-    x = features(x)
-    if pooling == "avg":
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    else:
-        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+    inputs, x = build_pooled_backbone(backbone, weights, input_shape, pooling, **backbone_kwargs)
     for i, units in enumerate(HEAD_UNITS, start=1):
         x = layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import keras
 
-TASKS = ("segmentation", "classification")
+TASKS = ("segmentation", "classification", "regression")
 
 Builder = Callable[..., keras.Model]
 
@@ -67,7 +67,7 @@ def available_models(task: str | None = None) -> list[str]:
 
 
 def model_task(name: str) -> str:
-    """`"segmentation"` or `"classification"` for a registered model."""
+    """`"segmentation"`, `"classification"` or `"regression"` for a registered model."""
     return _spec(name).task
 
 
@@ -84,7 +84,8 @@ def build_model(
     Args:
         name: one of `available_models()`.
         num_classes: classes of a classifier (required there); segmentation
-            models produce one sigmoid mask channel and accept `None` or `1`.
+            models produce one sigmoid mask channel and accept `None` or `1`;
+            for regressors the number of outputs (default 2).
         input_shape: `(height, width, channels)` of the raw 0..255 input.
         weights: `"none"`, `"imagenet"` (classifiers only) or a weights file
             path; see `caaxr_tf.models.classifier.build_classifier`.
