@@ -15,7 +15,9 @@ Values below -1024 HU (padding outside the reconstruction circle, often -2048 or
 Slice order. A TIFF series is ordered by file name, numbers compared as numbers
 (``IM2`` before ``IM10``). A DICOM series is ordered by InstanceNumber when every slice has a
 distinct one, else by ImagePositionPatient projected on the slice normal (the cross product of
-the two ImageOrientationPatient direction cosines), else it is reported and left out.
+the two ImageOrientationPatient direction cosines), largest first (for axial slices: from the
+head down, the usual numbering), else it is reported and left out. Selection does not depend
+on the order; ``slice_index`` does.
 
 Bad input is reported as ``Skipped(path, field, reason)`` and the rest is used: a file with a
 ``.tif`` name that is not a TIFF or is truncated, an 8-bit slice, a slice of another size
@@ -200,7 +202,7 @@ def read_ct_tiff(path: str | os.PathLike, shape: tuple[int, int] = SLICE_SHAPE) 
         raise InputError(path, "SamplesPerPixel", f"expected one grey channel, found {pixels.shape[2]}")
     if pixels.dtype != np.uint16:
         bits = pixels.dtype.itemsize * 8
-        if pixels.dtype == np.uint8:
+        if bits != 16:
             raise InputError(path, "BitsPerSample", f"expected a 16-bit slice, found {bits}-bit")
         raise InputError(path, "SampleFormat", f"expected unsigned 16-bit pixels, found {pixels.dtype}")
     if pixels.shape != tuple(shape):
@@ -300,7 +302,7 @@ def _order_dicom(headers: list[_DicomHeader]) -> list[_DicomHeader] | None:
         return sorted(headers, key=lambda h: h.instance)
     positions = [h.position for h in headers]
     if None not in positions and len(set(positions)) == len(positions):
-        return sorted(headers, key=lambda h: h.position)
+        return sorted(headers, key=lambda h: -h.position)  # head end first, as scanners number them
     return None
 
 
