@@ -8,6 +8,7 @@ own normalisation.
 """
 
 from caaxr_tf.models import classifier, segnet, unet  # noqa: F401  (registers the models)
+from caaxr_tf.models import ct_models  # noqa: F401  (registers fpn_resnet50v2, resnet50v2, xception)
 from caaxr_tf.models import mask_rcnn  # noqa: F401  (registers maskrcnn)
 from caaxr_tf.models.classifier import BACKBONES, build_classifier
 from caaxr_tf.models.layers import (
