@@ -33,7 +33,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
 ]
 
-ALL_MODELS = ["densenet121", "maskrcnn", "mobilenetv2", "resnet18", "segnet", "unet", "vgg19"]
+ALL_MODELS = ["densenet121", "fpn_resnet50v2", "maskrcnn", "mobilenetv2", "resnet18", "resnet50v2", "segnet",
+              "unet", "vgg19", "xception"]
 TINY = (64, 64, 1)
 
 
@@ -68,7 +69,8 @@ def small_resnet18() -> keras.Model:
 def test_registry_lists_models_and_tasks():
     assert available_models() == ALL_MODELS
     assert available_models("segmentation") == ["maskrcnn", "segnet", "unet"]
-    assert available_models("classification") == ["densenet121", "mobilenetv2", "resnet18", "vgg19"]
+    assert available_models("classification") == [
+        "densenet121", "fpn_resnet50v2", "mobilenetv2", "resnet18", "resnet50v2", "vgg19", "xception"]
     assert model_task("unet") == model_task("segnet") == "segmentation"
     assert model_task("vgg19") == "classification"
 
