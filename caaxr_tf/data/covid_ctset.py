@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from caaxr_tf.config import deep_merge
-from caaxr_tf.data.ct_series import MIN_SERIES_SLICES, SERIES_FOLDER, SLICE_SHAPE, TIFF_SUFFIXES, check_ct_tiff, natural_key
+from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE
+from caaxr_tf.data.ct_series import SERIES_FOLDER, TIFF_SUFFIXES, check_ct_tiff, natural_key
 from caaxr_tf.data.records import InputError, ReadResult, Sample, check_unique_ids, read_csv_table
 
 SOURCE = "covid-ctset"
@@ -180,10 +181,10 @@ def read_covid_ctset(root: str | os.PathLike, config: Mapping[str, Any] | None =
         for item in members:
             unique.setdefault(item.key, item)  # a duplicate is reported by check_unique_ids below
         whole_set = any(item.tree for item in members)
-        if whole_set and len(unique) < MIN_SERIES_SLICES:
+        if whole_set and len(unique) < MIN_SLICES:
             folder = os.path.dirname(members[0].path)
             result.skip(folder, "slices", f"{len(unique)} usable slice; selection needs at least "
-                        f"{MIN_SERIES_SLICES} slices of one sequence")
+                        f"{MIN_SLICES} slices of one sequence")
             continue
         position = {key: index for index, key in enumerate(unique)}
         for item in members:

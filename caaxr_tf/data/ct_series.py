@@ -40,14 +40,13 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE
 from caaxr_tf.data.dicom import check_pixel_data, read_dataset
 from caaxr_tf.data.images import is_dicom
 from caaxr_tf.data.records import InputError, ReadResult, Sample, Skipped, check_unique_ids
 
-SLICE_SHAPE = (512, 512)
 HU_OFFSET = 1024
 RAW_MAX = 65535
-MIN_SERIES_SLICES = 2
 TIFF_SUFFIXES = (".tif", ".tiff")
 DICOM_SOURCE = "ct-dicom"
 SERIES_FOLDER = re.compile(r"^SR_\d+$", re.IGNORECASE)
@@ -364,7 +363,7 @@ def _tiff_series(folder: Path, names: list[str], shape: tuple[int, int], scan: S
         paths.append(path)
     if not paths:
         return
-    if len(paths) < MIN_SERIES_SLICES:
+    if len(paths) < MIN_SLICES:
         scan.skipped.append(Skipped(str(folder), "slices", _too_few(len(paths))))
         return
     if SERIES_FOLDER.match(folder.name) and folder.parent.name:
@@ -378,7 +377,7 @@ def _tiff_series(folder: Path, names: list[str], shape: tuple[int, int], scan: S
 
 def _too_few(count: int) -> str:
     return (f"{count} usable slice{'s' if count != 1 else ''}; selection needs at least "
-            f"{MIN_SERIES_SLICES} slices of one sequence")
+            f"{MIN_SLICES} slices of one sequence")
 
 
 def _dicom_series(files: list[str], shape: tuple[int, int], scan: SeriesScan) -> None:
@@ -402,7 +401,7 @@ def _dicom_series(files: list[str], shape: tuple[int, int], scan: SeriesScan) ->
                 scan.skipped.append(Skipped(header.path, "PatientID", reason))
         headers = [h for h in headers if h.patient_id == patient]
         folder = os.path.commonpath([os.path.dirname(h.path) for h in headers])
-        if len(headers) < MIN_SERIES_SLICES:
+        if len(headers) < MIN_SLICES:
             scan.skipped.append(Skipped(headers[0].path, "SeriesInstanceUID",
                                         f"series {series_uid}: {_too_few(len(headers))}"))
             continue
