@@ -34,7 +34,8 @@ pytestmark = [
 ]
 
 REGRESSORS = ["densenet121_regressor", "mobilenetv2_regressor", "resnet18_regressor", "vgg19_regressor"]
-ALL_MODELS = sorted(["densenet121", "maskrcnn", "mobilenetv2", "resnet18", "segnet", "unet", "vgg19", *REGRESSORS])
+ALL_MODELS = sorted(["densenet121", "fpn_resnet50v2", "maskrcnn", "mobilenetv2", "resnet18", "resnet50v2", "segnet",
+                     "unet", "vgg19", "xception", *REGRESSORS])
 TINY = (64, 64, 1)
 
 
@@ -69,7 +70,8 @@ def small_resnet18() -> keras.Model:
 def test_registry_lists_models_and_tasks():
     assert available_models() == ALL_MODELS
     assert available_models("segmentation") == ["maskrcnn", "segnet", "unet"]
-    assert available_models("classification") == ["densenet121", "mobilenetv2", "resnet18", "vgg19"]
+    assert available_models("classification") == [
+        "densenet121", "fpn_resnet50v2", "mobilenetv2", "resnet18", "resnet50v2", "vgg19", "xception"]
     assert model_task("unet") == model_task("segnet") == "segmentation"
     assert model_task("vgg19") == "classification"
     assert available_models("regression") == REGRESSORS

@@ -4,10 +4,12 @@
     model = build_model("mobilenetv2", num_classes=3, weights="none")
 
 Every model takes raw grayscale images `[N, H, W, 1]` in 0..255 and does its
-own normalisation.
+own normalisation, except the CT slice classifiers (`fpn_resnet50v2`, `resnet50v2`,
+`xception`), which take raw CT values (HU + 1024) unscaled, as published.
 """
 
 from caaxr_tf.models import classifier, regressor, segnet, unet  # noqa: F401  (registers the models)
+from caaxr_tf.models import ct_models  # noqa: F401  (registers fpn_resnet50v2, resnet50v2, xception)
 from caaxr_tf.models import mask_rcnn  # noqa: F401  (registers maskrcnn)
 from caaxr_tf.models.classifier import BACKBONES, build_classifier, build_pooled_backbone
 from caaxr_tf.models.layers import (
