@@ -1,0 +1,2 @@
+"""Explainability and the shortcut measure: Grad-CAM, localization scores, plots,
+cross-source class matching."""
