@@ -3,6 +3,9 @@
 ``metadata.csv`` has one row per image; rows with modality X-ray and a frontal view are kept.
 The optional COCO file ``annotations/lung_bounding_boxes.json`` adds "Right Lung" /
 "Left Lung" boxes. A broken box is reported and dropped; its image stays.
+The optional ``row_filter`` keeps part of the collection by its metadata columns (``url``,
+``location``, ...; see ``caaxr_tf.data.row_filter``); rows it drops are counted under
+``excluded`` after the modality and view checks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Mapping
 from caaxr_tf.config import deep_merge, load_config
 from caaxr_tf.data.caaxr import BoxError, parse_box
 from caaxr_tf.data.records import Box, ReadResult, Sample, SchemaError, read_csv_table
+from caaxr_tf.data.row_filter import RowFilter
 
 SOURCE = "covid-chestxray"
 REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
@@ -140,10 +144,12 @@ def read_covid_chestxray(
         config: the ``covid_chestxray`` section of configs/data.yaml (defaults fill missing keys).
 
     Raises:
-        SchemaError: metadata.csv is missing or lacks a required column, or the lung box
-            file is not COCO JSON.
+        SchemaError: metadata.csv is missing or lacks a required column (or a column named
+            by ``row_filter``), or the lung box file is not COCO JSON.
+        ValueError: ``row_filter`` is malformed.
     """
     config = covid_chestxray_config(config)
+    row_filter = RowFilter.from_config(config.get("row_filter"), name="covid_chestxray.row_filter")
     root = Path(root).resolve()
     metadata_path = root / config["metadata"]
     images_dir = root / config["images"]
@@ -151,6 +157,7 @@ def read_covid_chestxray(
     modality = str(config.get("modality", "X-ray")).strip().lower()
 
     table = read_csv_table(metadata_path, REQUIRED_COLUMNS)
+    row_filter.check_columns(str(metadata_path), table.columns)
     result = ReadResult()
     lung_boxes: dict[str, list[Box]] = {}
     if config.get("lung_boxes"):
@@ -166,6 +173,11 @@ def read_covid_chestxray(
         if view.strip().lower() not in frontal:
             result.exclude(EXCLUDED_VIEW)
             continue
+        if row_filter.active:
+            reason = row_filter.reason_to_drop(table.iloc[index])
+            if reason is not None:
+                result.exclude(reason)
+                continue
         filename = filename.strip()
         if not filename:
             result.skip(str(metadata_path), f"row {row}: filename", "empty file name")
