@@ -337,6 +337,9 @@ class GradCam:
         score: ``"logit"`` (default) or ``"probability"``.
         output_size: ``(H, W)`` of ``cam``; ``None``: the model's input size (or the images'
             size when the model accepts any size).
+        run_eagerly: ``__call__`` runs `compute` eagerly instead of in a ``tf.function``.
+            Tracing costs seconds to tens of seconds once (DenseNet121) and then runs about
+            ten times faster on CPU: keep the default for more than a handful of batches.
     """
 
     def __init__(
@@ -345,8 +348,10 @@ class GradCam:
         layer: str | None = None,
         score: str = "logit",
         output_size: tuple[int, int] | None = None,
+        run_eagerly: bool = False,
     ):
         self.model = model
+        self.run_eagerly = run_eagerly
         self.score = score
         self.layer_path = resolve_layer_path(model, layer)
         self.cam_model = build_cam_model(model, PATH_SEPARATOR.join(self.layer_path), score)
@@ -356,6 +361,14 @@ class GradCam:
                 raise ValueError(f"output_size must be (height, width) > 0, got {output_size}")
         self.output_size = output_size
         self.input_dtype = _model_input(model).dtype
+        # Traced (once each) on the first __call__ that needs them.
+        image_spec = tf.TensorSpec((None,) + tuple(_model_input(model).shape[1:]), self.input_dtype)
+        self._for_predicted_class = tf.function(
+            self._compute_predicted, input_signature=[image_spec], autograph=False
+        )
+        self._for_given_class = tf.function(
+            self.compute, input_signature=[image_spec, tf.TensorSpec([None], tf.int32)], autograph=False
+        )
 
     @property
     def layer_name(self) -> str:
@@ -430,9 +443,16 @@ class GradCam:
             "predictions": predictions,
         }
 
+    def _compute_predicted(self, images) -> dict[str, tf.Tensor]:
+        return self.compute(images)
+
     def __call__(self, images, class_index=None, batch_size: int | None = None) -> GradCamResult:
-        """Eager Grad-CAM as numpy arrays, in batches of ``batch_size`` (all at once if None)."""
-        images = np.asarray(images)
+        """Grad-CAM as numpy arrays, in batches of ``batch_size`` (all at once if None).
+
+        Runs `compute` in a ``tf.function`` traced once for the predicted class and once for
+        given classes (or eagerly with ``run_eagerly``); ``class_index`` is as in `compute`.
+        """
+        images = np.asarray(images, dtype=self.input_dtype)
         if images.ndim != 4:
             raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
         count = images.shape[0]
@@ -445,10 +465,15 @@ class GradCam:
         step = batch_size or max(count, 1)
         parts = []
         for start in range(0, count, step):
-            chunk = None if class_index is None else class_index[start : start + step]
-            parts.append(
-                {k: v.numpy() for k, v in self.compute(images[start : start + step], chunk).items()}
-            )
+            batch = images[start : start + step]
+            if self.run_eagerly:
+                chosen = None if class_index is None else class_index[start : start + step]
+                outputs = self.compute(batch, chosen)
+            elif class_index is None:
+                outputs = self._for_predicted_class(batch)
+            else:
+                outputs = self._for_given_class(batch, class_index[start : start + step])
+            parts.append({key: value.numpy() for key, value in outputs.items()})
         if not parts:
             raise ValueError("no images")
         merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
