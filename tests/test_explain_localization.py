@@ -155,3 +155,39 @@ def test_bad_inputs_are_named():
         thresholded_iou(MAP, boxes_to_mask(BOX, 4), threshold=1.5)
     with pytest.raises(ValueError, match="2 maps but boxes for 1 images"):
         localization_table(np.stack([MAP, MAP]), [BOX])
+
+
+def test_streamed_grad_cam_scores_match_the_table_of_the_maps():
+    """A model whose class-1 Grad-CAM is the image itself: a 1x1 identity conv, global average
+    pooling and logits (-mean, +mean). Streaming it through score_explanations must give the
+    scores of the images used as maps."""
+    import keras
+
+    from caaxr_tf.explain.gradcam import GradCam
+    from caaxr_tf.explain.localization import score_explanations, table_from_scores
+
+    inputs = keras.Input((8, 8, 1))
+    features = keras.layers.Conv2D(1, 1, use_bias=False, kernel_initializer="ones", name="features")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    dense = keras.layers.Dense(2, activation="softmax", kernel_initializer="zeros")
+    outputs = dense(pooled)
+    model = keras.Model(inputs, outputs)
+    dense.kernel.assign(np.array([[-1.0, 1.0]], np.float32))
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.0, 0.2, (5, 8, 8, 1)).astype(np.float32)
+    images[0, 2, 5, 0] = 1.0  # a clear peak inside image 0's box
+    images[1, 6, 1, 0] = 1.0  # and outside image 1's box
+    boxes = [np.array([[0.5, 0.125, 0.875, 0.5]]), np.array([[0.5, 0.125, 0.875, 0.5]]),
+             np.zeros((0, 4)), np.array([[0.0, 0.0, 1.0, 1.0]]), np.array([[0.0, 0.0, 0.5, 0.5]])]
+    explainer = GradCam(model, layer="features")
+    batches = [(images[:2], boxes[:2]), (images[2:], boxes[2:])]
+
+    scores = score_explanations(explainer, batches, class_index=1)
+
+    expected = localization_table(images[..., 0], boxes)
+    table = table_from_scores(scores)
+    for name in expected:
+        assert table[name] == pytest.approx(expected[name], rel=1e-5), name
+    assert [s.pointing for s in scores["cam"][:2]] == [1.0, 0.0]
+    assert table["cam"]["num_images"] == 4 and table["cam"]["num_without_boxes"] == 1

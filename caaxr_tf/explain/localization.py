@@ -195,6 +195,31 @@ def aggregate(scores: Iterable[LocalizationScores]) -> dict[str, Any]:
     return result
 
 
+def score_with_baselines(
+    maps,
+    boxes_per_image: Sequence[Any],
+    threshold: float = DEFAULT_THRESHOLD,
+    baselines: Mapping[str, Callable[[int, int], np.ndarray]] | None = None,
+    name: str = "cam",
+) -> dict[str, list[LocalizationScores]]:
+    """Per-image scores of maps [N, H, W] and of each baseline on the same images and boxes:
+    ``{name: [...], "center_gaussian": [...], "uniform": [...]}``."""
+    maps = np.asarray(maps)
+    scores = {name: score_maps(maps, boxes_per_image, threshold)}
+    height, width = maps.shape[1:3]
+    for baseline, make in (BASELINES if baselines is None else baselines).items():
+        template = make(height, width)
+        scores[baseline] = [localization_scores(template, boxes, threshold) for boxes in boxes_per_image]
+    return scores
+
+
+def table_from_scores(
+    scores: Mapping[str, Sequence[LocalizationScores]], threshold: float = DEFAULT_THRESHOLD
+) -> dict[str, dict[str, Any]]:
+    """`aggregate` of every map's per-image scores, with the threshold used."""
+    return {name: {**aggregate(rows), "threshold": threshold} for name, rows in scores.items()}
+
+
 def localization_table(
     maps,
     boxes_per_image: Sequence[Any],
@@ -202,20 +227,31 @@ def localization_table(
     baselines: Mapping[str, Callable[[int, int], np.ndarray]] | None = None,
     name: str = "cam",
 ) -> dict[str, dict[str, Any]]:
-    """``{name: aggregate, "center_gaussian": ..., "uniform": ...}`` for maps [N, H, W].
+    """``{name: aggregate, "center_gaussian": ..., "uniform": ...}`` for maps [N, H, W]."""
+    return table_from_scores(score_with_baselines(maps, boxes_per_image, threshold, baselines, name), threshold)
 
-    The baselines are scored on the same images and boxes as the maps.
+
+def score_explanations(
+    explain: Callable[[np.ndarray, Any], Any],
+    batches: Iterable[tuple[Any, Sequence[Any]]],
+    class_index: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    baselines: Mapping[str, Callable[[int, int], np.ndarray]] | None = None,
+) -> dict[str, list[LocalizationScores]]:
+    """Stream ``(images [B, H, W, C], boxes per image)`` batches through an explainer.
+
+    ``explain(images, class_index)`` returns an object with ``cam`` [B, H, W] (e.g. a
+    `caaxr_tf.explain.gradcam.GradCam`); ``class_index`` picks the explained class (the
+    COVID class for the localization table; ``None``: the predicted one). Only the scores
+    are kept, not the maps. Returns per-image scores as `score_with_baselines`; pass them to
+    `table_from_scores`.
     """
-    maps = np.asarray(maps)
-    rows = {name: aggregate(score_maps(maps, boxes_per_image, threshold))}
-    height, width = maps.shape[1:3]
-    for baseline, make in (BASELINES if baselines is None else baselines).items():
-        template = make(height, width)
-        stacked = np.broadcast_to(template, maps.shape)
-        rows[baseline] = aggregate(score_maps(stacked, boxes_per_image, threshold))
-    for row in rows.values():
-        row["threshold"] = threshold
-    return rows
+    scores: dict[str, list[LocalizationScores]] = {}
+    for images, boxes in batches:
+        cams = np.asarray(explain(np.asarray(images), class_index).cam)
+        for name, rows in score_with_baselines(cams, list(boxes), threshold, baselines).items():
+            scores.setdefault(name, []).extend(rows)
+    return scores
 
 
 def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
