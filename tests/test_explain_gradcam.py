@@ -193,7 +193,7 @@ def test_nested_tiny_model_matches_the_step_by_step_reference():
         np.testing.assert_allclose(result.cam, expected_cam, atol=1e-5)
         np.testing.assert_allclose(result.predictions, probabilities, rtol=1e-5, atol=1e-6)
         nonzero += int((result.cam.max(axis=(1, 2)) > 0).sum())
-        eager = GradCam(model, run_eagerly=True)(x, class_index=c)
+        eager = GradCam(model, run_eagerly=True)(x, class_index=c)  # and traced == eager
         np.testing.assert_allclose(eager.cam, result.cam, atol=1e-6)
     assert nonzero >= 3
 
@@ -279,12 +279,38 @@ def test_single_sigmoid_output_is_two_classes():
     features = keras.Model(model.input, model.get_layer("features").output)(x).numpy()
     kernel = model.layers[-1].weights[0].numpy()[:, 0]
     weighted = np.einsum("nhwk,k->nhw", features, kernel / (features.shape[1] * features.shape[2]))
-    positive, negative = GradCam(model)(x, 1), GradCam(model)(x, 0)
+    explainer = GradCam(model)
+    positive, negative = explainer(x, 1), explainer(x, 0)
     np.testing.assert_allclose(positive.cam_low_res, np.maximum(weighted, 0), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(negative.cam_low_res, np.maximum(-weighted, 0), rtol=1e-4, atol=1e-7)
     p = model(x).numpy()[:, 0]
     np.testing.assert_allclose(positive.predictions, np.stack([1 - p, p], axis=1), rtol=1e-6)
-    np.testing.assert_array_equal(GradCam(model)(x).class_index, (p >= 0.5).astype(int))
+    np.testing.assert_array_equal(explainer(x).class_index, (p >= 0.5).astype(int))
+
+
+def test_logits_behind_an_activation_layer_and_unrecoverable_logits():
+    keras.utils.set_random_seed(12)
+    inputs = keras.Input((10, 10, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="features")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    logits = keras.layers.Dense(3, name="logits")(x)
+    with_softmax = keras.Model(inputs, keras.layers.Activation("softmax")(logits))
+    linear = keras.Model(inputs, logits)
+    x = images(2, 10, seed=13)
+    for c in range(3):
+        np.testing.assert_allclose(
+            GradCam(with_softmax, run_eagerly=True)(x, c).cam_low_res,
+            GradCam(linear, run_eagerly=True)(x, c).cam_low_res,
+            rtol=1e-5,
+            atol=1e-7,
+        )
+    # The output of a nested model: its logits are out of reach, its probabilities are not.
+    wrapped_in = keras.Input((12, 12, 1))
+    wrapped = keras.Model(wrapped_in, tiny_flat_model()(wrapped_in))
+    assert default_target_layer(wrapped).endswith("/features")
+    with pytest.raises(ValueError, match="cannot recover the logits.*score='probability'"):
+        GradCam(wrapped)
+    assert GradCam(wrapped, score="probability")(images(1, 12)).cam.shape == (1, 12, 12)
 
 
 def test_sequential_models_and_clear_errors():

@@ -16,8 +16,8 @@ For the class ``c`` of an image, with ``A`` the target layer's feature map [h, w
                                                                map stays zero
 
 **Default target layer.** The last layer, in the model's topological order, whose output is
-a single 4-D feature map ``[N, h, w, K]`` with ``(h, w) != (1, 1)``; when that layer is a
-nested model (the backbone of ``build_classifier``), the search goes on inside it. For the
+a single 4-D feature map ``[N, h, w, K]`` with ``(h, w) != (1, 1)``; a nested model (the
+backbone of ``build_classifier``) met on the way back from the output is searched inside. For the
 classifiers this is the backbone's output: DenseNet121 ``relu``, MobileNetV2 ``out_relu``,
 VGG19 ``block5_pool`` (pass ``layer="vgg19/block5_conv4"`` for the 2x finer map before the
 pool), ResNet18 ``stage4_block2_out``. Layer names may be given as a path
@@ -96,22 +96,23 @@ def _layers_of(model: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
+def _default_path(model: keras.Model) -> tuple[str, ...] | None:
+    for layer in reversed(_layers_of(model)):
+        if _is_nested_model(layer):
+            inner = _default_path(layer)
+            if inner is not None:
+                return (layer.name,) + inner
+        elif _is_spatial_feature_map(layer):
+            return (layer.name,)
+    return None
+
+
 def default_target_layer(model: keras.Model) -> str:
     """Path of the default Grad-CAM layer: the last 4-D spatial feature map (see module doc)."""
-    path: list[str] = []
-    current = model
-    while True:
-        candidates = [layer for layer in _layers_of(current) if _is_spatial_feature_map(layer)]
-        if not candidates:
-            where = PATH_SEPARATOR.join(path) or model.name
-            raise ValueError(
-                f"{where}: no layer with a 4-D spatial output [N, h, w, K]; pass layer=NAME"
-            )
-        last = candidates[-1]
-        path.append(last.name)
-        if not _is_nested_model(last):
-            return PATH_SEPARATOR.join(path)
-        current = last
+    path = _default_path(model)
+    if path is None:
+        raise ValueError(f"{model.name}: no layer with a 4-D spatial output [N, h, w, K]; pass layer=NAME")
+    return PATH_SEPARATOR.join(path)
 
 
 def _find_paths(model: keras.Model, name: str, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -219,32 +220,58 @@ def _rebuild(
     return clone.input, clone.output
 
 
-def _split_model(model: keras.Model, path: tuple[str, ...]) -> keras.Model:
-    """A model from ``model``'s input to ``[output of the layer at path, model output]``."""
-    target = model.get_layer(path[0])
-    inner = _split_model(target, path[1:]) if len(path) > 1 else None
+def _capturing_call(
+    target: keras.layers.Layer, inner: keras.Model | None, where: str
+) -> tuple[Callable[..., Any], list[Any]]:
+    """A ``call_layer`` for `_rebuild` that records the feature map of ``target``.
+
+    ``inner`` (for a target inside the nested model ``target``) returns ``[features, output]``
+    and is called in its place. Returns (call_layer, the list the feature map is put in).
+    """
     captured: list[Any] = []
 
     def call_layer(layer, *args, **kwargs):
         if layer is not target:
             return layer(*args, **kwargs)
         if captured:
-            raise ValueError(
-                f"layer {PATH_SEPARATOR.join(path)!r} is called more than once in "
-                f"{model.name!r}; pick a layer that is used once"
-            )
+            raise ValueError(f"layer {where!r} is called more than once; pick a layer used once")
         if inner is None:
-            outputs = layer(*args, **kwargs)
-            features = outputs
+            outputs = features = layer(*args, **kwargs)
         else:
             features, outputs = inner(*args, **kwargs)
+        if isinstance(features, (list, tuple, dict)):
+            raise ValueError(f"layer {where!r} has several outputs; pick another")
         captured.append(features)
         return outputs
 
+    return call_layer, captured
+
+
+def _captured_features(captured: list[Any], where: str) -> Any:
+    if not captured:
+        raise ValueError(f"layer {where!r} is not on the path from the input to the output")
+    return captured[0]
+
+
+def _split_model(model: keras.Model, path: tuple[str, ...]) -> keras.Model:
+    """A model from ``model``'s input to ``[output of the layer at path, model output]``."""
+    target = model.get_layer(path[0])
+    inner = _split_model(target, path[1:]) if len(path) > 1 else None
+    where = PATH_SEPARATOR.join((model.name,) + path)
+    call_layer, captured = _capturing_call(target, inner, where)
     inputs, outputs = _rebuild(model, call_layer)
-    if isinstance(captured[0], (list, tuple, dict)):
-        raise ValueError(f"layer {PATH_SEPARATOR.join(path)!r} has several outputs; pick another")
-    return keras.Model(inputs, [captured[0], outputs], name=f"{model.name}_split")
+    return keras.Model(inputs, [_captured_features(captured, where), outputs], name=f"{model.name}_split")
+
+
+def _logits_or_none(layer: keras.layers.Layer, args: tuple, kwargs: dict) -> Any:
+    """The pre-activation of a softmax/sigmoid ``Dense`` or ``Activation`` call, else None."""
+    if _activation_name(layer) not in _SQUASHING:
+        return None
+    if isinstance(layer, keras.layers.Dense):
+        return _DenseLogits(layer)(*args, **kwargs)
+    if isinstance(layer, keras.layers.Activation):
+        return args[0]
+    return None
 
 
 def build_cam_model(model: keras.Model, layer: str | None = None, score: str = "logit") -> keras.Model:
@@ -257,42 +284,24 @@ def build_cam_model(model: keras.Model, layer: str | None = None, score: str = "
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     path = resolve_layer_path(model, layer)
+    where = PATH_SEPARATOR.join(path)
     first = model.get_layer(path[0])
     inner = _split_model(first, path[1:]) if len(path) > 1 else None
-    captured: list[Any] = []
-    logits_of: dict[int, Any] = {}  # id(output tensor) -> pre-activation tensor
+    capture, captured = _capturing_call(first, inner, where)
+    logits_of: dict[int, Any] = {}  # id(output tensor) -> its pre-activation
 
     def call_layer(layer_, *args, **kwargs):
-        if layer_ is first:
-            if captured:
-                raise ValueError(f"layer {path[0]!r} is called more than once in {model.name!r}")
-            if inner is None:
-                outputs = layer_(*args, **kwargs)
-                captured.append(outputs)
-            else:
-                features, outputs = inner(*args, **kwargs)
-                captured.append(features)
-            return outputs
-        outputs = layer_(*args, **kwargs)
-        if _activation_name(layer_) in _SQUASHING:
-            if isinstance(layer_, keras.layers.Dense):
-                logits_of[id(outputs)] = _DenseLogits(layer_)(*args, **kwargs)
-            elif isinstance(layer_, keras.layers.Activation):
-                logits_of[id(outputs)] = args[0]
+        outputs = capture(layer_, *args, **kwargs)
+        if score == "logit" and layer_ is not first:
+            logits = _logits_or_none(layer_, args, kwargs)
+            if logits is not None:
+                logits_of[id(outputs)] = logits
         return outputs
 
     inputs, predictions = _rebuild(model, call_layer)
-    if isinstance(predictions, (list, tuple, dict)):
-        raise ValueError(
-            f"{model.name!r} has several outputs; Grad-CAM needs one class-score output"
-        )
-    if isinstance(captured[0], (list, tuple, dict)):
-        raise ValueError(f"layer {PATH_SEPARATOR.join(path)!r} has several outputs; pick another")
-    if len(predictions.shape) != 2:
-        raise ValueError(
-            f"{model.name!r} outputs shape {tuple(predictions.shape)}; Grad-CAM needs class "
-            "scores [N, C]"
-        )
+    features = _captured_features(captured, where)
+    if isinstance(predictions, (list, tuple, dict)) or len(predictions.shape) != 2:
+        raise ValueError(f"{model.name!r} must have one output of class scores [N, C]")
     if score == "probability":
         scores = predictions
     elif id(predictions) in logits_of:
@@ -300,13 +309,13 @@ def build_cam_model(model: keras.Model, layer: str | None = None, score: str = "
     else:
         producer = predictions._keras_history[0]
         activation = _activation_name(producer)
-        if activation not in (None, "linear"):
+        if isinstance(producer, keras.Model) or activation not in (None, "linear"):
             raise ValueError(
-                f"cannot recover the logits of {model.name!r}: its output layer "
-                f"{producer.name!r} has activation {activation!r}; use score='probability'"
+                f"cannot recover the logits of {model.name!r} from its output layer "
+                f"{producer.name!r}; use score='probability'"
             )
         scores = predictions  # a linear output is its own logit
-    outputs = {"features": captured[0], "scores": scores, "predictions": predictions}
+    outputs = {"features": features, "scores": scores, "predictions": predictions}
     return keras.Model(inputs, outputs, name=f"{model.name}_gradcam")
 
 
