@@ -3,6 +3,9 @@
 ``metadata.csv`` has one row per image; rows with modality X-ray and a frontal view are kept.
 The optional COCO file ``annotations/lung_bounding_boxes.json`` adds "Right Lung" /
 "Left Lung" boxes. A broken box is reported and dropped; its image stays.
+The optional ``row_filter`` keeps part of the collection by its metadata columns (``url``,
+``location``, ...; see ``caaxr_tf.data.row_filter``); rows it drops are counted under
+``excluded`` after the modality and view checks.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Mapping
 from caaxr_tf.config import deep_merge, load_config
 from caaxr_tf.data.caaxr import BoxError, parse_box
 from caaxr_tf.data.records import Box, ReadResult, Sample, SchemaError, read_csv_table
+from caaxr_tf.data.row_filter import RowFilter
 
 SOURCE = "covid-chestxray"
 REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
@@ -167,7 +171,9 @@ def read_metadata_rows(
     frontal = {str(view).strip().lower() for view in config["frontal_views"]}
     modality = str(config.get("modality", "X-ray")).strip().lower()
     images_dir = Path(images_dir)
+    row_filter = RowFilter.from_config(config.get("row_filter"), name="covid_chestxray.row_filter")
     table = read_csv_table(metadata_path, REQUIRED_COLUMNS)
+    row_filter.check_columns(str(metadata_path), table.columns)
 
     rows: list[MetadataRow] = []
     columns = [table[name].tolist() for name in REQUIRED_COLUMNS]
@@ -177,6 +183,8 @@ def read_metadata_rows(
             rows.append(MetadataRow(row, filename, None, "modality", EXCLUDED_MODALITY, excluded=True))
         elif view.strip().lower() not in frontal:
             rows.append(MetadataRow(row, filename, None, "view", EXCLUDED_VIEW, excluded=True))
+        elif row_filter.active and (dropped := row_filter.reason_to_drop(table.iloc[index])) is not None:
+            rows.append(MetadataRow(row, filename, None, "row_filter", dropped, excluded=True))
         elif not filename:
             rows.append(MetadataRow(row, filename, None, "filename", "empty file name"))
         elif not (images_dir / filename).is_file():
@@ -210,8 +218,9 @@ def read_covid_chestxray(
         config: the ``covid_chestxray`` section of configs/data.yaml (defaults fill missing keys).
 
     Raises:
-        SchemaError: metadata.csv is missing or lacks a required column, or the lung box
-            file is not COCO JSON.
+        SchemaError: metadata.csv is missing or lacks a required column (or a column named
+            by ``row_filter``), or the lung box file is not COCO JSON.
+        ValueError: ``row_filter`` is malformed.
     """
     config = covid_chestxray_config(config)
     metadata_path, images_dir = collection_paths(root, config)
