@@ -33,7 +33,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
 ]
 
-ALL_MODELS = ["densenet121", "maskrcnn", "mobilenetv2", "resnet18", "segnet", "unet", "vgg19"]
+ALL_MODELS = [
+    "densenet121", "maskrcnn", "mobilenetv2", "resnet18", "segnet", "unet",
+    "unet_densenet121", "unet_resnet50", "unetpp", "vgg19",
+]
 TINY = (64, 64, 1)
 
 
@@ -67,7 +70,9 @@ def small_resnet18() -> keras.Model:
 
 def test_registry_lists_models_and_tasks():
     assert available_models() == ALL_MODELS
-    assert available_models("segmentation") == ["maskrcnn", "segnet", "unet"]
+    assert available_models("segmentation") == [
+        "maskrcnn", "segnet", "unet", "unet_densenet121", "unet_resnet50", "unetpp"
+    ]
     assert available_models("classification") == ["densenet121", "mobilenetv2", "resnet18", "vgg19"]
     assert model_task("unet") == model_task("segnet") == "segmentation"
     assert model_task("vgg19") == "classification"

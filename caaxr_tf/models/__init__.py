@@ -1,4 +1,4 @@
-"""CAAXR models: lung segmentation (U-Net, SegNet) and COVID-19 classifiers.
+"""CAAXR models: segmentation (U-Net, UNet++, encoder U-Nets, SegNet) and COVID-19 classifiers.
 
     from caaxr_tf.models import build_model, available_models, model_task
     model = build_model("mobilenetv2", num_classes=3, weights="none")
@@ -9,6 +9,8 @@ own normalisation.
 
 from caaxr_tf.models import classifier, segnet, unet  # noqa: F401  (registers the models)
 from caaxr_tf.models import mask_rcnn  # noqa: F401  (registers maskrcnn)
+from caaxr_tf.models import unet_encoder  # noqa: F401  (registers unet_resnet50, unet_densenet121)
+from caaxr_tf.models import unetpp  # noqa: F401  (registers unetpp)
 from caaxr_tf.models.classifier import BACKBONES, build_classifier
 from caaxr_tf.models.layers import (
     GrayscaleToRGB,
@@ -20,10 +22,13 @@ from caaxr_tf.models.registry import available_models, build_model, model_task, 
 from caaxr_tf.models.resnet18 import ResNet18
 from caaxr_tf.models.segnet import build_segnet
 from caaxr_tf.models.unet import build_unet
+from caaxr_tf.models.unet_encoder import ENCODERS, build_unet_encoder
+from caaxr_tf.models.unetpp import build_unetpp
 from caaxr_tf.models.weights import WeightsUnavailableError, load_weights_file
 
 __all__ = [
     "BACKBONES",
+    "ENCODERS",
     "GrayscaleToRGB",
     "ImageNetPreprocessing",
     "MaxPoolingWithArgmax2D",
@@ -35,6 +40,8 @@ __all__ = [
     "build_model",
     "build_segnet",
     "build_unet",
+    "build_unet_encoder",
+    "build_unetpp",
     "load_weights_file",
     "model_task",
     "register_model",
