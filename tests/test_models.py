@@ -35,7 +35,7 @@ pytestmark = [
 
 REGRESSORS = ["densenet121_regressor", "mobilenetv2_regressor", "resnet18_regressor", "vgg19_regressor"]
 ALL_MODELS = sorted(["densenet121", "fpn_resnet50v2", "maskrcnn", "mobilenetv2", "resnet18", "resnet50v2", "segnet",
-                     "unet", "vgg19", "xception", *REGRESSORS])
+                     "unet", "unet_densenet121", "unet_resnet50", "unetpp", "vgg19", "xception", *REGRESSORS])
 TINY = (64, 64, 1)
 
 
@@ -69,7 +69,9 @@ def small_resnet18() -> keras.Model:
 
 def test_registry_lists_models_and_tasks():
     assert available_models() == ALL_MODELS
-    assert available_models("segmentation") == ["maskrcnn", "segnet", "unet"]
+    assert available_models("segmentation") == [
+        "maskrcnn", "segnet", "unet", "unet_densenet121", "unet_resnet50", "unetpp"
+    ]
     assert available_models("classification") == [
         "densenet121", "fpn_resnet50v2", "mobilenetv2", "resnet18", "resnet50v2", "vgg19", "xception"]
     assert model_task("unet") == model_task("segnet") == "segmentation"

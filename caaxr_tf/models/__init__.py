@@ -1,4 +1,5 @@
-"""CAAXR models: lung segmentation (U-Net, SegNet), COVID-19 classifiers and score regressors.
+"""CAAXR models: segmentation (U-Net, UNet++, encoder U-Nets, SegNet, Mask R-CNN), COVID-19
+classifiers (X-ray and CT slices) and severity-score regressors.
 
     from caaxr_tf.models import build_model, available_models, model_task
     model = build_model("mobilenetv2", num_classes=3, weights="none")
@@ -11,6 +12,8 @@ own normalisation, except the CT slice classifiers (`fpn_resnet50v2`, `resnet50v
 from caaxr_tf.models import classifier, regressor, segnet, unet  # noqa: F401  (registers the models)
 from caaxr_tf.models import ct_models  # noqa: F401  (registers fpn_resnet50v2, resnet50v2, xception)
 from caaxr_tf.models import mask_rcnn  # noqa: F401  (registers maskrcnn)
+from caaxr_tf.models import unet_encoder  # noqa: F401  (registers unet_resnet50, unet_densenet121)
+from caaxr_tf.models import unetpp  # noqa: F401  (registers unetpp)
 from caaxr_tf.models.classifier import BACKBONES, build_classifier, build_pooled_backbone
 from caaxr_tf.models.layers import (
     GrayscaleToRGB,
@@ -23,11 +26,14 @@ from caaxr_tf.models.registry import available_models, build_model, model_task, 
 from caaxr_tf.models.resnet18 import ResNet18
 from caaxr_tf.models.segnet import build_segnet
 from caaxr_tf.models.unet import build_unet
+from caaxr_tf.models.unet_encoder import ENCODERS, build_unet_encoder
+from caaxr_tf.models.unetpp import build_unetpp
 from caaxr_tf.models.weights import WeightsUnavailableError, load_weights_file
 
 __all__ = [
     "BACKBONES",
     "ClampOutputs",
+    "ENCODERS",
     "GrayscaleToRGB",
     "ImageNetPreprocessing",
     "MaxPoolingWithArgmax2D",
@@ -41,6 +47,8 @@ __all__ = [
     "build_regressor",
     "build_segnet",
     "build_unet",
+    "build_unet_encoder",
+    "build_unetpp",
     "load_weights_file",
     "model_task",
     "register_model",
