@@ -944,6 +944,24 @@ def build_held_step(config: dict[str, Any]) -> HeldStep:
     return HeldStep(train_step, iterator, model, loss_tracker, one_batch)
 
 
+def time_held_step(held: HeldStep, warmup: int, steps: int, repeats: int) -> list[tuple[float, float | None]]:
+    """(images/s, images/CPU-s) of ``repeats`` runs of ``steps`` steps, after ``warmup`` steps."""
+    for _ in range(warmup):
+        held.step(held.iterator)
+    float(held.loss_tracker.result())
+    images = steps * int(held.batch[0].shape[0])
+    rates = []
+    for _ in range(repeats):
+        cpu = time.process_time()
+        started = time.perf_counter()
+        for _ in range(steps):
+            held.step(held.iterator)
+        float(held.loss_tracker.result())  # waits for the last step
+        spent = time.process_time() - cpu
+        rates.append((images / (time.perf_counter() - started), images / spent if spent > 0 else None))
+    return rates
+
+
 def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) -> list[tuple[float, float | None]]:
     """images/s of train.py's replica step (see ``build_held_step``) on one batch held in memory."""
     import keras
@@ -952,22 +970,7 @@ def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) 
     if config["mixed_precision"]:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        held = build_held_step(config)
-        global_batch = int(config["batch_size"])
-        for _ in range(warmup):
-            held.step(held.iterator)
-        float(held.loss_tracker.result())
-        rates = []
-        for _ in range(repeats):
-            cpu = time.process_time()
-            started = time.perf_counter()
-            for _ in range(steps):
-                held.step(held.iterator)
-            float(held.loss_tracker.result())  # waits for the last step
-            images = steps * global_batch
-            spent = time.process_time() - cpu
-            rates.append((images / (time.perf_counter() - started), images / spent if spent > 0 else None))
-        return rates
+        return time_held_step(build_held_step(config), warmup, steps, repeats)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
