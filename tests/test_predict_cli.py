@@ -15,7 +15,7 @@ import tensorflow as tf
 from caaxr_tf.data.dicom import read_dicom
 from caaxr_tf.data.images import encode_png
 from caaxr_tf.data.pipeline import preprocess_image
-from caaxr_tf.export import export_model, export_run
+from caaxr_tf.export import export_model
 from caaxr_tf.predict import ServedModel, predict_files
 from caaxr_tf.predict import main as predict_main
 
