@@ -84,8 +84,12 @@ def damaged(tiny_data_root, tmp_path_factory) -> tuple[Path, dict]:
         ]
         return fields, rows + bad
 
+    with open(root / "caaxr" / "BoundingBox.csv", newline="", encoding="utf-8") as handle:
+        first_bad_row = sum(1 for _ in csv.DictReader(handle)) + 2  # the header is row 1
     edit_csv(root / "caaxr" / "BoundingBox.csv", add_bad_boxes)
     damage["boxes"] = root / "caaxr" / "BoundingBox.csv"
+    damage["bad_box_rows"] = (first_bad_row, first_bad_row + 1, first_bad_row + 2)
+    damage["bad_box_width"] = width
 
     chexpert_csv = root / "chexpert" / "CheXpert-v1.0-small" / "train.csv"
     unknown_row = {}
@@ -115,9 +119,21 @@ def test_each_bad_input_is_reported_and_the_rest_is_written(damaged, tiny_data_r
     assert any("truncated" in s["reason"].lower() for s in skipped if s["path"] == str(damage["truncated"]))
     assert any("empty" in s["reason"].lower() or "0 bytes" in s["reason"] for s in skipped if s["path"] == str(damage["empty"]))
 
+    # exactly the three injected box rows, each with its row number and the bad column
     seg_skipped = summaries["seg"]["skipped"]
-    box_reports = [s for s in seg_skipped if s["path"] == str(damage["boxes"]) or "box" in s["field"].lower()]
-    assert len(box_reports) >= 3, "\n".join(map(str, seg_skipped))
+    box_reports = {(s["path"], s["field"]): s["reason"] for s in seg_skipped if s["path"] == str(damage["boxes"])}
+    too_wide, negative, empty = damage["bad_box_rows"]
+    assert sorted(box_reports) == sorted([
+        (str(damage["boxes"]), f"row {too_wide}: width"),
+        (str(damage["boxes"]), f"row {negative}: x"),
+        (str(damage["boxes"]), f"row {empty}: x"),
+    ]), "\n".join(map(str, seg_skipped))
+    assert "outside the image" in box_reports[(str(damage["boxes"]), f"row {too_wide}: width")]
+    assert f"width {damage['bad_box_width']}" in box_reports[(str(damage["boxes"]), f"row {too_wide}: width")]
+    assert box_reports[(str(damage["boxes"]), f"row {negative}: x")] == "negative (-4)"
+    assert box_reports[(str(damage["boxes"]), f"row {empty}: x")] == "is empty"
+    # a bad box drops the box, not the image: no other report names a box
+    assert not [s for s in seg_skipped if s["path"] != str(damage["boxes"]) and "box" in s["field"].lower()]
 
     # the rest is written: exactly the damaged images are missing
     clean_2class = clean["2class"]["counts"]["total"]

@@ -60,7 +60,7 @@ def test_quick_report_structure(quick_report):
     assert set(report["sections"]) == {"pipeline", "tfrecords"}
     for name, section in report["sections"].items():
         assert section["status"] == "ok", (name, section.get("reason"))
-        assert section["figures"] and section["seconds"] >= 0
+        assert section["figures"] and section["seconds"] > 0
         for key, item in section["figures"].items():
             assert FIGURE_KEYS <= set(item), (name, key)
             if item["status"] == "ok":
@@ -94,9 +94,19 @@ def test_quick_report_figures_and_targets(quick_report):
             "2 workers vs decode limit", "2 workers vs 1", "peak memory growth"} == set(targets)
     for target in targets.values():
         assert TARGET_KEYS <= set(target)
-        assert target["passed"] in (True, False, None)
         if target["passed"] is None:
-            assert target["note"].startswith("not measured")
+            assert target["ratio"] is None and target["note"].startswith("not measured")
+            continue
+        # the verdict is the ratio of the two medians held against the threshold
+        figures = quick_report["sections"][target["section"]]["figures"]
+        workers = figures[target["figure"]].get("workers", 1) if target["per_worker"] else 1
+        assert target["value"] == pytest.approx(figures[target["figure"]]["median"] / workers)
+        assert target["reference_value"] == pytest.approx(figures[target["reference"]]["median"])
+        assert target["ratio"] == pytest.approx(target["value"] / target["reference_value"])
+        if target["op"] == ">=":
+            assert target["passed"] is (target["ratio"] >= target["threshold"])
+        else:
+            assert target["passed"] is (target["ratio"] <= target["threshold"])
     assert targets["cold vs decode limit"]["passed"] is not None
     if not torch_installed():
         assert targets["warm vs PyTorch"]["passed"] is None
@@ -160,8 +170,13 @@ def test_torch_peer_skips_cleanly_without_torch(bench, monkeypatch, tmp_path):
     assert result["status"] == "skipped" and "torch" in result["reason"]
 
 
-def test_training_step_replica_runs(bench, tiny_data_root, tmp_path):
-    """The replica step is built from train.py's own pieces: it must keep working with them."""
+def test_training_step_replica_updates_the_weights_with_the_loss_of_train_py(bench, tiny_data_root, tmp_path):
+    """The replica step is built from train.py's own pieces: one step must change the weights,
+    and the loss it reports must be the batch's categorical cross-entropy under the weights it
+    started from, computed here."""
+    import keras
+    import numpy as np
+
     from caaxr_tf.data.tfrecords import build_tfrecords
 
     build_tfrecords(tiny_data_root, tmp_path / "tfrecords", protocols=["2class"], workers=1, progress=False,
@@ -171,8 +186,24 @@ def test_training_step_replica_runs(bench, tiny_data_root, tmp_path):
     state.tfrecords = tmp_path / "tfrecords"
     config = bench.train_config(state, "mobilenetv2", "2class",
                                 ["image_size=64", "batch_size=2", "model_kwargs.alpha=0.35"])
-    rates = bench.measure_step(config, warmup=1, steps=1, repeats=1)
-    assert len(rates) == 1 and rates[0][0] > 0
+    keras.utils.set_random_seed(0)
+    held = bench.build_held_step(config)
+    images, labels = held.batch
+    before = [v.numpy().copy() for v in held.model.trainable_variables]
+    statistics = [w.copy() for w in held.model.get_weights()]
+    held.step(held.iterator)
+    reported = float(held.loss_tracker.result())
+    after = [v.numpy() for v in held.model.trainable_variables]
+    assert sum(not np.array_equal(a, b) for a, b in zip(before, after)) == len(before)  # every variable moved
+
+    held.model.set_weights(statistics)  # back to the start, BatchNorm statistics included
+    probabilities = held.model(images, training=True)
+    expected = float(np.mean(keras.losses.categorical_crossentropy(labels, probabilities)))
+    assert reported == pytest.approx(expected, rel=1e-5)
+
+    rates = bench.time_held_step(held, warmup=0, steps=1, repeats=2)  # what measure_step times
+    assert len(rates) == 2 and all(wall > 0 for wall, _ in rates)
+    assert int(held.loss_tracker.count.numpy()) == 3  # the first step and the two timed ones
     cold, warm = bench.measure_input(config, 8)
     assert cold[0] > 0 and warm[0] > 0
 
@@ -185,7 +216,24 @@ def test_latency_repeats_are_taken_in_turns(bench):
     assert order[6:] == ["keras", "saved", "other"] * 3  # then one repeat of each in turn
     for name in calls:
         assert len(timings[name]["values"]) == len(timings[name]["cpu_values"]) == 3
-        assert all(value >= 0 for value in timings[name]["values"])
+
+
+def test_latency_is_milliseconds_per_image_of_wall_and_cpu_time(bench):
+    """A call that sleeps 40 ms on a batch of 4 takes at least 10 ms per image of wall time
+    (40 per batch, 0.01 in seconds) and little CPU time; each repeat calls until min_seconds
+    have passed (at least two 40 ms calls for 100 ms)."""
+    import time as clock
+
+    counts = {"sleep": 0}
+
+    def sleep():
+        counts["sleep"] += 1
+        clock.sleep(0.04)
+
+    timings = bench.time_calls_in_turns({"sleep": sleep}, batch=4, repeats=2, min_seconds=0.1)["sleep"]
+    assert 2 + 2 * 2 <= counts["sleep"] <= 2 + 2 * 3  # two warm-up calls, then 2 or 3 per repeat
+    assert all(10.0 <= value < 25.0 for value in timings["values"]), timings["values"]
+    assert all(0.0 <= cpu < wall / 2 for cpu, wall in zip(timings["cpu_values"], timings["values"])), timings
 
 
 def test_count_of_sources_stored_as_they_are(bench, tiny_data_root):

@@ -277,10 +277,8 @@ def test_training_flags_pass_through():
     assert passed == ["--epochs", "2", "--steps-per-epoch", "5", "--batch-size", "4", "--lr", "0.001",
                       "--weights", "imagenet", "--strategy", "mirrored", "--mixed-precision", "--jit",
                       "--set", "a=1", "--set", "b.c=x"]
-    try:
-        from caaxr_tf.train import parse_args as train_parse_args
-    except ImportError:
-        pytest.skip("caaxr_tf.train is not there yet")
+    from caaxr_tf.train import parse_args as train_parse_args
+
     parsed = train_parse_args(cv.training_argv("seg", "unet", 1, "t", "o", passed))
     assert (parsed.epochs, parsed.lr, parsed.strategy, parsed.mixed_precision, parsed.overrides) == (
         2, 0.001, "mirrored", True, ["a=1", "b.c=x"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -588,11 +589,89 @@ def test_predict_files_dicom_sidecar_and_overlays(exports, keras_models, tmp_pat
             assert np.all(image[inside][:, 2] >= image[inside][:, 1])  # tinted red inside
 
 
-def test_served_model_resolves_the_latest_version(exports):
-    model = ServedModel(exports["unet"].parent)
-    assert model.path == exports["unet"] and model.task == "segmentation" and model.image_size == 224
+def test_served_model_resolves_the_latest_version(tiny_run, tmp_path):
+    """Versions 2 and 10: the highest number is picked, not the last name in lexical order."""
+    base = tmp_path / "saved_models" / "seg-tiny"
+    assert export_run(tiny_run, base, version=10, verify=False).name == "10"
+    assert export_run(tiny_run, base, version=2, verify=False).name == "2"
+    (base / "notes").mkdir()  # not a version
+    assert list_versions(base) == [2, 10] and sorted(p.name for p in base.iterdir())[-1] == "notes"
+    model = ServedModel(base)
+    assert model.path == base / "10" and model.task == "segmentation" and model.image_size == 224
+    metadata = json.loads((model.path / "assets.extra" / "caaxr_export.json").read_text())
+    assert metadata["version"] == 10
+    assert ServedModel(base / "2").path == base / "2"  # a version folder is taken as given
+    assert export_run(tiny_run, base, verify=False).name == "11"
     with pytest.raises(FileNotFoundError, match="no SavedModel"):
-        ServedModel(exports["unet"].parents[1] / "missing")
+        ServedModel(tmp_path / "saved_models" / "missing")
+
+
+@keras.saving.register_keras_serializable(package="caaxr_tf_tests")
+class GraphOnlyOffset(keras.layers.Layer):
+    """Adds ``offset`` only when traced into a graph: the Keras model (eager) and its export
+    then differ by exactly ``offset``, as with a broken export."""
+
+    def __init__(self, offset: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.offset = offset
+
+    def call(self, inputs):
+        return inputs if tf.executing_eagerly() else inputs + self.offset
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "offset": self.offset}
+
+
+def _offset_run(run_dir: Path, offset: float) -> Path:
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((224, 224, 1))
+    logits = keras.layers.Conv2D(1, 1, name="conv")(keras.layers.Rescaling(1 / 255)(inputs))
+    return _make_run(
+        run_dir, keras.Model(inputs, GraphOnlyOffset(offset, name="mask")(logits)), protocol="seg",
+        task="segmentation", model="unet", model_kwargs={}, tfrecords="/unused/seg", class_names=["lesion"],
+        loss="binary_crossentropy", monitor="val_dice", monitor_mode="max",
+    )
+
+
+def test_export_verification_fails_above_1e4_and_no_verify_skips_it(tmp_path, capsys):
+    saved = tmp_path / "saved_models"
+    within = _offset_run(tmp_path / "within", 5e-5)
+    assert export_run(within, saved / "within").name == "1"  # 5e-5 <= 1e-4
+
+    beyond = _offset_run(tmp_path / "beyond", 2e-4)
+    assert export_main(["--run", str(beyond), "--out", str(saved / "beyond")]) == 2
+    assert "differs from the Keras model by 0.0002" in capsys.readouterr().err
+    assert list((saved / "beyond").iterdir()) == []  # no version, no temporary folder
+    assert _parse_models_config(saved / MODELS_CONFIG) == [("within", str((saved / "within").resolve()))]
+
+    assert export_main(["--run", str(beyond), "--out", str(saved / "beyond"), "--no-verify"]) == 0
+    assert list_versions(saved / "beyond") == [1]
+    # the check compares what it should: the export really is 2e-4 off
+    images = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 1)).astype(np.float32)
+    served = tf.saved_model.load(str(saved / "beyond" / "1")).signatures[PREPROCESSED_SIGNATURE]
+    difference = served(images=tf.constant(images))["mask"].numpy() - load_run_model(beyond)(images).numpy()
+    np.testing.assert_allclose(difference, 2e-4, atol=1e-6)
+
+
+def test_export_which_final(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    final = load_run_model(run)
+    final.get_layer("mask").set_weights([w + 0.5 for w in final.get_layer("mask").get_weights()])
+    final.save(run / "final.keras")
+    saved = tmp_path / "saved_models" / "seg"
+    assert export_main(["--run", str(run), "--out", str(saved), "--which", "final"]) == 0
+    assert export_main(["--run", str(run), "--out", str(saved)]) == 0  # best, the default
+    images = np.random.default_rng(1).uniform(0, 255, (2, 224, 224, 1)).astype(np.float32)
+    outputs = {}
+    for version, which in ((1, "final"), (2, "best")):
+        metadata = json.loads((saved / str(version) / "assets.extra" / "caaxr_export.json").read_text())
+        assert metadata["checkpoint"] == which
+        served = tf.saved_model.load(str(saved / str(version))).signatures[PREPROCESSED_SIGNATURE]
+        outputs[which] = served(images=tf.constant(images))["mask"].numpy()
+    np.testing.assert_allclose(outputs["final"], final(images).numpy(), atol=TOLERANCE)
+    np.testing.assert_allclose(outputs["best"], load_run_model(run, "best")(images).numpy(), atol=TOLERANCE)
+    assert np.abs(outputs["final"] - outputs["best"]).max() > 0.01
 
 
 def _detector(max_detections: int = 4) -> keras.Model:

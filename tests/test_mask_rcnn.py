@@ -272,20 +272,30 @@ def test_paste_masks_matches_grid_sampling_and_reproduces_box_masks():
 
 
 def test_rpn_targets_label_and_sample_anchors():
-    anchors = tf.constant(level_anchors((16, 16), (64, 64), 16, (0.5, 1.0, 2.0)))
-    gt = tf.constant([[[0.25, 0.25, 0.5, 0.5], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]]], tf.float32)
-    valid = tf.constant([[True, False], [False, False]])
+    """The exact positive set: every anchor with IoU >= 0.7 with some box, plus the best anchor of
+    each box even below 0.7; the negatives sampled have IoU < 0.3. Box A (16x16, half a pixel
+    off the anchor grid) has five anchors >= 0.7, only one of them its best; box B (13x13) has
+    a single best anchor at IoU 0.66. Both are distinct from thresholds and ties by > 0.002."""
+    anchors = tf.constant(level_anchors((32, 32), (64, 64), 16, (0.5, 1.0, 2.0)))
+    box_a = np.array([23.5, 25.0, 39.5, 41.0]) / 64
+    box_b = np.array([40.5, 4.5, 53.5, 17.5]) / 64
+    gt = tf.constant([[box_a, box_b, [0, 0, 0, 0]], [[0, 0, 0, 0]] * 3], tf.float32)
+    valid = tf.constant([[True, True, False], [False, False, False]])
     targets = rpn_targets(anchors, gt, valid, samples_per_image=32, positive_fraction=0.5)
-    iou = iou_matrix(anchors, gt[0, :1]).numpy()[:, 0]
     positive, sampled = targets.positive.numpy(), targets.sampled.numpy()
-    assert positive[0, iou.argmax()] or positive[0].sum() == 16
-    assert 1 <= positive[0].sum() <= 16
-    assert (iou[positive[0]] >= 0.7).all() or iou[positive[0]].max() == iou.max()
+
+    iou = _np_iou(anchors.numpy().astype(np.float64), np.stack([box_a, box_b]))  # [A, 2]
+    above = iou.max(axis=1) >= 0.7
+    best = np.zeros(len(iou), bool)
+    best[iou.argmax(axis=0)] = True
+    assert above.sum() == 5 and not above[iou[:, 1].argmax()] and (best & ~above).sum() == 1  # the case is what it claims
+    np.testing.assert_array_equal(np.flatnonzero(positive[0]), np.flatnonzero(above | best))
+    np.testing.assert_array_equal(targets.labels.numpy()[0], positive[0].astype(np.float32))
     negatives = sampled[0] & ~positive[0]
-    assert (iou[negatives] < 0.3).all() and sampled[0].sum() == 32
+    assert negatives.sum() == 32 - 6 and (iou[negatives].max(axis=1) < 0.3).all()
     assert not positive[1].any() and sampled[1].sum() == 32  # no boxes: all negatives
-    best = iou.argmax()
-    np.testing.assert_allclose(decode_boxes(targets.deltas[0, best], anchors[best]).numpy(), gt[0, 0], atol=1e-5)
+    for box, anchor in ((0, iou[:, 0].argmax()), (1, iou[:, 1].argmax())):
+        np.testing.assert_allclose(decode_boxes(targets.deltas[0, anchor], anchors[anchor]).numpy(), gt[0, box], atol=1e-5)
 
 
 def test_sample_rois_puts_positives_first_and_encodes_their_boxes():

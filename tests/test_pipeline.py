@@ -59,6 +59,37 @@ def test_jpeg_input_and_bicubic_resize_of_a_gradient():
     assert np.abs(preprocess_image(jpeg, 8, 0).numpy()[..., 0].astype(int) - out).max() <= 3
 
 
+def pil_bicubic(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Pillow's antialiased bicubic resize (Keys a = -0.5, kernel widened by the reduction
+    factor) on float values: an implementation independent of TensorFlow's."""
+    from PIL import Image
+
+    image = Image.fromarray(pixels.astype(np.float32), mode="F")
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64)
+
+
+@pytest.mark.parametrize("bits", [8, 12])
+def test_bicubic_antialiased_resize_of_a_high_frequency_pattern(bits):
+    """A chirp (stripes ever finer towards the right, up to above the new Nyquist limit) and
+    noise, reduced by non-integer factors: only an antialiased bicubic matches Pillow's to one
+    grey level; area, bilinear, Mitchell or plain bicubic are 19 to 138 levels off."""
+    full = (1 << bits) - 1
+    y, x = np.mgrid[0:450, 0:301]
+    chirp = 0.5 + 0.5 * np.sin(x * x / 180.0) * np.cos(y / 3.1)
+    noise = np.random.default_rng(bits).uniform(size=(450, 301))
+    for pattern in (chirp, noise):
+        pixels = np.rint(pattern * full).astype(np.uint8 if bits == 8 else np.uint16)
+        ours = preprocess_image(png(pixels), bits, 0).numpy()[..., 0].astype(np.float64)
+        reference = np.clip(np.rint(pil_bicubic(pixels, 224) * 255.0 / full), 0, 255)
+        difference = np.abs(ours - reference)
+        assert difference.max() <= 1 and np.mean(difference > 0) < 0.01
+        # the pattern tells resizing methods apart
+        plain = tf.image.resize(pixels[..., None].astype(np.float32), [224, 224], method="bicubic").numpy()[..., 0]
+        assert np.abs(np.clip(np.rint(plain * 255.0 / full), 0, 255) - reference).max() > 20
+        area = cv2.resize(pixels.astype(np.float32), (224, 224), interpolation=cv2.INTER_AREA)
+        assert np.abs(np.clip(np.rint(area * 255.0 / full), 0, 255) - reference).max() > 10
+
+
 def test_8bit_jpeg_and_png_use_the_same_range():
     """tf.io.decode_image(dtype=uint16) widens JPEG by 256, PNG by 257: white must stay 255 for both."""
     image = np.full((32, 32), 255, np.uint8)
@@ -152,6 +183,63 @@ def test_training_batches_shuffle_and_augment_reproducibly(built):
     assert not any(np.array_equal(a_images[0], p) for p in plain_images)
 
 
+def test_seed_changes_the_order_and_the_augmentation(built):
+    def one_epoch(seed, training=True):
+        dataset = make_dataset(built / "seg", "train", batch_size=4, seed=seed, with_ids=True, training=training,
+                               augment=training)
+        images, ids = {}, []
+        for batch, _, batch_ids in dataset:
+            for image, image_id in zip(batch.numpy(), batch_ids.numpy()):
+                ids.append(image_id.decode())
+                images[ids[-1]] = image
+        return ids, images
+
+    first_ids, first = one_epoch(1)
+    second_ids, second = one_epoch(2)
+    plain_ids, _ = one_epoch(1, training=False)
+    assert len(plain_ids) >= 8
+    assert sorted(first_ids) == sorted(second_ids) == sorted(plain_ids)  # a permutation, nothing lost
+    assert first_ids != second_ids and first_ids != plain_ids and second_ids != plain_ids
+    # every image is augmented differently under another seed
+    assert all(not np.array_equal(first[i], second[i]) for i in first_ids)
+
+
+def test_augmentation_ranges_recovered_from_the_warped_masks():
+    """Rotation ±7°, shift ±5 % and zoom ±10 % (README): the similarity transform of every
+    image in a large batch is fitted from where four square marks land in its mask, and the
+    fitted angles, shifts and scales must fill those ranges and stay inside them."""
+    from caaxr_tf.data.pipeline import augment_batch
+
+    size, count = 128, 256
+    marks = [(28, 28), (28, 100), (100, 28), (100, 100)]  # (row, column) centres
+    masks = np.zeros((count, size, size, 1), np.float32)
+    for row, column in marks:
+        masks[:, row - 4 : row + 5, column - 4 : column + 5] = 1.0
+    _, warped = augment_batch(tf.fill([count, size, size, 1], 100.0), tf.constant(masks), tf.constant([5, 0], tf.int64))
+    warped = warped.numpy()[..., 0]
+
+    rows, columns = np.mgrid[0:size, 0:size]
+    source = np.array([[column, row, 1.0] for row, column in marks])
+    centre = np.full(2, (size - 1) / 2)
+    angles, scales, shifts = [], [], []
+    for mask in warped:
+        landed = []
+        for row, column in marks:  # each mark stays in its own quadrant
+            weights = mask * ((rows < size // 2) == (row < size // 2)) * ((columns < size // 2) == (column < size // 2))
+            landed.append([(weights * columns).sum() / weights.sum(), (weights * rows).sum() / weights.sum()])
+        solution = np.linalg.lstsq(source, np.array(landed), rcond=None)[0]
+        linear, offset = solution[:2].T, solution[2]
+        # a rotation and a zoom, nothing else: no shear, no flip
+        assert abs(linear[0, 0] - linear[1, 1]) < 0.03 and abs(linear[0, 1] + linear[1, 0]) < 0.03
+        scales.append(np.sqrt(np.linalg.det(linear)))
+        angles.append(np.degrees(np.arctan2(linear[1, 0], linear[0, 0])))
+        shifts.append(offset - centre + linear @ centre)
+    angles, scales, shifts = np.array(angles), np.array(scales), np.abs(np.array(shifts)) / size
+    assert 6.5 < np.abs(angles).max() <= 7.25, (angles.min(), angles.max())
+    assert 0.895 <= scales.min() < 0.91 and 1.09 < scales.max() <= 1.105, (scales.min(), scales.max())
+    assert np.all(shifts.max(axis=0) > 0.045) and shifts.max() <= 0.05 + 0.25 / size, shifts.max(axis=0)
+
+
 def test_augmentation_moves_image_and_mask_together_and_is_seeded():
     from caaxr_tf.data.pipeline import augment_batch
 
@@ -176,14 +264,22 @@ def test_consolidation_subset_filter(built):
     assert sum(int(x.shape[0]) for x, _ in dataset) == summary["counts"]["subset_consolidation"]["test"]
 
 
-def test_detection_targets_pad_boxes(built):
-    dataset = make_dataset(built / "seg", "test", batch_size=3, task="detection", max_boxes=4)
-    _, target = next(iter(dataset))
-    assert target["boxes"].shape == (3, 4, 4) and target["mask"].shape == (3, 224, 224, 1)
-    num = target["num_boxes"].numpy()
-    boxes = target["boxes"].numpy()
-    for i, n in enumerate(num):
-        assert np.all(boxes[i, n:] == 0) and np.all(boxes[i, :n, 2] > boxes[i, :n, 0])
+def test_detection_targets_are_the_synthetic_boxes_padded(built, tiny_data_root):
+    truth = synthetic_images(tiny_data_root)
+    dataset = make_dataset(built / "seg", "test", batch_size=3, task="detection", max_boxes=4, with_ids=True)
+    checked = 0
+    for _, target, ids in dataset:
+        assert target["boxes"].shape[1:] == (4, 4) and target["mask"].shape[1:] == (224, 224, 1)
+        for boxes, count, image_id in zip(target["boxes"].numpy(), target["num_boxes"].numpy(), ids.numpy()):
+            entry = truth[image_id.decode()]
+            expected = np.array([[b["y"] / entry["height"], b["x"] / entry["width"],
+                                  (b["y"] + b["height"]) / entry["height"], (b["x"] + b["width"]) / entry["width"]]
+                                 for b in entry["boxes"]])
+            assert 1 <= count == len(expected) <= 4, image_id
+            np.testing.assert_allclose(boxes[:count], expected, atol=1e-6)  # (ymin, xmin, ymax, xmax), in order
+            assert np.all(boxes[count:] == 0)
+            checked += 1
+    assert checked == json.loads((built / "seg" / "summary.json").read_text())["counts"]["test"]["lesion"]
 
 
 def test_clear_errors(built, tmp_path):

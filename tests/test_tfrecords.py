@@ -131,9 +131,36 @@ def all_output_bytes(out: Path) -> dict[str, bytes]:
     }
 
 
-def test_rerun_gives_byte_identical_shards_and_skips_finished_work(built, tiny_data_root, tmp_path):
+def make_tfrecords_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "make_tfrecords.py"), *args, "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, **kwargs)
+
+
+# tools/make_tfrecords.py in a process that SIGKILLs itself while writing record number KILL_AT:
+# no exception handler, no finally block and no clean-up runs, as when a machine dies.
+KILLED_BUILD = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1] + "/tools")
+from caaxr_tf.data import tfrecords as tfr
+import make_tfrecords
+
+real, calls = tfr.make_example, [0]
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+tfr.make_example = dying
+sys.exit(make_tfrecords.main(sys.argv[3:]))
+"""
+
+
+def test_rerun_in_another_process_gives_byte_identical_shards_and_skips_finished_work(built, tiny_data_root, tmp_path):
+    """The shards of a build in a separate process (another interpreter, hash seed and worker
+    count) equal those of the build made in this one, byte for byte."""
     again = tmp_path / "again"
-    build(tiny_data_root, again, workers=1)  # other worker count, other folder
+    done = make_tfrecords_cli("--data-root", str(tiny_data_root), "--out", str(again), "--workers", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert all_output_bytes(again) == all_output_bytes(built)
     assert not (again / tfr.STAGING_DIR).exists()
 
@@ -144,31 +171,25 @@ def test_rerun_gives_byte_identical_shards_and_skips_finished_work(built, tiny_d
     assert {p: p.stat().st_mtime_ns for p in again.rglob("*.tfrecord")} == stamps
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(built, tiny_data_root, tmp_path, monkeypatch):
+def test_killed_run_resumes_in_a_new_process_to_the_same_bytes(built, tiny_data_root, tmp_path):
     out = tmp_path / "resume"
-    real = tfr.make_example
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 30:  # inside the second of the two test shards
-            raise KeyboardInterrupt("simulated kill")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tfr, "make_example", failing)
-    with pytest.raises(KeyboardInterrupt):
-        build(tiny_data_root, out, protocols="2class")
+    common = ["--data-root", str(tiny_data_root), "--out", str(out), "--protocol", "2class"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(REPO), "30", *common, "--workers", "1",
+                             "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # inside the second of the two test shards
     # nothing half-written under a final name, and no summary: the protocol is incomplete
     assert not (out / "2class" / "summary.json").exists()
-    finished = sorted(p.name for p in (out / "2class").rglob("*.tfrecord"))
-    assert len(finished) >= 1
-    for shard in (out / "2class").rglob("*.tfrecord"):
-        assert sum(1 for _ in tf.data.TFRecordDataset(str(shard))) > 0
+    finished = sorted(p.relative_to(out).as_posix() for p in (out / "2class").rglob("*.tfrecord"))
+    assert finished == ["2class/test-00000-of-00002.tfrecord"]
+    assert list((out / "2class").rglob("*.tfrecord.tmp"))  # the shard being written when it died
+    first = (out / "2class" / "test-00000-of-00002.tfrecord").stat().st_mtime_ns
 
-    monkeypatch.setattr(tfr, "make_example", real)
-    build(tiny_data_root, out, protocols="2class")
+    resumed = make_tfrecords_cli(*common, "--workers", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "2class" / "test-00000-of-00002.tfrecord").stat().st_mtime_ns == first  # kept, not rewritten
     expected = {k: v for k, v in all_output_bytes(built).items() if k.startswith("2class/")}
     assert all_output_bytes(out) == expected
+    assert not list(out.rglob("*.tmp")) and not (out / tfr.STAGING_DIR).exists()
 
 
 def test_plain_grey_sources_that_fit_are_stored_as_they_are(built, tiny_data_root):
@@ -225,3 +246,97 @@ def test_cli_reports_unknown_protocol_and_missing_root(tmp_path):
     bad = subprocess.run(cli + ["--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--protocol", "5class"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_unusable_image_is_replaced_by_the_next_in_the_seeded_order(tiny_data_root, tmp_path):
+    """README: a corrupt image among those drawn is replaced by the next one in the same seeded
+    order. So with one drawn image corrupted, a draw of 10 gives the clean draw of 11 without it."""
+    import shutil
+
+    overrides = ["caaxr.2class.classes.non_covid.count=12"]
+
+    def drawn(root: Path, out: str, covid: int) -> tuple[set[str], dict]:
+        summary = build(root, tmp_path / out, protocols="2class",
+                        protocol_overrides=overrides + [f"caaxr.2class.classes.covid.count={covid}"])["2class"]
+        rows = read_manifest(tmp_path / out / "2class")
+        return {r["image_id"] for r in rows if r["label"] == "covid"}, summary
+
+    ten, _ = drawn(tiny_data_root, "clean10", 10)
+    eleven, _ = drawn(tiny_data_root, "clean11", 11)
+    assert len(ten) == 10 and len(eleven) == 11 and ten < eleven  # one seeded order, drawn from the front
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_data_root, damaged)
+    entries = {e["image_id"]: e for e in json.loads((damaged / "synthetic.json").read_text())["images"]}
+    victim = sorted(ten)[3]
+    path = damaged / entries[victim]["path"]
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+
+    got, summary = drawn(damaged, "damaged10", 10)
+    assert got == eleven - {victim}
+    assert summary["counts"]["total"] == {"covid": 10, "non_covid": 12} and summary["warnings"] == []
+    assert [s["path"] for s in summary["skipped"]] == [str(path)]
+
+
+def test_cli_folds_records_per_shard_storage_size_and_uncertain_positive(tiny_data_root, tmp_path):
+    """One run of tools/make_tfrecords.py's command line with --folds 3, --records-per-shard 7,
+    --storage-size 0 and --set chexpert.uncertain=positive, checked against the synthetic manifest."""
+    import importlib.util
+
+    from caaxr_tf.data.pipeline import make_dataset
+
+    spec = importlib.util.spec_from_file_location("make_tfrecords_tool", REPO / "tools" / "make_tfrecords.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "out"
+    code = tool.main(["--data-root", str(tiny_data_root), "--out", str(out), "--protocol", "3class", "--folds", "3",
+                      "--records-per-shard", "7", "--storage-size", "0", "--set", "chexpert.uncertain=positive",
+                      "--workers", "1", "--no-progress"])
+    assert code == 0
+    protocol_dir = out / "3class"
+    summary = json.loads((protocol_dir / "summary.json").read_text())
+
+    # uncertain=positive: the five images with an uncertain pathology count as unhealthy, none is excluded
+    counts = json.loads((tiny_data_root / "synthetic.json").read_text())["counts"]
+    assert summary["counts"]["total"] == {
+        "covid": counts["covid_boxes"] + counts["covid_no_boxes"],
+        "non_covid_unhealthy": counts["chexpert_pneumonia"] + counts["chexpert_other"] + counts["chexpert_uncertain"],
+        "healthy": counts["chexpert_healthy"],
+    }
+    assert counts["chexpert_uncertain"] > 0 and not any("uncertain" in k for k in summary["excluded"])
+
+    # three folds: three disjoint validation parts, each fold trains on the rest of the non-test half
+    rows = read_manifest(protocol_dir)
+    assert summary["folds"] == 3 and [k for k in rows[0] if k.startswith("split_fold")] == [
+        "split_fold1", "split_fold2", "split_fold3"]
+    not_test = {r["image_id"] for r in rows if r["split_fold1"] != "test"}
+    vals = [{r["image_id"] for r in rows if r[f"split_fold{k}"] == "val"} for k in (1, 2, 3)]
+    assert all(vals) and not (vals[0] & vals[1]) and not (vals[0] & vals[2]) and not (vals[1] & vals[2])
+    for k, val in enumerate(vals, start=1):
+        assert {r["image_id"] for r in rows if r[f"split_fold{k}"] == "train"} == not_test - val
+    assert set(summary["shards"]) == {"test"} | {f"fold{k}/{s}" for k in (1, 2, 3) for s in ("train", "val")}
+    fold3 = make_dataset(protocol_dir, "val", fold=3, batch_size=64, with_ids=True)
+    assert {i.decode() for _, _, ids in fold3 for i in ids.numpy()} == vals[2]
+
+    # at most 7 records per shard, and no more shards than that needs (but two at least)
+    sizes = {entry["image_id"]: (entry["height"], entry["width"])
+             for entry in json.loads((tiny_data_root / "synthetic.json").read_text())["images"]}
+    for key, names in summary["shards"].items():
+        split, fold = (key, 1) if key == "test" else (key.split("/")[1], int(key[4]))
+        expected = sum(1 for r in rows if r[f"split_fold{fold}"] == split)
+        per_shard = [sum(1 for _ in tf.data.TFRecordDataset(str(protocol_dir / n))) for n in names]
+        assert sum(per_shard) == expected and max(per_shard) <= 7, (key, per_shard)
+        assert len(names) == max(2, -(-expected // 7)), key
+
+    # --storage-size 0: every image at its original size, including those above the default 512
+    large = 0
+    for name in summary["shards"]["test"] + summary["shards"]["fold1/train"] + summary["shards"]["fold1/val"]:
+        for serialized in tf.data.TFRecordDataset(str(protocol_dir / name)):
+            record = parse_record(serialized)
+            stored = (int(record["image/height"]), int(record["image/width"]))
+            assert stored == (int(record["image/original_height"]), int(record["image/original_width"]))
+            image_id = record["image/id"].numpy().decode()
+            if image_id in sizes:  # BIMCV ids; CheXpert ids are paths
+                assert stored == sizes[image_id]
+            large += max(stored) > 512
+    assert large > 0

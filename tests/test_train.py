@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -41,11 +43,48 @@ def history(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_run_folder_contents(tfrecords_root, tmp_path):
+def keep_checkpoints(run_dir: Path, into: Path) -> Callable[[int, dict], None]:
+    """An ``on_epoch_end`` that copies each epoch's checkpoint (the run keeps only the last)."""
+
+    def keep(epoch: int, logs: dict) -> None:
+        target = into / f"epoch{epoch}"
+        target.mkdir(parents=True)
+        for file in (run_dir / runs.BACKUP_DIR).glob(f"ckpt-{epoch}.*"):
+            shutil.copy(file, target / file.name)
+
+    return keep
+
+
+def restored_weights(checkpoint_dir: Path, epoch: int, config: dict) -> list[np.ndarray]:
+    """The model weights in one epoch's checkpoint, restored into a freshly built model."""
+    import tensorflow as tf
+
+    from caaxr_tf.models import build_model
+
+    model = build_model(config["model"], num_classes=len(config["class_names"]), weights="none",
+                        input_shape=(config["image_size"], config["image_size"], 1), **config["model_kwargs"])
+    fresh = [w.copy() for w in model.get_weights()]
+    tf.train.Checkpoint(model=model).read(str(checkpoint_dir / f"epoch{epoch}" / f"ckpt-{epoch}")) \
+        .assert_existing_objects_matched()
+    restored = model.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(fresh, restored))
+    return restored
+
+
+def same_weights(first: list[np.ndarray], second: list[np.ndarray]) -> bool:
+    return len(first) == len(second) and all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_run_folder_contents_and_best_model_of_the_best_epoch(tfrecords_root, tmp_path):
+    """Three epochs; best.keras must hold the weights of the epoch that history.csv names best.
+    The monitor is the epoch's duration, mode max: the first epoch traces the steps and is by
+    far the longest, so the best epoch is known (1) and is not the last."""
     run_dir = tmp_path / "run"
     result = run_in_process(
         ["--protocol", "2class", "--model", "resnet18", "--tfrecords", str(tfrecords_root), "--out", str(run_dir),
-         "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "4", *SMALL]
+         "--epochs", "3", "--steps-per-epoch", "2", "--batch-size", "4", "--set", "monitor=seconds",
+         "--set", "monitor_mode=max", *SMALL],
+        on_epoch_end=keep_checkpoints(run_dir, tmp_path / "kept"),
     )
     for name in (runs.CONFIG_FILE, runs.BEST_MODEL, runs.FINAL_MODEL, runs.HISTORY_FILE):
         assert (run_dir / name).exists(), name
@@ -55,30 +94,62 @@ def test_run_folder_contents(tfrecords_root, tmp_path):
     assert config["class_names"] == ["covid", "non_covid"] and config["batch_size"] == 4
     assert config["optimizer"] == {"name": "sgd", "learning_rate": 1e-3, "momentum": 0.9}  # the paper's
     rows = history(run_dir)
-    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert {"loss", "val_loss", "val_auc_covid", "val_sens_at_99_spec", "val_sens_at_90_spec"} <= set(rows[0])
     model = runs.load_run_model(run_dir, "final")
     assert model.output_shape == (None, 2)
     assert np.isfinite(result["checksum"])
 
+    best_epoch = int(max(rows, key=lambda r: float(r["seconds"]))["epoch"])
+    assert best_epoch == 1 and result["best"] == pytest.approx(float(rows[0]["seconds"]))
+    per_epoch = {epoch: restored_weights(tmp_path / "kept", epoch, config) for epoch in (1, 2, 3)}
+    best = runs.load_run_model(run_dir, "best").get_weights()
+    assert same_weights(best, per_epoch[best_epoch])
+    assert not same_weights(best, per_epoch[3]) and not same_weights(best, per_epoch[2])
+    assert same_weights(model.get_weights(), per_epoch[3])
 
-def test_killed_run_resumes_at_the_next_epoch(tfrecords_root, tmp_path):
+
+def test_killed_run_resumes_at_the_next_epoch_from_the_saved_state(tfrecords_root, tmp_path, monkeypatch):
+    """The weights and optimizer state a resumed run starts from are those of the killed run
+    after epoch 1 (a restore that silently matched nothing would start from fresh weights)."""
     run_dir = tmp_path / "resume"
     argv = ["--protocol", "seg", "--model", "unet", "--tfrecords", str(tfrecords_root), "--out", str(run_dir),
             "--epochs", "2", "--steps-per-epoch", "2", "--set", "model_kwargs.base_filters=4", *SMALL]
+    # The training step is built right after the restore: a spy on its factory sees the model
+    # and optimizer the loop starts from.
+    built: list[tuple] = []
+    real_factory = train_lib.make_train_step
+
+    def spy(config, strategy, model, optimizer, *args, **kwargs):
+        built.append((model, optimizer, [w.copy() for w in model.get_weights()],
+                      [v.numpy().copy() for v in optimizer.variables]))
+        return real_factory(config, strategy, model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "make_train_step", spy)
+    saved: dict[str, list[np.ndarray]] = {}
 
     def kill_after_first(epoch, logs):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed after epoch 1")
+        model, optimizer = built[0][:2]
+        saved["weights"] = [w.copy() for w in model.get_weights()]
+        saved["optimizer"] = [v.numpy().copy() for v in optimizer.variables]
+        saved["iterations"] = int(optimizer.iterations.numpy())
+        raise KeyboardInterrupt("killed after epoch 1")
 
     with pytest.raises(KeyboardInterrupt):
         run_in_process(argv, on_epoch_end=kill_after_first)
     assert (run_dir / runs.BACKUP_DIR).exists() and not (run_dir / runs.FINAL_MODEL).exists()
     assert [r["epoch"] for r in history(run_dir)] == ["1"]
+    assert saved["iterations"] == 2
+    fresh_weights = built[0][2]
+    assert not same_weights(saved["weights"], fresh_weights)  # epoch 1 changed them
 
     seen = []
     run_in_process(argv, on_epoch_end=lambda epoch, logs: seen.append(epoch))
     assert seen == [2]  # epoch 1 was not repeated
+    _, optimizer, start_weights, start_optimizer = built[1]
+    assert same_weights(start_weights, saved["weights"])  # trainable and BatchNorm statistics
+    assert same_weights(start_optimizer, saved["optimizer"])  # iterations, Adam moments
+    assert int(optimizer.iterations.numpy()) == 4
     assert [r["epoch"] for r in history(run_dir)] == ["1", "2"]
     # and a third start finds the run complete
     assert train_lib.main(argv) == 0
@@ -97,6 +168,93 @@ def test_mirrored_strategy_on_two_logical_cpus(tfrecords_root, tmp_path):
     assert isinstance(strategy, tf.distribute.MirroredStrategy)
     row = result["history"][0]
     assert np.isfinite(row["loss"]) and 0.0 <= row["val_dice"] <= 1.0
+
+
+# One training step of a small BatchNorm-free model with an L2 penalty, on a fixed global batch
+# of four images: the same updated weights under every strategy, or the loss is scaled per
+# replica instead of per global batch. Shared by the in-process and the multi-worker test.
+STEP_CONFIG = {"loss": "binary_crossentropy", "batch_size": 4, "mixed_precision": False, "jit": False}
+STEP_LEARNING_RATE = 0.5
+
+
+def step_model():
+    import keras
+
+    inputs = keras.Input((32, 32, 1))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", kernel_regularizer=keras.regularizers.L2(0.01))(x)
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid")(x)
+    return keras.Model(inputs, outputs)
+
+
+def step_batch() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    images = rng.uniform(0, 255, (4, 32, 32, 1)).astype(np.float32)
+    return images, (images > 150).astype(np.float32)
+
+
+def one_step(strategy, initial: list[np.ndarray], dataset_fn) -> tuple[list[np.ndarray], float]:
+    """Weights and reported loss after one step of train.make_train_step from ``initial``."""
+    import keras
+
+    with strategy.scope():
+        model = step_model()
+        model.set_weights(initial)
+        optimizer = keras.optimizers.SGD(learning_rate=STEP_LEARNING_RATE)
+        optimizer.build(model.trainable_variables)
+        loss_tracker = keras.metrics.Mean(name="loss")
+    step = train_lib.make_train_step(STEP_CONFIG, strategy, model, optimizer, loss_tracker, {}, [])
+    step(iter(strategy.distribute_datasets_from_function(dataset_fn)))
+    return model.get_weights(), float(loss_tracker.result())
+
+
+def sharded_batches(context):
+    """Worker/replica ``k`` of ``n`` takes images k, k + n, ...: together, the global batch."""
+    import tensorflow as tf
+
+    images, masks = step_batch()
+    dataset = tf.data.Dataset.from_tensor_slices((images, masks))
+    dataset = dataset.shard(context.num_input_pipelines, context.input_pipeline_id)
+    return dataset.batch(context.get_per_replica_batch_size(STEP_CONFIG["batch_size"])).repeat()
+
+
+def reference_step(initial: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+    """The step on one device, with the gradient written out here (no distribution at all)."""
+    import keras
+    import tensorflow as tf
+
+    model = step_model()
+    model.set_weights(initial)
+    images, masks = step_batch()
+    with tf.GradientTape() as tape:
+        predictions = model(images, training=True)
+        loss = tf.reduce_mean(keras.losses.binary_crossentropy(masks, predictions)) + tf.add_n(model.losses)
+    gradients = tape.gradient(loss, model.trainable_variables)
+    for variable, gradient in zip(model.trainable_variables, gradients):
+        variable.assign_sub(STEP_LEARNING_RATE * gradient)
+    return model.get_weights(), float(loss)
+
+
+def assert_same_update(got: list[np.ndarray], expected: list[np.ndarray], initial: list[np.ndarray]) -> None:
+    change = max(np.abs(e - i).max() for e, i in zip(expected, initial))
+    assert change > 1e-3  # the step moves the weights: a doubled or halved update would show
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * change)
+
+
+def test_one_step_is_the_same_on_one_device_and_mirrored_on_two():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    initial = step_model().get_weights()
+    expected, expected_loss = reference_step(initial)
+    one = train_lib.make_strategy("one")
+    mirrored = train_lib.make_strategy("mirrored")
+    assert mirrored.num_replicas_in_sync == 2
+    for strategy in (one, mirrored):
+        weights, loss = one_step(strategy, initial, sharded_batches)
+        assert_same_update(weights, expected, initial)
+        assert loss == pytest.approx(expected_loss, rel=1e-5)  # the global batch's loss, penalty included
 
 
 @pytest.mark.parametrize(
@@ -261,6 +419,56 @@ def test_multiworker_training_with_two_local_workers(tfrecords_root, tmp_path):
     assert not list(run_dir.glob(".worker-backup-*")) and not (run_dir / runs.BACKUP_DIR).exists()
 
 
+# One training step on one of two local workers (TF_CONFIG) of a MultiWorkerMirroredStrategy.
+WORKER_STEP = r"""
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_train
+from caaxr_tf import train as train_lib
+
+strategy = train_lib.make_strategy("multiworker")
+assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
+with np.load(sys.argv[2]) as saved:
+    initial = [saved[f"w{i}"] for i in range(len(saved.files))]
+weights, loss = test_train.one_step(strategy, initial, test_train.sharded_batches)
+np.savez(sys.argv[3], loss=loss, **{f"w{i}": w for i, w in enumerate(weights)})
+"""
+
+
+@pytest.mark.slow
+def test_one_step_is_the_same_on_one_device_and_on_two_workers(tmp_path):
+    """Each worker reads half of the global batch; their step must equal the one-device step."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    initial = step_model().get_weights()
+    expected, expected_loss = reference_step(initial)
+    np.savez(tmp_path / "initial.npz", **{f"w{i}": w for i, w in enumerate(initial)})
+    cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+                   CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER_STEP, str(REPO / "tests"), str(tmp_path / "initial.npz"),
+             str(tmp_path / f"worker{index}.npz")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        ))
+    for process in processes:
+        try:
+            output = process.communicate(timeout=300)[0]
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            pytest.fail("the two workers did not finish in time")
+        assert process.returncode == 0, output[-3000:]
+    for index in range(2):
+        with np.load(tmp_path / f"worker{index}.npz") as result:
+            assert_same_update([result[f"w{i}"] for i in range(len(initial))], expected, initial)
+            assert float(result["loss"]) == pytest.approx(expected_loss, rel=1e-5)
+
+
 def predict_split(run_dir: Path, split: str, image_size: int):
     from caaxr_tf.data.pipeline import make_dataset
 
@@ -304,16 +512,67 @@ def test_classifier_learns_covid_vs_non_covid(tfrecords_root, tmp_path):
     assert auc > 0.9, f"COVID test AUC {auc:.3f} after 30 steps"
 
 
+def layer_dtype_policies(keras_file: Path) -> dict[str, str]:
+    """Every layer's dtype policy in a saved .keras file (nested models walked), by name."""
+    import zipfile
+
+    def walk(entry: dict, found: dict[str, str]) -> dict[str, str]:
+        config = entry.get("config", {})
+        if "layers" in config:
+            for layer in config["layers"]:
+                walk(layer, found)
+        else:
+            dtype = config.get("dtype")
+            found[config["name"]] = dtype["config"]["name"] if isinstance(dtype, dict) else str(dtype)
+        return found
+
+    with zipfile.ZipFile(keras_file) as archive:
+        return walk(json.loads(archive.read("config.json")), {})
+
+
 def test_xla_and_mixed_precision_steps_run(tfrecords_root, tmp_path):
-    # a subprocess: the mixed-precision policy is process-global
+    # a subprocess: the mixed-precision policy is process-global. TensorFlow's INFO log says
+    # when it compiled a cluster with XLA (nothing on CPU is auto-clustered without --jit).
     code = subprocess.run(
         [sys.executable, "-m", "caaxr_tf.train", "--protocol", "2class", "--model", "resnet18",
          "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "xla"), "--epochs", "1", "--steps-per-epoch", "2",
          "--batch-size", "4", "--jit", "--mixed-precision", *SMALL],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"),
     )
     assert code.returncode == 0, code.stderr[-3000:]
+    assert "Compiled cluster using XLA" in code.stderr
     config = runs.load_run_config(tmp_path / "xla")
     assert config["jit"] is True and config["mixed_precision"] is True
     rows = history(tmp_path / "xla")
     assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"]))
+    # every layer computes in float16 with float32 variables, but the softmax head and the inputs
+    policies = layer_dtype_policies(tmp_path / "xla" / runs.FINAL_MODEL)
+    assert {name for name, policy in policies.items() if policy != "mixed_float16"} == {"image", "input", "predictions"}
+    assert policies["predictions"] == "float32" and len(policies) > 50
+
+
+def test_paper_defaults_resolve_per_task_and_model(tfrecords_root, tmp_path):
+    import keras
+
+    def resolved(protocol: str, model: str) -> dict:
+        return train_lib.resolve_config(train_lib.parse_args(
+            ["--protocol", protocol, "--model", model, "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "r")]))
+
+    for model in ("unet", "segnet"):
+        config = resolved("seg", model)
+        assert (config["batch_size"], config["epochs"], config["loss"], config["monitor"]) == (
+            4, 25, "binary_crossentropy", "val_dice")
+        assert config["optimizer"] == {"name": "adam", "learning_rate": 1e-4}
+        optimizer = train_lib.make_optimizer(config)
+        assert isinstance(optimizer, keras.optimizers.Adam) and float(optimizer.learning_rate) == pytest.approx(1e-4)
+    maskrcnn = resolved("seg", "maskrcnn")
+    assert (maskrcnn["batch_size"], maskrcnn["loss"]) == (16, "model")
+    assert {k: maskrcnn["optimizer"][k] for k in ("name", "learning_rate", "momentum")} == {
+        "name": "sgd", "learning_rate": 1e-3, "momentum": 0.9}
+    for model in ("resnet18", "mobilenetv2", "densenet121", "vgg19"):
+        config = resolved("2class", model)
+        assert (config["batch_size"], config["epochs"], config["loss"], config["monitor"]) == (
+            10, 30, "categorical_crossentropy", "val_auc_mean")
+        optimizer = train_lib.make_optimizer(config)
+        assert isinstance(optimizer, keras.optimizers.SGD)
+        assert (float(optimizer.learning_rate), float(optimizer.momentum)) == pytest.approx((1e-3, 0.9))

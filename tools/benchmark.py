@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -903,52 +903,74 @@ def measure_input(config: dict[str, Any], min_images: int) -> tuple[tuple, tuple
     return cold, warm
 
 
-def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) -> list[tuple[float, float | None]]:
-    """images/s of train.py's replica step (same model, optimizer, loss, metrics and
-    strategy.run inside a tf.function) on one batch held in memory, so no input cost."""
+class HeldStep(NamedTuple):
+    """train.py's distributed training step over one batch held in memory, with what it updates."""
+
+    step: Callable[[Any], None]
+    iterator: Any
+    model: Any
+    loss_tracker: Any
+    batch: tuple
+
+
+def build_held_step(config: dict[str, Any]) -> HeldStep:
+    """train.py's replica step (same model, optimizer, loss, metrics and strategy.run inside a
+    tf.function) on the first training batch, repeated, so no input cost. The caller sets the
+    seed and the mixed-precision policy."""
     import keras
     import tensorflow as tf
 
     from caaxr_tf import train as train_lib
     from caaxr_tf.models import build_model
 
+    strategy = train_lib.make_strategy("one")
+    global_batch = int(config["batch_size"])
+    owns_loss = config["loss"] == "model"
+    train_ds, *_ = train_lib.make_datasets(config, global_batch, 1)
+    one_batch = next(iter(train_ds))
+    with strategy.scope():
+        num_classes = len(config["class_names"]) if config["task"] == "classification" else None
+        model = build_model(config["model"], num_classes=num_classes, weights=config["weights"],
+                            input_shape=(config["image_size"], config["image_size"], 1), **config["model_kwargs"])
+        optimizer = train_lib.make_optimizer(config)
+        optimizer.build(model.trainable_variables)
+        train_metrics = train_lib.make_metrics(config) if not owns_loss else []
+        loss_tracker = keras.metrics.Mean(name="loss")
+        component_trackers = train_lib.make_component_trackers(owns_loss)
+    train_step = train_lib.make_train_step(config, strategy, model, optimizer, loss_tracker,
+                                           component_trackers, train_metrics)
+    held = tf.data.Dataset.from_tensors(one_batch).repeat()
+    iterator = iter(strategy.experimental_distribute_dataset(held))
+    return HeldStep(train_step, iterator, model, loss_tracker, one_batch)
+
+
+def time_held_step(held: HeldStep, warmup: int, steps: int, repeats: int) -> list[tuple[float, float | None]]:
+    """(images/s, images/CPU-s) of ``repeats`` runs of ``steps`` steps, after ``warmup`` steps."""
+    for _ in range(warmup):
+        held.step(held.iterator)
+    float(held.loss_tracker.result())
+    images = steps * int(held.batch[0].shape[0])
+    rates = []
+    for _ in range(repeats):
+        cpu = time.process_time()
+        started = time.perf_counter()
+        for _ in range(steps):
+            held.step(held.iterator)
+        float(held.loss_tracker.result())  # waits for the last step
+        spent = time.process_time() - cpu
+        rates.append((images / (time.perf_counter() - started), images / spent if spent > 0 else None))
+    return rates
+
+
+def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) -> list[tuple[float, float | None]]:
+    """images/s of train.py's replica step (see ``build_held_step``) on one batch held in memory."""
+    import keras
+
     keras.utils.set_random_seed(int(config["seed"]))
     if config["mixed_precision"]:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        strategy = train_lib.make_strategy("one")
-        global_batch = int(config["batch_size"])
-        owns_loss = config["loss"] == "model"
-        train_ds, *_ = train_lib.make_datasets(config, global_batch, 1)
-        one_batch = next(iter(train_ds))
-        with strategy.scope():
-            num_classes = len(config["class_names"]) if config["task"] == "classification" else None
-            model = build_model(config["model"], num_classes=num_classes, weights=config["weights"],
-                                input_shape=(config["image_size"], config["image_size"], 1), **config["model_kwargs"])
-            optimizer = train_lib.make_optimizer(config)
-            optimizer.build(model.trainable_variables)
-            train_metrics = train_lib.make_metrics(config) if not owns_loss else []
-            loss_tracker = keras.metrics.Mean(name="loss")
-            component_trackers = train_lib.make_component_trackers(owns_loss)
-        train_step = train_lib.make_train_step(config, strategy, model, optimizer, loss_tracker,
-                                               component_trackers, train_metrics)
-
-        held = tf.data.Dataset.from_tensors(one_batch).repeat()
-        iterator = iter(strategy.experimental_distribute_dataset(held))
-        for _ in range(warmup):
-            train_step(iterator)
-        float(loss_tracker.result())
-        rates = []
-        for _ in range(repeats):
-            cpu = time.process_time()
-            started = time.perf_counter()
-            for _ in range(steps):
-                train_step(iterator)
-            float(loss_tracker.result())  # waits for the last step
-            images = steps * global_batch
-            spent = time.process_time() - cpu
-            rates.append((images / (time.perf_counter() - started), images / spent if spent > 0 else None))
-        return rates
+        return time_held_step(build_held_step(config), warmup, steps, repeats)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
