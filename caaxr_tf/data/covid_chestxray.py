@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 from caaxr_tf.config import deep_merge, load_config
 from caaxr_tf.data.caaxr import BoxError, parse_box
-from caaxr_tf.data.records import Box, ReadResult, Sample, SchemaError, read_csv_table
+from caaxr_tf.data.images import image_size
+from caaxr_tf.data.records import Box, ReadResult, Sample, SchemaError, read_csv_table, resolve_inside
 
 SOURCE = "covid-chestxray"
 REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
@@ -34,20 +35,6 @@ def split_finding(value: str) -> tuple[str, ...]:
     return tuple(token.strip() for token in _FINDING_SPLIT.split(value) if token.strip())
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) from the file header, without decoding the pixels."""
-    try:
-        from PIL import Image  # Pillow comes with matplotlib; without it the check is skipped
-    except ImportError:
-        return None
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, ValueError):
-        return None  # an unreadable image is reported when it is decoded
-    return (height, width)
-
-
 def read_lung_boxes(
     path: str | os.PathLike, images_dir: str | os.PathLike, result: ReadResult
 ) -> dict[str, list[Box]]:
@@ -56,8 +43,9 @@ def read_lung_boxes(
     Each box is checked against the size given for its image in the COCO file. Where that
     size disagrees with the image file itself, the image's boxes were drawn on another copy
     of it: the image is reported once (``image <id>: width/height``) and its boxes dropped.
-    A missing file is reported and gives no boxes; a file that is not COCO JSON raises
-    ``SchemaError``.
+    A ``file_name`` outside ``images_dir`` (absolute, or climbing out with ``..``) is
+    reported and its boxes dropped. A missing file is reported and gives no boxes; a file
+    that is not COCO JSON (or nested too deeply to parse) raises ``SchemaError``.
     """
     path = str(path)
     try:
@@ -68,6 +56,8 @@ def read_lung_boxes(
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SchemaError(path, "json", f"cannot be read as JSON ({error})") from error
+    except RecursionError:
+        raise SchemaError(path, "json", "nested too deeply to be read as JSON") from None
     keys = ("images", "annotations", "categories")
     if not isinstance(coco, dict) or not all(isinstance(coco.get(key), list) for key in keys):
         raise SchemaError(path, "json", f"expected a COCO object with lists {', '.join(keys)}")
@@ -84,9 +74,14 @@ def read_lung_boxes(
         if not file_name:
             result.skip(path, f"image {image_id}: file_name", "missing")
             continue
+        try:
+            image_path = resolve_inside(images_dir, str(file_name))
+        except ValueError as error:
+            result.skip(path, f"image {image_id}: file_name", f"{error}; its boxes are dropped")
+            continue
         declared = (entry.get("height"), entry.get("width"))
         size = declared if all(isinstance(v, int) and v > 0 for v in declared) else None
-        actual = _image_size(Path(images_dir) / file_name)
+        actual = image_size(image_path) if image_path.is_file() else None  # header only
         if size is not None and actual is not None and actual != size:
             result.skip(
                 path,
@@ -170,7 +165,11 @@ def read_covid_chestxray(
         if not filename:
             result.skip(str(metadata_path), f"row {row}: filename", "empty file name")
             continue
-        image_path = images_dir / filename
+        try:
+            image_path = resolve_inside(images_dir, filename)
+        except ValueError as error:
+            result.skip(str(metadata_path), f"row {row}: filename", str(error))
+            continue
         if not image_path.is_file():
             reason = f"image file not found: {filename}"
             result.skip(str(metadata_path), f"row {row}: filename", reason)
