@@ -170,6 +170,7 @@ def read_covid_chestxray(
         except ValueError as error:
             result.skip(str(metadata_path), f"row {row}: filename", str(error))
             continue
+        filename = image_path.relative_to(images_dir).as_posix()  # "a/../b.png" is b.png
         if not image_path.is_file():
             reason = f"image file not found: {filename}"
             result.skip(str(metadata_path), f"row {row}: filename", reason)
