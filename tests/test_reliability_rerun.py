@@ -239,6 +239,11 @@ def test_damaged_shards_are_found_and_rewritten(tiny_data_root, tmp_path):
     lines.clear()
     build(tiny_data_root, out, storage_size=48, records_per_shard=4, verify=True, log=lines.append)
     assert any("up to date" in line and "verified" in line for line in lines), lines
+    stamps = {p: p.stat().st_mtime_ns for p in protocol_dir.rglob("*")}
+    lines.clear()
+    build(tiny_data_root, out, storage_size=48, records_per_shard=4, overwrite=True, log=lines.append)
+    assert any("up to date" in line for line in lines)  # --overwrite replaces other builds only
+    assert {p: p.stat().st_mtime_ns for p in protocol_dir.rglob("*")} == stamps
     repaired = records(protocol_dir)
     assert {s: {i: r[2] for i, r in v.items()} for s, v in repaired.items()} == \
         {s: {i: r[2] for i, r in v.items()} for s, v in clean.items()}

@@ -373,18 +373,6 @@ def describe_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
     return lines
 
 
-def is_complete(protocol_dir: Path, expected_fingerprint: str) -> bool:
-    """True when summary.json has ``expected_fingerprint`` and every shard exists with its
-    recorded size."""
-    try:
-        summary = read_summary_file(protocol_dir / SUMMARY_FILE)
-    except (OSError, ValueError):
-        return False
-    if summary.get("fingerprint") != expected_fingerprint:
-        return False
-    return not verify_protocol(protocol_dir, summary, full=False)
-
-
 @dataclass
 class ProtocolPlan:
     """What a run does with one protocol folder, decided before anything is written.
@@ -421,14 +409,12 @@ def plan_protocol(protocol_dir: Path, stamp: str, settings: Mapping[str, Any], *
             old = summary.get("build") or {k: summary[k] for k in ("seed", "storage_size") if k in summary}
             reason = "built with other arguments or inputs: " + "; ".join(describe_differences(old, settings))
             return ProtocolPlan("replace" if overwrite else "refuse", reason)
-        if overwrite:
-            return ProtocolPlan("replace", "--overwrite")
         broken = verify_protocol(protocol_dir, summary, full=verify)
         if broken:
             return ProtocolPlan("repair", f"{len(broken)} damaged shard(s)", broken)
         return ProtocolPlan("up to date", summary=summary)
     marker = protocol_dir / BUILDING_FILE
-    if marker.exists() and not overwrite:
+    if marker.exists():
         try:
             building = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
@@ -658,7 +644,8 @@ def build_tfrecords(
     """Build the shards of the chosen protocols; returns each protocol's summary.
 
     ``overwrite`` replaces protocols built with other arguments or inputs (otherwise they
-    raise ``OutputConflictError`` before anything is written); ``verify`` reads every shard
+    raise ``OutputConflictError`` before anything is written; an up-to-date protocol is kept
+    either way); ``verify`` reads every shard
     of an up-to-date protocol back (CRCs, record counts, SHA-256) and rewrites the damaged
     ones. Raises ``ValueError`` for bad arguments, ``SchemaError`` for a CSV without its
     columns, ``FolderLockedError`` while another run writes to ``out_dir`` and
