@@ -123,9 +123,8 @@ def layered_config(base: Mapping[str, Any], extra: Mapping[str, Any], task: str,
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Merge configs/train.yaml, --config, flags and --set into one flat run config."""
-    from caaxr_tf.models import model_task
-
     from caaxr_tf.data.tfrecords import read_summary_file
+    from caaxr_tf.models import model_task
 
     protocol_dir = locate_protocol_dir(args.tfrecords, args.protocol)
     summary = read_summary_file(protocol_dir / "summary.json")

@@ -26,7 +26,7 @@ from PIL import Image
 from caaxr_tf.data import tfrecords as tfr
 from caaxr_tf.data.images import load_image
 from caaxr_tf.data.pipeline import make_dataset
-from caaxr_tf.data.pipeline import parse_record as tfr_parse
+from caaxr_tf.data.pipeline import parse_record
 from caaxr_tf.export import export_model, export_run, list_versions
 from caaxr_tf.export import main as export_main
 from caaxr_tf.predict import ServedModel, iter_predictions, predict_files
@@ -120,7 +120,7 @@ def test_exif_orientation_is_ignored_by_records_training_predict_and_serving(pro
     with open(out / "2class" / "summary.json") as handle:
         names = [n for names in json.load(handle)["shards"].values() for n in names]
     sizes = {(int(r["image/height"]), int(r["image/width"])) for name in names
-             for r in tf.data.TFRecordDataset(str(out / "2class" / name)).map(tfr_parse) if r["image/id"] == b"rotated.jpg"}
+             for r in tf.data.TFRecordDataset(str(out / "2class" / name)).map(parse_record) if r["image/id"] == b"rotated.jpg"}
     assert sizes == {(40, 64)}
 
     upright = np.rot90(stored_pixels(), k=-1)  # what applying orientation 6 would have given
@@ -201,7 +201,7 @@ def nan_model() -> keras.Model:
     return model
 
 
-def test_export_verification_refuses_a_nan_model(tmp_path, capsys, probe):
+def test_export_verification_refuses_a_nan_model(tmp_path, capsys):
     run = make_run(tmp_path / "run", nan_model())
     saved = tmp_path / "saved_models" / "broken"
     assert export_main(["--run", str(run), "--out", str(saved)]) == 2

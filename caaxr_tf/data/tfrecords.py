@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from caaxr_tf.config import load_config
 from caaxr_tf.data import protocols as protocols_lib
 from caaxr_tf.data.records import ReadResult, Sample, Skipped
-from caaxr_tf.data.shards import ShardProblem, check_shard, shard_info, verify_protocol
+from caaxr_tf.data.shards import ShardProblem, shard_info, verify_protocol
 from caaxr_tf.data.staging import StagedImage, stage_task
 from caaxr_tf.locks import FolderLock
 
