@@ -13,8 +13,18 @@ CONFIG_DIR = Path(os.environ.get("CAAXR_CONFIG_DIR", Path(__file__).resolve().pa
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as handle:
-        loaded = yaml.safe_load(handle) or {}
+    """A YAML mapping from ``path``; ``FileNotFoundError`` / ``ValueError`` name the file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"config file not found: {path}") from error
+    except IsADirectoryError as error:
+        raise ValueError(f"{path}: is a folder, not a YAML file") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot be read ({error})") from error
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: invalid YAML ({' '.join(str(error).split())})") from error
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
     return loaded
@@ -41,7 +51,13 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of ``config`` with each ``a.b.c=value`` applied; values are parsed as YAML."""
+    """Return a copy of ``config`` with each ``a.b.c=value`` applied; values are parsed as YAML.
+
+    An override keeps the shape of what it replaces: a section (mapping) or a list cannot
+    become a scalar (``caaxr=[1,2]``, ``optimizer=5``), so a typo fails here, naming the
+    override, rather than as a traceback deep inside a reader. Values are read with YAML's
+    safe loader: tags such as ``!!python/object`` are an error.
+    """
     result = copy.deepcopy(dict(config))
     for item in overrides:
         if "=" not in item:
@@ -58,5 +74,17 @@ def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {key!r} is not a mapping")
             node = child
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {item!r}: invalid value ({' '.join(str(error).split())})") from None
+        current = node.get(keys[-1])
+        if isinstance(current, dict) and not isinstance(value, dict):
+            raise ValueError(
+                f"override {item!r}: {dotted.strip()!r} is a section with keys {sorted(current)}; "
+                f"set one of them (e.g. {dotted.strip()}.{next(iter(current), 'key')}=...)"
+            )
+        if isinstance(current, list) and not isinstance(value, list):
+            raise ValueError(f"override {item!r}: {dotted.strip()!r} is a list; write it as [a, b, ...]")
+        node[keys[-1]] = value
     return result

@@ -421,11 +421,18 @@ def run_cv(
     subsets = sorted(summary.get("subsets") or {})
     available = int(summary["folds"])
     folds = list(folds) if folds else list(range(1, available + 1))
+    # "--models unet,unet --folds 1,1" means each once (a second run would repeat the first's row)
+    if len(set(models)) < len(models) or len(set(folds)) < len(folds):
+        log(f"note: repeated models or folds are run once ({', '.join(dict.fromkeys(models))}; "
+            f"folds {', '.join(map(str, dict.fromkeys(folds)))})")
+    models, folds = list(dict.fromkeys(models)), list(dict.fromkeys(folds))
     bad_folds = [k for k in folds if not 1 <= k <= available]
     if bad_folds:
         raise ValueError(f"fold {bad_folds[0]} does not exist in {protocol_dir}: it has folds 1..{available}")
     if not models:
         raise ValueError("no models given")
+    if eval_batch_size is not None and eval_batch_size < 1:
+        raise ValueError(f"--eval-batch-size must be at least 1, got {eval_batch_size}")
     known = available_models()
     for model in models:
         if model not in known:

@@ -364,7 +364,42 @@ def evaluate_run(
     and ``RUN_DIR/eval/metrics_<split>[_<subset>][_final].json`` otherwise, plus the per-image
     CSV and the plots (see the module docstring), and returns the metrics dict. ``log``
     receives the printed summary table (None: silent).
+
+    Raises ``ValueError`` when the model's outputs are not finite (nothing is written) and
+    ``tf.errors.DataLossError`` naming the shard when a shard of the split is damaged.
     """
+    from caaxr_tf.data.pipeline import shard_files
+    from caaxr_tf.data.shards import naming_corrupt_shards
+
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    config, tfrecords, _ = _check_inputs(Path(run_dir).resolve(), split, subset, which)
+    with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
+        return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log)
+
+
+def _check_finite(values: np.ndarray, ids: Sequence[str]) -> None:
+    """A model with NaN weights scores DICE 0 or 1 and AUC 0.5 silently: refuse it instead."""
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        first = ", ".join(ids[i] for i in np.flatnonzero(bad)[:3])
+        raise ValueError(
+            f"the model's outputs are not finite (NaN or Inf) for {int(bad.sum())} image(s) of this batch "
+            f"(e.g. {first}): the model is broken (trained with a non-finite loss?); nothing was written"
+        )
+
+
+def _evaluate_run(
+    run_dir: str | Path,
+    split: str,
+    subset: str | None,
+    batch_size: int | None,
+    which: str,
+    *,
+    plots: bool,
+    num_examples: int,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
     from caaxr_tf.data.pipeline import make_dataset
     from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
 
@@ -401,7 +436,9 @@ def evaluate_run(
     if task == "classification":
         ids, labels, scores = [], [], []
         for images, targets, batch_ids in dataset:
-            scores.append(_class_scores(predict(images), len(class_names)))
+            batch_scores = _class_scores(predict(images), len(class_names))
+            _check_finite(batch_scores, [i.decode("utf-8") for i in batch_ids.numpy()])
+            scores.append(batch_scores)
             labels.append(np.argmax(targets.numpy(), axis=1))
             ids.extend(i.decode("utf-8") for i in batch_ids.numpy())
         if not ids:
@@ -429,6 +466,7 @@ def evaluate_run(
         ids, dice, iou, true_px, pred_px = [], [], [], [], []
         for images, masks, batch_ids in dataset:
             probs = _mask_output(predict(images))
+            _check_finite(probs, [i.decode("utf-8") for i in batch_ids.numpy()])
             truth = masks.numpy()
             dice.append(dice_per_image(truth, probs, THRESHOLD, EMPTY_SCORE))
             iou.append(iou_per_image(truth, probs, THRESHOLD, EMPTY_SCORE))
@@ -625,10 +663,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import tensorflow as tf
+
     try:
         evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except tf.errors.DataLossError as error:
+        print(f"error: {error.message}", file=sys.stderr)
         return 2
     return 0
 

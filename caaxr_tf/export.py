@@ -319,7 +319,15 @@ def verify_export(model, export_dir: str | Path, image_size: int, seed: int = 0)
         if not np.issubdtype(value.dtype, np.floating):
             continue
         name = key if key is not None else ("mask" if "mask" in got else "probabilities")
-        worst = max(worst, float(np.max(np.abs(got[name].numpy() - value.astype(np.float32)))))
+        exported = got[name].numpy()
+        # max() with a NaN would pass silently: a model with NaN weights must not be exported
+        for which, array in (("Keras model", value), ("export", exported)):
+            if not np.all(np.isfinite(array)):
+                raise RuntimeError(
+                    f"the {which} gives non-finite values (NaN or Inf) in {name!r} on random images: "
+                    f"the model is broken (e.g. trained with a non-finite loss); {export_dir} is not kept"
+                )
+        worst = max(worst, float(np.max(np.abs(exported - value.astype(np.float32)))))
     if worst > VERIFY_TOLERANCE:
         raise RuntimeError(f"the export at {export_dir} differs from the Keras model by {worst:g}")
     return worst
@@ -440,6 +448,46 @@ def export_model(
     return export_dir
 
 
+_TEMPORARY_PATTERN = re.compile(r"^\.(export|retired)-\d+-(\d+)\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(model_base: str | Path) -> list[Path]:
+    """Clean up after killed exports (their PID no longer runs on this machine): remove
+    ``.export-N-PID.tmp`` folders, and ``.retired-N-PID.tmp`` ones (the old version an
+    ``--overwrite`` had moved aside) unless version N is missing, which they then restore.
+    Returns the folders removed or restored.
+
+    Export folders on a file system shared between machines could belong to a live export
+    on another host with the same PID number; such a folder is only removed when no process
+    here has that PID, which is the usual case but not a guarantee.
+    """
+    removed = []
+    model_base = Path(model_base)
+    if not model_base.is_dir():
+        return removed
+    for path in model_base.iterdir():
+        match = _TEMPORARY_PATTERN.match(path.name)
+        if not match or not path.is_dir() or int(match.group(2)) == os.getpid() or _process_alive(int(match.group(2))):
+            continue
+        version = path.name.split("-")[1]
+        if match.group(1) == "retired" and not _version_dirs(model_base, int(version)):
+            os.rename(path, model_base / version)  # killed between moving the old version aside and the new in
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -473,6 +521,7 @@ def export_run(
     class_names = [str(name) for name in config.get("class_names") or []]
     image_size = int(config.get("image_size", IMAGE_SIZE))
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     version = next_version(out) if version is None else int(version)
     existing = _version_dirs(out, version)
     if existing and not overwrite:

@@ -3,11 +3,14 @@
     python -m caaxr_tf.predict --model saved_models/NAME[/N] [--overlay DIR] [--batch-size 16]
         [--bit-depth N] [--invert] [--no-sidecars] FILE_OR_DIR ...
 
-Prints one JSON line per image, in input order: the predicted class and the probability of
-every class for a classifier, the fraction of the image inside the mask (probability >= 0.5)
-for a segmentation model (``--overlay DIR`` also writes the mask over the image as a PNG).
-A file that cannot be read or predicted gives a line with ``"error"`` (repeated on stderr)
-and the others go on; the exit status is 1 if any file failed, 2 if nothing could be run.
+Prints one JSON line per image, in input order, as soon as its batch is done: the predicted
+class and the probability of every class for a classifier, the fraction of the image inside
+the mask (probability >= 0.5) for a segmentation model (``--overlay DIR`` also writes the mask
+over the image as a PNG). A file that cannot be read or predicted gives a line with
+``"error"`` (repeated on stderr) and the others go on: that includes what is not a regular
+file (a FIFO, socket or device is never opened; a broken symbolic link is named), an empty
+file, an image over the pixel limit and a model output that is not finite. The exit status
+is 1 if any file failed, 2 if nothing could be run.
 
 Inputs go through the export's ``serving_default`` signature, so they are preprocessed in the
 graph exactly as in training:
@@ -28,7 +31,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -40,7 +43,10 @@ from caaxr_tf.data.images import (  # noqa: E402
     JPEG_SOI,
     PNG_SIGNATURE,
     check_complete,
+    check_pixel_limit,
+    check_regular_file,
     encode_png,
+    image_size,
     is_dicom,
 )
 from caaxr_tf.data.records import InputError  # noqa: E402
@@ -82,15 +88,22 @@ def resolve_model_dir(model_dir: str | Path) -> Path:
 
 
 def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
-    """Files named directly, and the PNG, JPEG and DICOM files under folders (sorted)."""
+    """Files named directly, and the PNG, JPEG and DICOM files under folders (sorted).
+
+    Nothing is opened here except suffix-less regular files (read for the DICOM preamble).
+    Entries under a folder with an image suffix that are not regular files (broken symbolic
+    links, FIFOs, sockets) are listed too, so that they are reported rather than dropped.
+    """
     found: list[Path] = []
     for path in map(Path, paths):
         if not path.is_dir():
-            found.append(path)  # a missing file is reported when it is read
+            found.append(path)  # a missing or non-regular file is reported when it is read
             continue
-        for file in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.as_posix()):
+        for file in sorted((p for p in path.rglob("*") if not p.is_dir()), key=lambda p: p.as_posix()):
             suffix = file.suffix.lower()
-            if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and is_dicom(str(file))):
+            if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
+                found.append(file)
+            elif not suffix and file.is_file() and is_dicom(str(file)):
                 found.append(file)
     return found
 
@@ -100,6 +113,7 @@ def prepare_image(
 ) -> PreparedImage:
     """Read one file; raises ``InputError`` naming the file and the problem."""
     path = str(path)
+    check_regular_file(path, "file")  # before opening: a FIFO would block
     if is_dicom(path):
         from caaxr_tf.data.dicom import read_dicom
 
@@ -109,9 +123,14 @@ def prepare_image(
             data = handle.read()
     except OSError as error:
         raise InputError(path, "file", f"cannot be read ({error.strerror or error})") from error
+    if not data:
+        raise InputError(path, "file", "file is empty (0 bytes)")
     if not data.startswith((PNG_SIGNATURE, JPEG_SOI)):
         raise InputError(path, "image", "not a PNG, JPEG or DICOM file (unknown signature)")
     check_complete(path, data)
+    size = image_size(data)
+    if size is not None:
+        check_pixel_limit(path, *size)  # the serving graph would decode it whole
     is_png = data.startswith(PNG_SIGNATURE)
     file_depth = 16 if is_png and len(data) > PNG_BIT_DEPTH_OFFSET and data[PNG_BIT_DEPTH_OFFSET] == 16 else 8
     sidecar = Path(path).with_suffix(".json")
@@ -229,6 +248,87 @@ def _overlay_path(overlay_dir: Path, source: str, taken: set[Path]) -> Path:
     return path
 
 
+def iter_predictions(
+    model_dir: str | Path,
+    paths: Iterable[str | Path],
+    overlay_dir: str | Path | None = None,
+    *,
+    batch_size: int = 16,
+    invert: bool = False,
+    bit_depth: int = 0,
+    sidecars: bool = True,
+    model: ServedModel | None = None,
+) -> Iterator[dict[str, Any]]:
+    """An iterator over one result dict per input file, in order, batch by batch as each is
+    predicted (arguments are checked and the model loaded at the call).
+
+    Files are read only when their batch comes, so results start before every input has
+    been read, and a slow or odd input holds up its own batch only. Failures are
+    ``{"file", "error"}`` dicts. Arguments as for ``predict_files``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    model = model or ServedModel(model_dir)
+    overlay_dir = Path(overlay_dir) if overlay_dir is not None else None
+    files = find_inputs(paths)
+    return _stream(model, files, overlay_dir, batch_size, dict(invert=invert, bit_depth=bit_depth, sidecars=sidecars))
+
+
+def _stream(model: ServedModel, files: list[Path], overlay_dir: Path | None, batch_size: int,
+            options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    taken: set[Path] = set()
+    for start in range(0, len(files), batch_size):
+        batch = files[start : start + batch_size]
+        results: list[dict[str, Any] | None] = [None] * len(batch)
+        ready: list[tuple[int, PreparedImage]] = []
+        for position, file in enumerate(batch):
+            try:
+                ready.append((position, prepare_image(file, **options)))
+            except (InputError, OSError) as error:
+                results[position] = {"file": str(file), "error": error_message(error)}
+        masks = _predict_batch(model, ready, results)
+        for position, image in ready:
+            if position not in masks or overlay_dir is None:
+                continue
+            target = _overlay_path(overlay_dir, image.path, taken)
+            try:
+                results[position]["overlay"] = str(write_overlay(model.preprocess(image), masks[position], target))
+            except OSError as error:
+                results[position]["error"] = f"overlay not written: {error}"
+        yield from (record for record in results if record is not None)
+
+
+def _predict_batch(
+    model: ServedModel, items: list[tuple[int, PreparedImage]], results: list[dict[str, Any] | None]
+) -> dict[int, np.ndarray]:
+    """Fill ``results`` for ``items``; a failing batch is retried image by image to find the
+    file(s) at fault. Returns the masks of segmentation outputs by position."""
+    masks: dict[int, np.ndarray] = {}
+    if not items:
+        return masks
+    try:
+        outputs = model([image for _, image in items])
+    except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
+        if len(items) > 1:
+            for item in items:
+                masks.update(_predict_batch(model, [item], results))
+            return masks
+        position, image = items[0]
+        results[position] = {"file": image.path, "error": error_message(error)}
+        return masks
+    for index, (position, image) in enumerate(items):
+        bad = sorted(key for key, value in outputs.items()
+                     if value.dtype.kind == "f" and not np.all(np.isfinite(value[index])))
+        if bad:
+            results[position] = {"file": image.path, "error": f"model output {', '.join(bad)} is not finite "
+                                 f"(NaN or Inf): the model is broken (e.g. trained with a non-finite loss)"}
+            continue
+        results[position] = _record(model, image, outputs, index)
+        if "mask" in outputs:
+            masks[position] = outputs["mask"][index, :, :, 0]
+    return masks
+
+
 def predict_files(
     model_dir: str | Path,
     paths: Iterable[str | Path],
@@ -244,51 +344,11 @@ def predict_files(
 
     ``paths`` may name files and folders (searched recursively for PNG, JPEG and DICOM).
     ``overlay_dir`` writes mask overlays for segmentation models. ``model`` reuses an
-    already loaded ``ServedModel`` instead of loading ``model_dir``.
+    already loaded ``ServedModel`` instead of loading ``model_dir``. ``iter_predictions``
+    yields the same dicts batch by batch.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    model = model or ServedModel(model_dir)
-    overlay_dir = Path(overlay_dir) if overlay_dir is not None else None
-    files = find_inputs(paths)
-    results: list[dict[str, Any] | None] = [None] * len(files)
-    ready: list[tuple[int, PreparedImage]] = []
-    masks: dict[int, np.ndarray] = {}
-    for position, file in enumerate(files):
-        try:
-            ready.append((position, prepare_image(file, invert=invert, bit_depth=bit_depth, sidecars=sidecars)))
-        except (InputError, OSError) as error:
-            results[position] = {"file": str(file), "error": error_message(error)}
-
-    def run(items: list[tuple[int, PreparedImage]]) -> None:
-        try:
-            outputs = model([image for _, image in items])
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
-            if len(items) > 1:  # find the file(s) at fault
-                for item in items:
-                    run([item])
-                return
-            position, image = items[0]
-            results[position] = {"file": image.path, "error": error_message(error)}
-            return
-        for index, (position, image) in enumerate(items):
-            results[position] = _record(model, image, outputs, index)
-            if overlay_dir is not None and "mask" in outputs:
-                masks[position] = outputs["mask"][index, :, :, 0]
-
-    for start in range(0, len(ready), batch_size):
-        run(ready[start : start + batch_size])
-
-    taken: set[Path] = set()
-    for position, image in ready:
-        if position not in masks:
-            continue
-        target = _overlay_path(overlay_dir, image.path, taken)
-        try:
-            results[position]["overlay"] = str(write_overlay(model.preprocess(image), masks[position], target))
-        except OSError as error:
-            results[position]["error"] = f"overlay not written: {error}"
-    return [record for record in results if record is not None]
+    return list(iter_predictions(model_dir, paths, overlay_dir, batch_size=batch_size, invert=invert,
+                                 bit_depth=bit_depth, sidecars=sidecars, model=model))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -317,26 +377,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.bit_depth <= 16:
         print(f"error: --bit-depth must be 0..16, got {args.bit_depth}", file=sys.stderr)
         return 2
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+        return 2
     try:
         model = ServedModel(args.model)
     except (OSError, ValueError, KeyError) as error:
         print(f"error: cannot load the model {args.model}: {error_message(error)}", file=sys.stderr)
         return 2
-    results = predict_files(
+    results = iter_predictions(
         model.path, args.inputs, args.overlay, batch_size=args.batch_size, invert=args.invert,
         bit_depth=args.bit_depth, sidecars=not args.no_sidecars, model=model,
     )
-    if not results:
-        print("error: no PNG, JPEG or DICOM files found in " + ", ".join(args.inputs), file=sys.stderr)
-        return 2
-    failed = 0
-    for record in results:
+    count = failed = 0
+    for record in results:  # printed as each batch finishes
+        count += 1
         print(json.dumps(record), flush=True)
         if "error" in record:
             failed += 1
             print(f"error: {record['file']}: {record['error']}", file=sys.stderr, flush=True)
+    if not count:
+        print("error: no PNG, JPEG or DICOM files found in " + ", ".join(args.inputs), file=sys.stderr)
+        return 2
     if failed:
-        print(f"{failed} of {len(results)} files failed", file=sys.stderr)
+        print(f"{failed} of {count} files failed", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -48,6 +48,10 @@ class ConfigError(ValueError):
     """A problem with the arguments, found before any training starts."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops before the epoch is saved."""
+
+
 # --- configuration -----------------------------------------------------------------------
 
 
@@ -79,11 +83,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def locate_protocol_dir(tfrecords: str | Path, protocol: str) -> Path:
     """``--tfrecords`` may name the folder of all protocols or the protocol folder itself."""
+    from caaxr_tf.data.tfrecords import read_summary_file
+
     root = Path(tfrecords)
     for candidate in (root / protocol, root):
         summary_path = candidate / "summary.json"
         if summary_path.exists():
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            try:
+                summary = read_summary_file(summary_path)
+            except (OSError, ValueError) as error:
+                raise ConfigError(str(error)) from None
             if summary.get("protocol") != protocol:
                 raise ConfigError(
                     f"{candidate} holds the TFRecords of protocol {summary.get('protocol')!r}, not {protocol!r}"
@@ -117,10 +126,11 @@ def layered_config(base: Mapping[str, Any], extra: Mapping[str, Any], task: str,
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Merge configs/train.yaml, --config, flags and --set into one flat run config."""
+    from caaxr_tf.data.tfrecords import read_summary_file
     from caaxr_tf.models import model_task
 
     protocol_dir = locate_protocol_dir(args.tfrecords, args.protocol)
-    summary = json.loads((protocol_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = read_summary_file(protocol_dir / "summary.json")
     task = summary["task"]
     try:
         expected_task = model_task(args.model)
@@ -132,7 +142,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"fold {args.fold} does not exist: {protocol_dir} has folds 1..{summary['folds']}")
 
     base = load_yaml(CONFIG_DIR / "train.yaml")
-    config = layered_config(base, load_yaml(args.config) if args.config else {}, task, args.model)
+    try:
+        extra = load_yaml(args.config) if args.config else {}
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--config: {error}") from None
+    config = layered_config(base, extra, task, args.model)
     flags = {
         "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch,
@@ -156,10 +170,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         tfrecords=str(protocol_dir),
         class_names=list(summary["classes"]),
     )
-    config = apply_overrides(config, args.overrides)
-    for key in ("batch_size", "epochs"):
-        if int(config[key]) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {config[key]}")
+    try:
+        config = apply_overrides(config, args.overrides)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    check_numbers(config)
     balance = str(config.get("class_balance", "none"))
     if balance not in CLASS_BALANCE:
         raise ConfigError(f"unknown class_balance {balance!r}; expected one of {', '.join(CLASS_BALANCE)}")
@@ -171,6 +186,39 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if weights not in ("none", "imagenet") and not Path(weights).exists():
         raise ConfigError(f"weights file not found: {weights}")
     return dict(sorted(config.items()))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_numbers(config: Mapping[str, Any]) -> None:
+    """Raise ConfigError for a numeric setting that would train nothing or nonsense
+    (``--steps-per-epoch -3``, ``--lr nan``, ``--batch-size 0``, ``--set optimizer=5``...)."""
+    at_least = {"epochs": 1, "batch_size": 1, "image_size": 1, "shuffle_buffer": 1}
+    optional_at_least = {"steps_per_epoch": 1, "validation_steps": 1, "bn_recompute_images": 0}
+    for key, low in {**at_least, **optional_at_least}.items():
+        value = config.get(key)
+        if value is None and (key in optional_at_least or key not in config):
+            continue
+        if not _is_int(value) or value < low:
+            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+    if not _is_int(config.get("seed", 0)):
+        raise ConfigError(f"seed must be an integer, got {config.get('seed')!r}")
+    optimizer = config.get("optimizer")
+    if not isinstance(optimizer, Mapping) or not isinstance(optimizer.get("name"), str):
+        raise ConfigError(f"optimizer must be a mapping with a name (adam or sgd), got {optimizer!r}")
+    rate = optimizer.get("learning_rate")
+    if not _is_number(rate) or not math.isfinite(rate) or rate <= 0:
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(rate, str) else ""
+        raise ConfigError(f"learning rate must be a finite number > 0, got {rate!r}{hint}")
+    for key, value in optimizer.items():
+        if key not in ("name", "learning_rate") and _is_number(value) and not math.isfinite(value):
+            raise ConfigError(f"optimizer.{key} must be finite, got {value!r}")
 
 
 # --- distribution ------------------------------------------------------------------------
@@ -430,6 +478,17 @@ class History:
         return max(values) if mode == "max" else min(values)
 
 
+def diverged_message(what: str, value: float, epoch: int, step: int | None, config: Mapping[str, Any],
+                     run_dir: Path) -> str:
+    """The error when the loss stops being finite: where, what was (not) saved, what to try."""
+    where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
+    best = run_dir / runs.BEST_MODEL
+    kept = f"{best} keeps an earlier epoch" if best.exists() else f"no {runs.BEST_MODEL} was saved"
+    rate = (config.get("optimizer") or {}).get("learning_rate")
+    return (f"{what} is {value} at {where}: training stopped before saving this epoch ({kept}); "
+            f"try a lower learning rate (now {rate}) or check the input data")
+
+
 def save_model_atomic(model, path: Path) -> None:
     temporary = path.with_name(path.stem + ".tmp.keras")
     model.save(temporary)
@@ -501,7 +560,30 @@ def train(
 
     Returns the final history rows. ``on_epoch_end(epoch, logs)`` runs after each epoch's
     checkpoint is written (tests use it to interrupt a run).
+
+    Raises ``NonFiniteLossError`` when the training or validation loss stops being finite
+    (that epoch is neither checkpointed nor saved as best), and ``tf.errors.DataLossError``
+    naming the shard when a shard of the fold is damaged.
     """
+    from caaxr_tf.data.pipeline import shard_files
+    from caaxr_tf.data.shards import naming_corrupt_shards
+
+    try:
+        files = [f for split in ("train", "val") for f in shard_files(config["tfrecords"], split, config["fold"])]
+    except (FileNotFoundError, ValueError) as error:  # a missing shard or fold
+        raise ConfigError(str(error)) from error
+    with naming_corrupt_shards(files):
+        return _train(config, run_dir, strategy, verbose=verbose, on_epoch_end=on_epoch_end)
+
+
+def _train(
+    config: dict[str, Any],
+    run_dir: Path,
+    strategy,
+    *,
+    verbose: bool = True,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
@@ -607,7 +689,10 @@ def train(
             print(f"Epoch {epoch}/{config['epochs']}", flush=True)
         for step in range(steps):
             train_step(train_iterator)
-            progress.update(step + 1, values=[("loss", float(loss_tracker.result()))])
+            running_loss = float(loss_tracker.result())
+            if not math.isfinite(running_loss):
+                raise NonFiniteLossError(diverged_message("training loss", running_loss, epoch, step + 1, config, run_dir))
+            progress.update(step + 1, values=[("loss", running_loss)])
         if recompute_bn is not None:
             recompute_bn()
         val_iterator = iter(distributed_val)
@@ -624,6 +709,8 @@ def train(
         logs.update({tracker.name: float(tracker.result()) for tracker in component_trackers.values()})
         logs.update(metric_values(train_metrics, config["class_names"]))
         logs["val_loss"] = float(val_loss_tracker.result())
+        if taken and not math.isfinite(logs["val_loss"]):
+            raise NonFiniteLossError(diverged_message("validation loss", logs["val_loss"], epoch, None, config, run_dir))
         logs.update(metric_values(val_metrics, config["class_names"], prefix="val_"))
         logs["seconds"] = round(time.perf_counter() - started, 3)
         if verbose and chief:
@@ -693,10 +780,14 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], chief: bool) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    import tensorflow as tf
+
     try:
+        run_dir = Path(args.out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--out {run_dir} exists and is not a folder")
         config = resolve_config(args)
         strategy = make_strategy(config["strategy"])
-        run_dir = Path(args.out)
         if prepare_run_dir(run_dir, config, is_chief(strategy)):
             print(f"{run_dir}: already trained for {config['epochs']} epochs; nothing to do")
             return 0
@@ -704,6 +795,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, tf.errors.DataLossError) as error:
+        print(f"error: {getattr(error, 'message', None) or error}", file=sys.stderr)
+        return 1
     best = result["best"]
     print(f"done: {run_dir} (best {config['monitor']} {best:.4f})" if best is not None else f"done: {run_dir}")
     return 0

@@ -39,7 +39,12 @@ def bimcv_image(
         parts.append(f"vp-{view}")
     stem = "_".join(parts + [modality])
     png = root / f"sub-{sub}" / f"ses-{ses}" / "mod-rx" / f"{stem}.png"
-    write_png(png)
+    # the PNG has the size its sidecar gives (the reader checks that they agree)
+    rows = columns = None
+    if isinstance(sidecar, dict):
+        rows = (sidecar.get("00280010") or {}).get("Value", [None])[0]
+        columns = (sidecar.get("00280011") or {}).get("Value", [None])[0]
+    write_png(png, height=rows or 8, width=columns or 6)
     if sidecar is not None:
         text = sidecar if isinstance(sidecar, str) else json.dumps(sidecar)
         png.with_suffix(".json").write_text(text)

@@ -580,8 +580,9 @@ class Bench:
         self.log(f"TFRecords for {PIPELINE_PROTOCOL} and seg under {self.tfrecords}")
         from caaxr_tf.data.tfrecords import build_tfrecords
 
+        # a cache of this work folder: replaced when the data or arguments changed
         build_tfrecords(self.data_root, self.tfrecords, source=args.source, protocols=[PIPELINE_PROTOCOL, "seg"],
-                        workers=self.workers, progress=False, log=lambda line: None)
+                        workers=self.workers, progress=False, log=lambda line: None, overwrite=True)
         summary = json.loads((self.tfrecords / PIPELINE_PROTOCOL / "summary.json").read_text())
         self.dataset_info = {
             "source": args.source,

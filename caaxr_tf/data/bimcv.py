@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from caaxr_tf.config import deep_merge, load_config
+from caaxr_tf.data.images import image_size
 from caaxr_tf.data.records import InputError, ReadResult, Sample, check_unique_ids
 
 SOURCE = "bimcv"
@@ -136,6 +137,8 @@ def read_sidecar(path: str | os.PathLike) -> Sidecar:
         raise InputError(path, "file", f"sidecar cannot be read ({error})") from error
     except json.JSONDecodeError as error:
         raise InputError(path, "json", f"invalid JSON ({error})") from error
+    except RecursionError:
+        raise InputError(path, "json", "nested too deeply to be read as JSON") from None
     if not isinstance(data, dict):
         raise InputError(path, "json", f"expected a JSON object, found {type(data).__name__}")
 
@@ -185,6 +188,12 @@ def scan_bimcv(root: str | os.PathLike, config: Mapping[str, Any] | None = None)
 
     for png in sorted(root.glob(IMAGE_GLOB), key=lambda p: p.as_posix()):
         if not png.is_file():
+            if png.is_symlink() and not png.exists():
+                scan.found.add(png.stem)
+                result.skip(png, "file", f"broken symbolic link (to {os.readlink(png)})")
+            elif not png.is_dir():
+                scan.found.add(png.stem)
+                result.skip(png, "file", "not a regular file (FIFO, socket or device); skipped")
             continue
         stem = png.stem
         scan.found.add(stem)
@@ -226,6 +235,17 @@ def scan_bimcv(root: str | os.PathLike, config: Mapping[str, Any] | None = None)
             if view not in frontal:
                 result.exclude(EXCLUDED_VIEW)
                 scan.non_frontal.add(stem)
+                continue
+
+        if sidecar.size is not None:
+            stored = image_size(png)  # PNG header only
+            if stored is not None and stored != sidecar.size:
+                result.skip(
+                    sidecar_path,
+                    f"{TAG_ROWS}/{TAG_COLUMNS} (Rows/Columns)",
+                    f"the sidecar gives {sidecar.size[1]}x{sidecar.size[0]} but {png.name} is "
+                    f"{stored[1]}x{stored[0]}: its boxes would be placed wrongly",
+                )
                 continue
 
         sample = Sample(

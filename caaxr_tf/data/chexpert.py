@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from caaxr_tf.config import deep_merge, load_config
-from caaxr_tf.data.records import ReadResult, Sample, check_unique_ids, read_csv_table
+from caaxr_tf.data.records import ReadResult, Sample, check_unique_ids, read_csv_table, resolve_inside
 
 SOURCE = "chexpert"
 OBSERVATIONS = (
@@ -131,6 +131,11 @@ def read_chexpert(root: str | os.PathLike, config: Mapping[str, Any] | None = No
                 )
                 continue
 
+            try:
+                image_path = resolve_inside(root, relative)
+            except ValueError as error:
+                result.skip(csv_path, f"row {row}: {PATH_COLUMN}", str(error))
+                continue
             parts = PurePosixPath(relative.replace("\\", "/")).parts
             patient = next((part for part in parts if _PATIENT.match(part)), None)
             study = next((part for part in parts if _STUDY.match(part)), "")
@@ -138,7 +143,6 @@ def read_chexpert(root: str | os.PathLike, config: Mapping[str, Any] | None = No
                 reason = f"no patientNNNNN folder in {relative!r}"
                 result.skip(csv_path, f"row {row}: {PATH_COLUMN}", reason)
                 continue
-            image_path = root / relative
             if not image_path.is_file():
                 reason = f"image file not found: {image_path}"
                 result.skip(csv_path, f"row {row}: {PATH_COLUMN}", reason)

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 from caaxr_tf.config import deep_merge, load_config
 from caaxr_tf.data.caaxr import BoxError, parse_box
-from caaxr_tf.data.records import Box, ReadResult, Sample, SchemaError, read_csv_table
+from caaxr_tf.data.images import image_size
+from caaxr_tf.data.records import Box, ReadResult, Sample, SchemaError, read_csv_table, resolve_inside
 from caaxr_tf.data.row_filter import RowFilter
 
 SOURCE = "covid-chestxray"
@@ -39,20 +40,6 @@ def split_finding(value: str) -> tuple[str, ...]:
     return tuple(token.strip() for token in _FINDING_SPLIT.split(value) if token.strip())
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) from the file header, without decoding the pixels."""
-    try:
-        from PIL import Image  # Pillow comes with matplotlib; without it the check is skipped
-    except ImportError:
-        return None
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, ValueError):
-        return None  # an unreadable image is reported when it is decoded
-    return (height, width)
-
-
 def read_lung_boxes(
     path: str | os.PathLike, images_dir: str | os.PathLike, result: ReadResult
 ) -> dict[str, list[Box]]:
@@ -61,8 +48,9 @@ def read_lung_boxes(
     Each box is checked against the size given for its image in the COCO file. Where that
     size disagrees with the image file itself, the image's boxes were drawn on another copy
     of it: the image is reported once (``image <id>: width/height``) and its boxes dropped.
-    A missing file is reported and gives no boxes; a file that is not COCO JSON raises
-    ``SchemaError``.
+    A ``file_name`` outside ``images_dir`` (absolute, or climbing out with ``..``) is
+    reported and its boxes dropped. A missing file is reported and gives no boxes; a file
+    that is not COCO JSON (or nested too deeply to parse) raises ``SchemaError``.
     """
     path = str(path)
     try:
@@ -73,6 +61,8 @@ def read_lung_boxes(
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SchemaError(path, "json", f"cannot be read as JSON ({error})") from error
+    except RecursionError:
+        raise SchemaError(path, "json", "nested too deeply to be read as JSON") from None
     keys = ("images", "annotations", "categories")
     if not isinstance(coco, dict) or not all(isinstance(coco.get(key), list) for key in keys):
         raise SchemaError(path, "json", f"expected a COCO object with lists {', '.join(keys)}")
@@ -89,9 +79,14 @@ def read_lung_boxes(
         if not file_name:
             result.skip(path, f"image {image_id}: file_name", "missing")
             continue
+        try:
+            image_path = resolve_inside(images_dir, str(file_name))
+        except ValueError as error:
+            result.skip(path, f"image {image_id}: file_name", f"{error}; its boxes are dropped")
+            continue
         declared = (entry.get("height"), entry.get("width"))
         size = declared if all(isinstance(v, int) and v > 0 for v in declared) else None
-        actual = _image_size(Path(images_dir) / file_name)
+        actual = image_size(image_path) if image_path.is_file() else None  # header only
         if size is not None and actual is not None and actual != size:
             result.skip(
                 path,
@@ -162,11 +157,11 @@ def read_metadata_rows(
 ) -> list[MetadataRow]:
     """Every row of metadata.csv, in file order, checked as `read_covid_chestxray` checks it.
 
-    ``config`` is a full ``covid_chestxray`` section (``frontal_views``, ``modality``).
-    Duplicate file names are not resolved here (every row is returned).
+    ``config`` is a full ``covid_chestxray`` section (``frontal_views``, ``modality``,
+    ``row_filter``). Duplicate file names are not resolved here (every row is returned).
 
     Raises:
-        SchemaError: the file is missing or lacks a required column.
+        SchemaError: the file is missing or lacks a required column (or one named by the row filter).
     """
     frontal = {str(view).strip().lower() for view in config["frontal_views"]}
     modality = str(config.get("modality", "X-ray")).strip().lower()
@@ -175,36 +170,39 @@ def read_metadata_rows(
     table = read_csv_table(metadata_path, REQUIRED_COLUMNS)
     row_filter.check_columns(str(metadata_path), table.columns)
 
-    rows: list[MetadataRow] = []
-    columns = [table[name].tolist() for name in REQUIRED_COLUMNS]
-    for index, (patient, finding, view, row_modality, filename) in enumerate(zip(*columns)):
+    def check(index: int, patient: str, finding: str, view: str, row_modality: str, filename: str) -> MetadataRow:
         row, filename = index + 2, filename.strip()
         if row_modality.strip().lower() != modality:
-            rows.append(MetadataRow(row, filename, None, "modality", EXCLUDED_MODALITY, excluded=True))
-        elif view.strip().lower() not in frontal:
-            rows.append(MetadataRow(row, filename, None, "view", EXCLUDED_VIEW, excluded=True))
-        elif row_filter.active and (dropped := row_filter.reason_to_drop(table.iloc[index])) is not None:
-            rows.append(MetadataRow(row, filename, None, "row_filter", dropped, excluded=True))
-        elif not filename:
-            rows.append(MetadataRow(row, filename, None, "filename", "empty file name"))
-        elif not (images_dir / filename).is_file():
-            rows.append(MetadataRow(row, filename, None, "filename", f"image file not found: {filename}"))
-        elif not patient.strip():
-            rows.append(MetadataRow(row, filename, None, "patientid", "empty patient id"))
-        else:
-            findings = split_finding(finding)
-            covid = any(token.lower() == "covid-19" for token in findings)
-            sample = Sample(
-                image_id=filename,
-                patient_id=patient.strip(),
-                source=SOURCE,
-                path=str(images_dir / filename),
-                labels={"COVID-19": 1.0 if covid else 0.0},
-                findings=findings,
-                view=view.strip().lower(),
-            )
-            rows.append(MetadataRow(row, filename, sample))
-    return rows
+            return MetadataRow(row, filename, None, "modality", EXCLUDED_MODALITY, excluded=True)
+        if view.strip().lower() not in frontal:
+            return MetadataRow(row, filename, None, "view", EXCLUDED_VIEW, excluded=True)
+        if row_filter.active and (dropped := row_filter.reason_to_drop(table.iloc[index])) is not None:
+            return MetadataRow(row, filename, None, "row_filter", dropped, excluded=True)
+        if not filename:
+            return MetadataRow(row, filename, None, "filename", "empty file name")
+        try:
+            image_path = resolve_inside(images_dir, filename)
+        except ValueError as error:
+            return MetadataRow(row, filename, None, "filename", str(error))
+        filename = image_path.relative_to(images_dir).as_posix()  # "a/../b.png" is b.png
+        if not image_path.is_file():
+            return MetadataRow(row, filename, None, "filename", f"image file not found: {filename}")
+        if not patient.strip():
+            return MetadataRow(row, filename, None, "patientid", "empty patient id")
+        findings = split_finding(finding)
+        sample = Sample(
+            image_id=filename,
+            patient_id=patient.strip(),
+            source=SOURCE,
+            path=str(image_path),
+            labels={"COVID-19": 1.0 if any(token.lower() == "covid-19" for token in findings) else 0.0},
+            findings=findings,
+            view=view.strip().lower(),
+        )
+        return MetadataRow(row, filename, sample)
+
+    columns = [table[name].tolist() for name in REQUIRED_COLUMNS]
+    return [check(index, *values) for index, values in enumerate(zip(*columns))]
 
 
 def read_covid_chestxray(

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
 
-from caaxr_tf.data.images import LoadedImage, is_dicom
+from caaxr_tf.data.images import MAX_IMAGE_PIXELS, LoadedImage, check_regular_file, is_dicom
 from caaxr_tf.data.records import InputError, ReadResult, Sample, check_unique_ids
 
 SOURCE = "dicom"
@@ -41,6 +41,9 @@ OUTPUT_MAX = 65535
 FRONTAL_VIEWS = ("ap", "pa")
 EXCLUDED_VIEW = "non-frontal view"
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+# A Modality LUT Sequence is applied to every value the file can store to find the output
+# range; beyond 16 stored bits that table would not fit in memory (2**32 values: 32 GiB).
+MAX_LUT_STORED_BITS = 16
 
 
 def _pip_hint(dependency: str) -> str:
@@ -76,6 +79,24 @@ def check_pixel_data(path: str, ds: Dataset) -> None:
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         reason = f"expected MONOCHROME1 or MONOCHROME2, found {photometric or 'none'!r}"
         raise InputError(path, "PhotometricInterpretation", reason)
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError):
+        raise InputError(path, "Rows/Columns", f"not numbers ({ds.get('Rows')!r}, {ds.get('Columns')!r})") from None
+    if rows * columns > MAX_IMAGE_PIXELS:
+        raise InputError(
+            path, "Rows/Columns",
+            f"{columns}x{rows} pixels ({rows * columns / 1e6:.1f} MP) exceed the limit of "
+            f"{MAX_IMAGE_PIXELS / 1e6:g} MP; left out without decoding",
+        )
+    if "ModalityLUTSequence" in ds:
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+        if bits > MAX_LUT_STORED_BITS:
+            raise InputError(
+                path, "ModalityLUTSequence",
+                f"a Modality LUT Sequence with BitsStored {bits} is not supported "
+                f"(at most {MAX_LUT_STORED_BITS} bits)",
+            )
     uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if uid is None:
         raise InputError(path, "TransferSyntaxUID", "missing from the file meta information")
@@ -223,7 +244,9 @@ def read_dicom(path: str | os.PathLike) -> LoadedImage:
             ``TransferSyntaxUID``, ``PhotometricInterpretation``, ``WindowWidth``...).
     """
     path = os.fspath(path)
-    ds = read_dataset(path)
+    check_regular_file(path, "file")
+    ds = read_dataset(path, pixels=False)
+    check_pixel_data(path, ds)  # size and LUT limits before the pixel data is read
     return LoadedImage(dataset_to_pixels(path, ds), 16)
 
 

@@ -8,7 +8,6 @@ The same ``preprocess_image`` runs inside exported models, so serving sees what 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -88,12 +87,15 @@ def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def read_summary(tfrecord_dir: str | Path) -> dict[str, Any]:
+    """A protocol folder's summary.json; errors name the file."""
+    from caaxr_tf.data.tfrecords import read_summary_file
+
     path = Path(tfrecord_dir) / "summary.json"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {tfrecord_dir} is not a protocol folder written by tools/make_tfrecords.py"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_summary_file(path)
 
 
 def shard_files(tfrecord_dir: str | Path, split: str, fold: int = 1) -> list[str]:

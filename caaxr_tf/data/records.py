@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
@@ -139,6 +141,28 @@ class ReadResult:
 
     def skip(self, path: str, field_name: str, reason: str) -> None:
         self.skipped.append(Skipped(str(path), field_name, reason))
+
+
+def resolve_inside(root: str | os.PathLike, relative: str) -> Path:
+    """``root / relative`` when that names a place inside ``root``; ``ValueError`` otherwise.
+
+    For paths read from data files (CSV cells, COCO ``file_name``, sidecars): an absolute
+    path, or one whose ``..`` parts climb out of ``root``, would read files the data root
+    does not hold, so it is refused. The check is on the path as written (symbolic links
+    inside the root, e.g. an images folder on another disk, are followed as usual).
+    """
+    text = str(relative).strip()
+    if not text:
+        raise ValueError("empty path")
+    if "\x00" in text:
+        raise ValueError(f"path {text!r} contains a NUL byte")
+    posix = text.replace("\\", "/")
+    if posix.startswith("/") or os.path.isabs(text) or (len(posix) > 1 and posix[1] == ":"):
+        raise ValueError(f"absolute path {text!r}: paths must be relative to {root}")
+    normal = posixpath.normpath(posix)
+    if normal == ".." or normal.startswith("../"):
+        raise ValueError(f"path {text!r} points outside {root}")
+    return Path(root) / normal
 
 
 def check_unique_ids(samples: Iterable[Sample], result: ReadResult) -> list[Sample]:

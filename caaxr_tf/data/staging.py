@@ -35,7 +35,7 @@ class StagedImage:
     format: str = "png"  # "png" or "jpeg"
 
 
-STAGING_VERSION = 2  # staged metadata of another version is staged again
+STAGING_VERSION = 3  # staged metadata of another version is staged again (3: keyed by staging_key)
 
 
 def staged_name(image_id: str) -> str:
@@ -79,9 +79,33 @@ def check_boxes(sample: Sample, height: int, width: int) -> tuple[list, list[str
 
 def _write_atomic(path: str, data: bytes) -> None:
     temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:  # e.g. disk full: leave no partial file behind
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def staging_key(sample: Sample, storage_size: int) -> str:
+    """Everything the staged bytes and metadata depend on: the staging code's version, the
+    storage size, the source file's identity and state (path, size, modification time,
+    inode) and the sample fields staging reads (bit depth, boxes). A staged entry with
+    another key is staged again."""
+    try:
+        info = os.stat(sample.path)
+        file_state = [info.st_size, info.st_mtime_ns, info.st_ino]
+    except OSError:
+        file_state = None
+    payload = [
+        STAGING_VERSION, int(storage_size), os.path.abspath(sample.path), file_state, sample.image_id,
+        sample.bit_depth, [[box.xmin, box.ymin, box.xmax, box.ymax, box.finding] for box in sample.boxes],
+    ]
+    return hashlib.sha256(json.dumps(payload, default=str).encode("utf-8")).hexdigest()
 
 
 def keeps_source_bytes(loaded: LoadedImage, storage_size: int) -> bool:
@@ -94,11 +118,15 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
     and everything that was dropped on the way."""
     name = staged_name(sample.image_id)
     meta_path = os.path.join(staging_dir, name + ".json")
+    key = staging_key(sample, storage_size)
     if os.path.exists(meta_path):  # staged by an earlier, interrupted run
-        with open(meta_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-        if meta.get("version") == STAGING_VERSION:
-            return StagedImage(**meta["staged"]), [Skipped(**s) for s in meta["dropped"]]
+        try:
+            with open(meta_path, encoding="utf-8") as handle:
+                meta = json.load(handle)
+            if meta.get("version") == STAGING_VERSION and meta.get("key") == key:
+                return StagedImage(**meta["staged"]), [Skipped(**s) for s in meta["dropped"]]
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # unreadable or of another layout: stage again
     try:
         loaded = load_image(sample.path)
         bits = effective_bit_depth(sample.path, loaded.pixels, loaded.bit_depth, sample.bit_depth)
@@ -123,7 +151,7 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
         boxes=boxes,
         box_findings=findings,
     )
-    meta = {"version": STAGING_VERSION, "staged": asdict(staged), "dropped": [d.as_dict() for d in dropped]}
+    meta = {"version": STAGING_VERSION, "key": key, "staged": asdict(staged), "dropped": [d.as_dict() for d in dropped]}
     _write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
     return staged, dropped
 
