@@ -1,13 +1,25 @@
-"""YAML configuration with command-line overrides (``key.sub=value``)."""
+"""Configuration: YAML files, command-line overrides (``key.sub=value``) and strict typed loading.
+
+Settings are read as YAML mappings, layered (``deep_merge``), overridden (``apply_overrides``)
+and then turned into dataclasses by ``from_mapping``, which refuses unknown keys (a typo is an
+error naming the valid keys) and values of the wrong type or range.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import math
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 CONFIG_DIR = Path(os.environ.get("CAAXR_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
 
@@ -88,3 +100,137 @@ def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict
             raise ValueError(f"override {item!r}: {dotted.strip()!r} is a list; write it as [a, b, ...]")
         node[keys[-1]] = value
     return result
+
+
+# --- typed, strict configuration ---------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used, found before any work starts: names the key and what is
+    valid."""
+
+
+def field_label(field: dataclasses.Field, where: str) -> str:
+    return field.metadata.get("label") or (f"{where}.{field.name}" if where else field.name)
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
+    """Build the dataclass ``cls`` from ``data``, strictly.
+
+    An unknown key is an error that names it (with the closest valid key) and lists the valid
+    keys; a missing required key, a value of the wrong type or outside the range that the
+    field's metadata gives (``min``, ``gt``, ``finite``) is an error naming the key. Nested
+    dataclasses, ``Literal`` choices, ``X | None``, lists, tuples and ``dict`` fields are
+    checked recursively. ``where`` prefixes the key names in messages (e.g. ``optimizer``).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping of settings, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        place = f" in {where}" if where else ""
+        raise ConfigError(f"unknown key {key!r}{place}{hint}; valid keys: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for name, field in fields.items():
+        if name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing key {field_label(field, where)!r}")
+            continue
+        values[name] = _coerce(data[name], hints[name], field, where)
+    return cls(**values)
+
+
+def to_mapping(obj: Any) -> Any:
+    """Plain YAML-ready data of a config dataclass (tuples as lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_mapping(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_mapping(v) for k, v in obj.items()}
+    return obj
+
+
+def _coerce(value: Any, annotation: Any, field: dataclasses.Field, where: str) -> Any:
+    label = field_label(field, where)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], field, where)
+        for option in options:
+            try:
+                return _coerce(value, option, field, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{label} has an unusable value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{label} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return from_mapping(annotation, value, label)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{label} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        low = field.metadata.get("min")
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            bound = f" >= {low}" if low is not None else ""
+            raise ConfigError(f"{label} must be an integer{bound}, got {value!r}")
+        return value
+    if annotation is float:
+        return _coerce_float(value, field, label)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{label} must be text, got {value!r}")
+        return value
+    if origin in (list, tuple) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{label} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(v, item, field, where) for v in value]
+        return tuple(items) if origin is tuple or annotation is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{label} must be a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"{label}: unsupported annotation {annotation!r}")
+
+
+def _coerce_float(value: Any, field: dataclasses.Field, label: str) -> float:
+    finite, greater = field.metadata.get("finite", False), field.metadata.get("gt")
+    low = field.metadata.get("min")
+    condition = " ".join(p for p in ("finite" if finite else "", "number") if p)
+    condition += f" > {greater}" if greater is not None else f" >= {low}" if low is not None else ""
+    hint = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint = f" (YAML reads {value} as text: write {_yaml_float(value)})"
+        except ValueError:
+            pass
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        number = float(value)
+        ok = (not finite or math.isfinite(number)) and (greater is None or number > greater) \
+            and (low is None or number >= low)
+    if not ok:
+        raise ConfigError(f"{label} must be a {condition}, got {value!r}{hint}")
+    return float(value)
+
+
+def _yaml_float(text: str) -> str:
+    mantissa, _, exponent = text.lower().partition("e")
+    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}" if exponent else text

@@ -9,7 +9,7 @@ import tensorflow as tf
 from scipy.stats import pearsonr
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from caaxr_tf.regression_metrics import PearsonR, TargetColumn, regression_metrics
+from caaxr_tf.metrics.regression import PearsonR, TargetColumn, regression_metrics
 
 TARGETS = ("geographic_extent", "opacity")
 BATCHES = (7, 1, 16, 5)  # uneven batches, one of a single example

@@ -16,7 +16,7 @@ from sklearn.linear_model import LinearRegression
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 from sklearn.model_selection import GroupShuffleSplit
 
-from caaxr_tf.regression_metrics import pearson_r, regression_scores
+from caaxr_tf.metrics.regression import pearson_r, regression_scores
 from caaxr_tf.severity.protocol import (
     BASELINE_NAME,
     MeanStd,

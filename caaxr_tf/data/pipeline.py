@@ -1,23 +1,30 @@
 """tf.data input pipelines over the TFRecord shards.
 
-Per record: parse → decode PNG (8/16-bit) → contrast inversion where flagged → scale to the
-8-bit range → bicubic resize to 224×224 → uint8 (boxes → binary mask for segmentation).
-That deterministic part is cached; shuffling, batching, augmentation and prefetching follow.
-The same ``preprocess_image`` runs inside exported models, so serving sees what training saw.
+Per record: parse → the task's ``decode`` (for every task: decode PNG/JPEG (8/16-bit) →
+bicubic resize to 224×224 → contrast inversion where flagged → scale to the 8-bit range →
+uint8; then what its target needs: a mask from the boxes or from the record's mask, padded
+boxes, float targets). That deterministic part is cached; shuffling, batching, the task's
+augmentation, its target and prefetching follow. The same ``preprocess_image`` runs inside
+exported models, so serving sees what training saw.
+
+This module is the reading side: it imports TensorFlow, the record schema and the task
+registry — neither the shard writer nor OpenCV.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import tensorflow as tf
 
-from caaxr_tf.data.tfrecords import feature_spec
+from caaxr_tf.data.schema import SPLITS, feature_spec, read_summary, shard_files  # noqa: F401  (re-exported)
+from caaxr_tf.tasks.base import get_task
+
+if TYPE_CHECKING:
+    from caaxr_tf.tasks.base import Task
 
 IMAGE_SIZE = 224
-SPLITS = ("train", "val", "test")
-TASKS = ("classification", "segmentation", "detection")
 
 
 def decode_uint16(encoded: tf.Tensor) -> tf.Tensor:
@@ -78,42 +85,33 @@ def boxes_to_mask(boxes: tf.Tensor, image_size: int = IMAGE_SIZE) -> tf.Tensor:
     return tf.cast(mask, tf.uint8)[:, :, None]
 
 
+def decode_mask(encoded: tf.Tensor, image_size: int = IMAGE_SIZE) -> tf.Tensor:
+    """A record's PNG mask → [S, S, 1] uint8 0/1 (nearest-neighbour resize: a mask stays binary);
+    an empty string (no mask: e.g. a control image) gives an empty mask."""
+
+    def decoded() -> tf.Tensor:
+        mask = tf.io.decode_png(encoded, channels=1)
+        mask = tf.image.resize(tf.cast(mask > 0, tf.uint8), [image_size, image_size], method="nearest")
+        return tf.cast(mask, tf.uint8)
+
+    mask = tf.cond(tf.equal(tf.strings.length(encoded), 0),
+                   lambda: tf.zeros([image_size, image_size, 1], tf.uint8), decoded)
+    mask.set_shape([image_size, image_size, 1])
+    return mask
+
+
+def decode_common(record: dict[str, tf.Tensor], image_size: int = IMAGE_SIZE) -> dict[str, tf.Tensor]:
+    """What every task keeps of a parsed record: the preprocessed image, the label and the id."""
+    image = preprocess_image(record["image/encoded"], record["image/bit_depth"], record["image/invert"], image_size)
+    return {"image": image, "label": tf.cast(record["label"], tf.int32), "id": record["image/id"]}
+
+
 def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     """Parse one serialized example into dense tensors (boxes as [N, 4] xmin, ymin, xmax, ymax)."""
     parsed = tf.io.parse_single_example(serialized, feature_spec())
     dense = {k: (tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v) for k, v in parsed.items()}
     dense["boxes"] = tf.stack([dense.pop(f"bbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")], axis=-1)
     return dense
-
-
-def read_summary(tfrecord_dir: str | Path) -> dict[str, Any]:
-    """A protocol folder's summary.json; errors name the file."""
-    from caaxr_tf.data.tfrecords import read_summary_file
-
-    path = Path(tfrecord_dir) / "summary.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: {tfrecord_dir} is not a protocol folder written by tools/make_tfrecords.py"
-        )
-    return read_summary_file(path)
-
-
-def shard_files(tfrecord_dir: str | Path, split: str, fold: int = 1) -> list[str]:
-    """The shard files of one split; a clear error when the split, fold or shards are missing."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    tfrecord_dir = Path(tfrecord_dir)
-    summary = read_summary(tfrecord_dir)
-    if split != "test" and not 1 <= fold <= int(summary["folds"]):
-        raise ValueError(f"fold {fold} does not exist in {tfrecord_dir}: it has folds 1..{summary['folds']}")
-    key = "test" if split == "test" else f"fold{fold}/{split}"
-    names = summary["shards"].get(key, [])
-    files = [str(tfrecord_dir / name) for name in names]
-    missing = [f for f in files if not Path(f).exists()]
-    if not files or missing:
-        what = "no shards" if not files else f"missing shard {missing[0]}"
-        raise FileNotFoundError(f"{tfrecord_dir}: {what} for split {key}")
-    return files
 
 
 # Augmentation ranges: rotation in degrees, shift and zoom as fractions of the image size,
@@ -197,6 +195,20 @@ def repeat_by_class(dataset: tf.data.Dataset, class_repeats: Sequence[float]) ->
     return dataset.flat_map(lambda record: tf.data.Dataset.from_tensors(record).repeat(copies(record)))
 
 
+def resolve_task(task: "str | Task | None", summary: dict[str, Any], tfrecord_dir: str | Path,
+                 max_boxes: int | None = None) -> "Task":
+    """The task whose targets a dataset yields: a Task as given, a registered task name, or
+    (None) the protocol's own task. A task that cannot run on the protocol is a ValueError."""
+    if task is not None and not isinstance(task, str):
+        return task
+    task_class = get_task(task or summary["task"])
+    if task_class.protocol_task != summary["task"]:
+        raise ValueError(f"{tfrecord_dir} holds a {summary['task']} protocol; it has no masks or targets "
+                         f"for task {task_class.name!r}")
+    options = {"max_boxes": max_boxes} if max_boxes is not None else {}
+    return task_class(summary["classes"], **options)
+
+
 def make_dataset(
     tfrecord_dir: str | Path,
     split: str,
@@ -204,7 +216,7 @@ def make_dataset(
     fold: int = 1,
     batch_size: int = 32,
     image_size: int = IMAGE_SIZE,
-    task: str | None = None,
+    task: "str | Task | None" = None,
     training: bool | None = None,
     augment: bool | None = None,
     cache: bool | str = True,
@@ -212,7 +224,7 @@ def make_dataset(
     repeat: bool = False,
     drop_remainder: bool = False,
     subset: str | None = None,
-    max_boxes: int = 32,
+    max_boxes: int | None = None,
     seed: int | None = 0,
     deterministic: bool = True,
     with_ids: bool = False,
@@ -220,27 +232,25 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """Batches of ``(image, target)`` for one protocol split.
 
-    ``image`` is float32 [B, S, S, 1] in 0..255. ``target`` is the one-hot label [B, C] for
-    classification, the box mask [B, S, S, 1] (float32 0/1) for segmentation, and for detection
-    a dict with ``mask``, ``boxes`` [B, max_boxes, 4] (ymin, xmin, ymax, xmax, normalised, zero
-    padded) and ``num_boxes``. ``training`` (default: split == "train") shuffles;
-    ``augment`` (default: training, not for detection) adds random rotation, shift, zoom,
-    contrast and brightness (see ``augment_batch``; geometric changes move image and mask
-    together). ``subset`` keeps only records of
-    a summary subset (e.g. ``consolidation``). ``with_ids`` adds the image ids as a third element.
-    ``class_repeats`` (one factor per class, see ``repeat_by_class``) oversamples classes after
-    the cache: balanced sampling for imbalanced training splits.
+    ``image`` is float32 [B, S, S, 1] in 0..255 (the CT task: raw values). ``target`` is what
+    the task trains on: the one-hot label [B, C] for classification, the mask [B, S, S, 1]
+    (float32 0/1) for segmentation, for detection a dict with ``mask``, ``boxes``
+    [B, max_boxes, 4] (ymin, xmin, ymax, xmax, normalised, zero padded) and ``num_boxes``.
+    ``task`` is a Task, a registered task name or None (the protocol's own task).
+    ``training`` (default: split == "train") shuffles; ``augment`` (default: training, where
+    the task supports it) applies the task's augmentation (see ``augment_batch``: random
+    rotation, shift, zoom, contrast and brightness; geometric changes move image and mask
+    together). ``subset`` keeps only records of a summary subset (e.g. ``consolidation``).
+    ``with_ids`` adds the image ids as a third element. ``class_repeats`` (one factor per
+    class, see ``repeat_by_class``) oversamples classes after the cache: balanced sampling for
+    imbalanced training splits.
     """
     summary = read_summary(tfrecord_dir)
-    task = task or summary["task"]
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if task != "classification" and summary["task"] != "segmentation":
-        raise ValueError(f"{tfrecord_dir} holds a {summary['task']} protocol; it has no masks for task {task!r}")
+    task = resolve_task(task, summary, tfrecord_dir, max_boxes)
     training = split == "train" if training is None else training
-    augment = (training and task != "detection") if augment is None else augment
-    if augment and task == "detection":
-        raise ValueError("augmentation is not supported for the detection task (boxes would not follow)")
+    augment = (training and task.supports_augmentation) if augment is None else augment
+    if augment and not task.supports_augmentation:
+        raise ValueError(f"augmentation is not supported for the {task.name} task (its targets would not follow)")
     num_classes = len(summary["classes"])
     files = shard_files(tfrecord_dir, split, fold)
     subset_findings: list[str] = []
@@ -268,19 +278,8 @@ def make_dataset(
 
         dataset = dataset.filter(in_subset)
 
-    def deterministic_part(record):
-        image = preprocess_image(record["image/encoded"], record["image/bit_depth"], record["image/invert"], image_size)
-        out = {"image": image, "label": tf.cast(record["label"], tf.int32), "id": record["image/id"]}
-        if task != "classification":
-            out["mask"] = boxes_to_mask(record["boxes"], image_size)
-        if task == "detection":
-            boxes = tf.gather(record["boxes"], [1, 0, 3, 2], axis=-1)[:max_boxes]
-            count = tf.shape(boxes)[0]
-            out["boxes"] = tf.pad(boxes, [[0, max_boxes - count], [0, 0]])
-            out["num_boxes"] = count
-        return out
-
-    dataset = dataset.map(deterministic_part, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    dataset = dataset.map(lambda record: task.decode(record, image_size), num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=deterministic)
     if cache:
         dataset = dataset.cache("" if cache is True else str(cache))
     if class_repeats is not None:
@@ -295,20 +294,16 @@ def make_dataset(
     base_seed = tf.constant(0 if seed is None else seed, tf.int64)
 
     def to_model_inputs(batch):
+        batch = dict(batch)
         image = tf.cast(batch["image"], tf.float32)
-        mask = tf.cast(batch["mask"], tf.float32) if "mask" in batch else None
         if augment:
             # The batch's seed comes from its image ids, which the shuffle changes every epoch.
             # (A second random source zipped in would stop file-level auto-sharding.)
             ids = tf.strings.reduce_join(batch["id"], separator="|")
             batch_seed = tf.stack([base_seed, tf.strings.to_hash_bucket_fast(ids, 2**62)])
-            image, mask = augment_batch(image, mask, batch_seed)
-        if task == "classification":
-            target = tf.one_hot(batch["label"], num_classes, dtype=tf.float32)
-        elif task == "segmentation":
-            target = mask
-        else:
-            target = {"mask": mask, "boxes": batch["boxes"], "num_boxes": batch["num_boxes"]}
+            image, changed = task.augment(image, batch, batch_seed)
+            batch.update(changed)
+        target = task.target(batch)
         if with_ids:
             return image, target, batch["id"]
         return image, target

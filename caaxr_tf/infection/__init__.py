@@ -8,7 +8,7 @@ that localizes the infection, detects COVID-19 and grades each lung's severity.
 """
 
 from caaxr_tf.infection.layers import InfectionDetection
-from caaxr_tf.infection.losses import FocalDiceLoss, per_image_focal_dice_loss
+from caaxr_tf.losses import FocalDiceLoss, per_image_focal_dice_loss
 from caaxr_tf.infection.maps import (
     DetectionRates,
     LungSeverity,
@@ -20,7 +20,7 @@ from caaxr_tf.infection.maps import (
     restrict_to_lungs,
     split_lungs,
 )
-from caaxr_tf.infection.metrics import PixelCounts, PixelF1, pixel_counts, pixel_f1
+from caaxr_tf.metrics.pixel import PixelCounts, PixelF1, pixel_counts, pixel_f1
 
 __all__ = [
     "DetectionRates",

@@ -9,7 +9,7 @@ import numpy as np
 
 from caaxr_tf.data.severity import TARGET_RANGES
 from caaxr_tf.evaluate import _new_figure, _save_figure
-from caaxr_tf.regression_metrics import METRIC_NAMES, regression_scores
+from caaxr_tf.metrics.regression import METRIC_NAMES, regression_scores
 from caaxr_tf.severity.protocol import METRIC_TITLES, MeanStd
 
 

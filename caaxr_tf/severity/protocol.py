@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from caaxr_tf.regression_metrics import METRIC_NAMES, regression_scores
+from caaxr_tf.metrics.regression import METRIC_NAMES, regression_scores
 from caaxr_tf.severity.splits import DEFAULT_NUM_SPLITS, HalfSplit, grouped_half_splits
 
 BASELINE_NAME = "intercept only (no data)"

@@ -1,4 +1,13 @@
-"""Hybrid focal + Dice loss for infection segmentation (Degerli et al., 2021).
+"""Per-image segmentation losses: binary cross-entropy, BCE + soft Dice, focal + Dice.
+
+Each returns one value per image (a custom loop passes it to ``tf.nn.compute_average_loss``).
+
+* ``per_image_bce``: binary cross-entropy averaged over an image's pixels (the CAAXR paper);
+* ``per_image_bce_dice``: plus the image's soft Dice loss ``1 - (2 sum(y p) + 1) / (sum(y) + sum(p) + 1)``
+  (helps where lesions cover a few percent of the image);
+* ``per_image_focal_dice_loss``: the hybrid focal + Dice loss of Degerli et al. (2021), below.
+
+Hybrid focal + Dice loss for infection segmentation (Degerli et al., 2021).
 
 The focal term is Keras' own ``keras.losses.binary_focal_crossentropy`` (Lin et al., 2017:
 ``-w * (1 - p_t)**gamma * log(p_t)``, with ``w = alpha`` on foreground and ``1 - alpha`` on
@@ -20,6 +29,21 @@ import keras
 from keras import ops
 
 PACKAGE = "caaxr_tf"
+
+
+def per_image_bce(y_true, y_pred):
+    """Binary cross-entropy of each image, averaged over its pixels: ``[N]``."""
+    y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
+    return ops.mean(keras.losses.binary_crossentropy(y_true, y_pred), axis=(1, 2))
+
+
+def per_image_bce_dice(y_true, y_pred, smooth: float = 1.0):
+    """``per_image_bce`` plus the soft Dice loss of each image: ``[N]``."""
+    y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
+    y_true = ops.cast(ops.convert_to_tensor(y_true), "float32")
+    overlap = ops.sum(y_true * y_pred, axis=(1, 2, 3))
+    total = ops.sum(y_true + y_pred, axis=(1, 2, 3))
+    return per_image_bce(y_true, y_pred) + 1.0 - (2.0 * overlap + smooth) / (total + smooth)
 
 
 def per_image_focal_dice_loss(

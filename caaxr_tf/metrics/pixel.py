@@ -28,7 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from caaxr_tf.metrics import _binary_masks, _per_example_weights
+from caaxr_tf.metrics._common import _binary_masks, _per_example_weights
 
 PACKAGE = "caaxr_tf"
 

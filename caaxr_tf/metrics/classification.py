@@ -1,87 +1,25 @@
-"""Benchmark metrics: per-image Dice / IoU, sensitivity at fixed specificity, class-wise ROC AUC.
+"""Classification metrics: sensitivity at a fixed specificity and class-wise ROC AUC (Keras
+metrics over score histograms, exact numpy versions), and the evaluation's classification
+report (``classification_metrics``).
 
-Two flavours of each metric live here:
-
-* Stateful Keras 3 metrics for ``model.compile(metrics=[...])``. Their state is
-  only sums and counts held in ``Metric`` variables (sync-on-read, ``SUM``
-  aggregation), so under ``tf.distribute`` each replica accumulates its own
-  shard and Keras adds the replicas up when ``result()`` reads the state.
-* Plain numpy functions for the offline evaluation code (arrays in, floats out).
-
-Conventions shared by both flavours:
-
-* Masks: ground truth is foreground where ``y_true > 0.5``; a prediction is
-  foreground where ``y_pred >= threshold`` (as in ``keras.metrics.BinaryIoU``).
-* Empty masks: an image whose ground truth and thresholded prediction are both
-  empty scores ``empty_score`` (default 1.0: nothing to find, nothing found).
-  ``empty_score=None`` leaves such images out of the mean instead.
-* Scores: ``y_pred`` holds probabilities in ``[0, 1]`` (softmax or sigmoid);
-  a case is called positive for a class when its score is ``>= t``.
-* Labels for the classification metrics: one-hot (or multi-hot) ``[N, C]`` or
-  integer ``[N]`` / ``[N, 1]``. With a single output column (``C == 1``) the
-  labels are read as binary 0/1 whatever their shape.
+Scores are probabilities in ``[0, 1]``; a case is positive for a class when its score is
+``>= t``. Labels: one-hot (or multi-hot) ``[N, C]`` or integer ``[N]`` / ``[N, 1]``; with a
+single output column (``C == 1``) the labels are read as binary 0/1 whatever their shape.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
-__all__ = [
-    "Dice",
-    "IoU",
-    "SensitivityAtSpecificity",
-    "ClasswiseAUC",
-    "dice_per_image",
-    "iou_per_image",
-    "sensitivity_at_specificity",
-    "auc_per_class",
-]
+from caaxr_tf.metrics._common import _per_example_weights
 
 DEFAULT_NUM_THRESHOLDS = 10001
-
-
-# --------------------------------------------------------------------------- #
-# Shared helpers
-# --------------------------------------------------------------------------- #
-
-
-def _per_example_weights(sample_weight, n_like):
-    """Weights of shape ``[N]`` (ones when ``sample_weight`` is None).
-
-    ``n_like`` is any tensor with the batch as its first axis. Accepted weights
-    are a scalar, ``[N]`` or ``[N, 1, ..., 1]``.
-    """
-    first = n_like[(slice(None),) + (0,) * (len(n_like.shape) - 1)]
-    ones = ops.ones_like(ops.cast(first, "float32"))
-    if sample_weight is None:
-        return ones
-    sample_weight = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
-    if len(sample_weight.shape) > 1:
-        trailing = sample_weight.shape[1:]
-        if any(dim is not None and dim != 1 for dim in trailing):
-            raise ValueError(
-                "Only one weight per example is supported (shape [N] or [N, 1, ...]); "
-                f"received sample_weight with shape {sample_weight.shape}."
-            )
-        sample_weight = ops.reshape(sample_weight, (-1,))
-    return ones * sample_weight
-
-
-def _binary_masks(y_true, y_pred, threshold: float):
-    """Float 0/1 masks of equal rank; ``y_true`` may lack the trailing channel axis."""
-    y_true = ops.convert_to_tensor(y_true)
-    y_pred = ops.convert_to_tensor(y_pred)
-    if len(y_true.shape) == len(y_pred.shape) - 1:
-        y_true = ops.expand_dims(y_true, -1)
-    elif len(y_pred.shape) == len(y_true.shape) - 1:
-        y_pred = ops.expand_dims(y_pred, -1)
-    truth = ops.cast(ops.cast(y_true, "float32") > 0.5, "float32")
-    pred = ops.cast(ops.cast(y_pred, "float32") >= threshold, "float32")
-    return truth, pred
+SPECIFICITIES = (0.99, 0.90)
 
 
 def _one_vs_rest_labels(y_true, y_pred):
@@ -109,176 +47,6 @@ def _numpy_one_vs_rest(y_true: np.ndarray, num_classes: int) -> np.ndarray:
         return y_true > 0.5
     ids = y_true.reshape(-1).astype(np.int64)
     return ids[:, None] == np.arange(num_classes)[None, :]
-
-
-# --------------------------------------------------------------------------- #
-# Segmentation: per-image Dice and IoU
-# --------------------------------------------------------------------------- #
-
-
-class _PerImageOverlap(keras.metrics.Metric):
-    """Weighted mean over images of a per-image overlap score.
-
-    State: ``total`` (sum of weight * score) and ``count`` (sum of weights).
-    ``sample_weight`` is one weight per image (``[N]`` or ``[N, 1, ...]``);
-    pixel-wise weights are rejected because they have no meaning for a
-    per-image ratio.
-    """
-
-    def __init__(
-        self,
-        threshold: float = 0.5,
-        empty_score: float | None = 1.0,
-        name: str | None = None,
-        dtype=None,
-    ):
-        super().__init__(name=name, dtype=dtype)
-        self.threshold = float(threshold)
-        self.empty_score = None if empty_score is None else float(empty_score)
-        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
-        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
-
-    @staticmethod
-    def _ratio(intersection, true_sum, pred_sum):
-        raise NotImplementedError
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        truth, pred = _binary_masks(y_true, y_pred, self.threshold)
-        axes = tuple(range(1, len(truth.shape)))
-        intersection = ops.sum(truth * pred, axis=axes)
-        true_sum = ops.sum(truth, axis=axes)
-        pred_sum = ops.sum(pred, axis=axes)
-        empty = ops.equal(true_sum + pred_sum, 0.0)
-        scores = self._ratio(intersection, true_sum, pred_sum)
-        weights = _per_example_weights(sample_weight, truth)
-        if self.empty_score is None:
-            weights = ops.where(empty, 0.0, weights)
-            scores = ops.where(empty, 0.0, scores)
-        else:
-            scores = ops.where(empty, self.empty_score, scores)
-        self.total.assign_add(ops.cast(ops.sum(weights * scores), self.total.dtype))
-        self.count.assign_add(ops.cast(ops.sum(weights), self.count.dtype))
-
-    def result(self):
-        return ops.divide_no_nan(self.total, self.count)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "threshold": self.threshold,
-            "empty_score": self.empty_score,
-        }
-
-
-@keras.saving.register_keras_serializable(package="caaxr_tf")
-class Dice(_PerImageOverlap):
-    """Mean over images of the Dice coefficient ``2|T∩P| / (|T| + |P|)``.
-
-    Each image is scored on its own and the scores are averaged (not one Dice
-    pooled over all pixels). ``T`` is ``y_true > 0.5``, ``P`` is
-    ``y_pred >= threshold``; masks are ``[N, H, W, 1]`` or ``[N, H, W]``.
-
-    Args:
-        threshold: Probability at or above which a pixel is predicted foreground.
-        empty_score: Score of an image with empty ``T`` and empty ``P``
-            (default 1.0). ``None`` excludes such images from the mean.
-        name: Metric name.
-        dtype: Dtype of the state and result.
-
-    ``sample_weight`` weights images (one value per image). With no scored
-    image the result is 0.
-    """
-
-    def __init__(
-        self,
-        threshold: float = 0.5,
-        empty_score: float | None = 1.0,
-        name: str = "dice",
-        dtype=None,
-    ):
-        super().__init__(threshold=threshold, empty_score=empty_score, name=name, dtype=dtype)
-
-    @staticmethod
-    def _ratio(intersection, true_sum, pred_sum):
-        return ops.divide_no_nan(2.0 * intersection, true_sum + pred_sum)
-
-
-@keras.saving.register_keras_serializable(package="caaxr_tf")
-class IoU(_PerImageOverlap):
-    """Mean over images of the Jaccard index ``|T∩P| / |T∪P|``.
-
-    Same conventions as `Dice` (per-image mean, ``y_pred >= threshold``,
-    ``empty_score`` for empty-vs-empty images, one weight per image).
-    """
-
-    def __init__(
-        self,
-        threshold: float = 0.5,
-        empty_score: float | None = 1.0,
-        name: str = "iou",
-        dtype=None,
-    ):
-        super().__init__(threshold=threshold, empty_score=empty_score, name=name, dtype=dtype)
-
-    @staticmethod
-    def _ratio(intersection, true_sum, pred_sum):
-        return ops.divide_no_nan(intersection, true_sum + pred_sum - intersection)
-
-
-def _overlap_counts(y_true: np.ndarray, y_pred: np.ndarray, threshold: float):
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    if y_true.ndim == y_pred.ndim - 1:
-        y_true = y_true[..., None]
-    elif y_pred.ndim == y_true.ndim - 1:
-        y_pred = y_pred[..., None]
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"mask shapes differ: {y_true.shape} vs {y_pred.shape}")
-    n = y_true.shape[0]
-    truth = y_true.reshape(n, -1) > 0.5
-    pred = y_pred.reshape(n, -1) >= threshold
-    intersection = np.logical_and(truth, pred).sum(axis=1).astype(np.float64)
-    return intersection, truth.sum(axis=1).astype(np.float64), pred.sum(axis=1).astype(np.float64)
-
-
-def _fill_empty(scores: np.ndarray, empty: np.ndarray, empty_score: float | None) -> np.ndarray:
-    scores[empty] = np.nan if empty_score is None else float(empty_score)
-    return scores
-
-
-def dice_per_image(
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    threshold: float = 0.5,
-    empty_score: float | None = 1.0,
-) -> np.ndarray:
-    """Dice of each image in a batch ``[N, H, W(, 1)]``, as float64 ``[N]``.
-
-    Same conventions as the `Dice` metric; with ``empty_score=None``
-    empty-vs-empty images are NaN (use ``np.nanmean``).
-    """
-    intersection, true_sum, pred_sum = _overlap_counts(y_true, y_pred, threshold)
-    denom = true_sum + pred_sum
-    empty = denom == 0
-    scores = 2.0 * intersection / np.where(empty, 1.0, denom)
-    return _fill_empty(scores, empty, empty_score)
-
-
-def iou_per_image(
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    threshold: float = 0.5,
-    empty_score: float | None = 1.0,
-) -> np.ndarray:
-    """IoU of each image in a batch ``[N, H, W(, 1)]``, as float64 ``[N]``.
-
-    Same conventions as `dice_per_image`.
-    """
-    intersection, true_sum, pred_sum = _overlap_counts(y_true, y_pred, threshold)
-    union = true_sum + pred_sum - intersection
-    empty = union == 0
-    scores = intersection / np.where(empty, 1.0, union)
-    return _fill_empty(scores, empty, empty_score)
 
 
 # --------------------------------------------------------------------------- #
@@ -561,3 +329,40 @@ def auc_per_class(
                 roc_auc_score(column, y_pred[:, index], sample_weight=sample_weight)
             )
     return aucs
+
+
+# --------------------------------------------------------------------------- #
+# The evaluation's classification report
+# --------------------------------------------------------------------------- #
+
+
+def covid_index(class_names: Sequence[str]) -> int:
+    """Index of the class named "covid" (case-insensitive), else 0."""
+    lowered = [str(name).strip().lower() for name in class_names]
+    return lowered.index("covid") if "covid" in lowered else 0
+
+
+def classification_metrics(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """AUC per class, COVID sensitivity at 99 % / 90 % specificity, accuracy, confusion matrix."""
+    from sklearn.metrics import confusion_matrix
+
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    names = [str(c) for c in class_names]
+    covid = covid_index(names)
+    aucs = auc_per_class(labels, scores, names)
+    finite = [v for v in aucs.values() if math.isfinite(v)]
+    predicted = np.argmax(scores, axis=1)
+    result: dict[str, Any] = {
+        "class_names": names,
+        "covid_class": names[covid],
+        "auc_per_class": aucs,
+        "auc_macro": float(np.mean(finite)) if finite else float("nan"),
+    }
+    for specificity in SPECIFICITIES:
+        key = f"sensitivity_at_{round(specificity * 100)}_specificity"
+        result[key] = sensitivity_at_specificity(labels == covid, scores[:, covid], specificity)
+    result["accuracy"] = float(np.mean(predicted == labels)) if labels.size else float("nan")
+    matrix = confusion_matrix(labels, predicted, labels=list(range(len(names))))
+    result["confusion_matrix"] = {"classes": names, "matrix": matrix.astype(int).tolist()}
+    result["class_counts"] = {name: int(np.sum(labels == i)) for i, name in enumerate(names)}
+    return result

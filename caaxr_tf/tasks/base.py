@@ -1,0 +1,305 @@
+"""The Task base class and the task registry.
+
+A task owns everything that depends on what is predicted — and nothing else:
+
+* inputs: the per-record part of the tf.data pipeline that is cached (``decode``), its batch
+  augmentation (``augment``) and the training target (``target``);
+* training: the model it builds (``build_model``), the loss per example, the metrics updated
+  inside the distributed step and how they are logged;
+* evaluation: the metrics JSON, the per-image CSV and the plots of one split, the constant
+  predictions a model has to beat (``baselines``) and the columns of the CV tables;
+* serving: the named outputs of the exported signatures and the JSON record that
+  ``caaxr_tf.predict`` prints per image.
+
+The trainer, the evaluator, cross-validation, export and predict are generic: they look the
+task up here. The task of a run is the registered class whose ``protocol_task`` is the task
+named in the protocol's summary.json and whose ``model_task`` is the registry task of the
+model (Mask R-CNN, a ``detection`` model, on a ``segmentation`` protocol gives the detection
+task). Adding a task means adding one module under ``caaxr_tf/tasks/`` (listed in
+``BUILTIN_TASK_MODULES``) and its section in configs/train.yaml.
+
+This module imports no task module and nothing from the data pipeline at import time, so the
+pipeline can resolve task names without an import cycle.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+BUILTIN_TASK_MODULES = (
+    "caaxr_tf.tasks.classification",
+    "caaxr_tf.tasks.segmentation",
+    "caaxr_tf.tasks.detection",
+)
+
+_REGISTRY: dict[str, type["Task"]] = {}
+
+
+class UnknownTaskError(ValueError):
+    """A task name (e.g. from a summary.json or a run's config.yaml) that no task module defines."""
+
+
+def register_task(cls: type["Task"]) -> type["Task"]:
+    """Class decorator: register ``cls`` under ``cls.name``."""
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"task {cls.name!r} is already registered by {existing.__module__}.{existing.__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_tasks() -> None:
+    for module in BUILTIN_TASK_MODULES:
+        importlib.import_module(module)
+
+
+def available_tasks() -> list[str]:
+    _load_builtin_tasks()
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str) -> type["Task"]:
+    """The task class registered as ``name``; ``UnknownTaskError`` lists the known ones."""
+    _load_builtin_tasks()
+    try:
+        return _REGISTRY[str(name)]
+    except KeyError:
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def task_for(protocol_task: str, model_task: str) -> type["Task"]:
+    """The task that runs a ``model_task`` model on a ``protocol_task`` protocol."""
+    _load_builtin_tasks()
+    if protocol_task not in {cls.protocol_task for cls in _REGISTRY.values()}:
+        raise UnknownTaskError(
+            f"unknown protocol task {protocol_task!r}; known tasks: {', '.join(sorted(_REGISTRY))}"
+        )
+    for cls in _REGISTRY.values():
+        if cls.protocol_task == protocol_task and cls.model_task == model_task:
+            return cls
+    kinds = sorted({cls.model_task for cls in _REGISTRY.values() if cls.protocol_task == protocol_task})
+    raise UnknownTaskError(f"a {model_task} model cannot run on a {protocol_task} protocol "
+                           f"(it takes {' or '.join(kinds)} models)")
+
+
+@dataclass
+class EvalContext:
+    """What a task's ``evaluate`` needs besides the predictions: where its files go and how
+    they are titled. ``tag`` is the file-name tag (``""`` for the default evaluation)."""
+
+    out_dir: Path
+    tag: str
+    title: str
+    plots: bool = True
+    num_examples: int = 4
+    files: dict[str, str] = field(default_factory=dict)
+
+    def path(self, kind: str, suffix: str) -> Path:
+        """``out_dir/<kind><tag>.<suffix>``, recorded in ``files`` under ``kind``."""
+        self.files[kind] = f"{kind}{self.tag}.{suffix}"
+        return self.out_dir / self.files[kind]
+
+
+@dataclass
+class EvalResult:
+    """A task's evaluation of one split: the metrics (JSON-ready) and one CSV row per image."""
+
+    metrics: dict[str, Any]
+    header: list[str]
+    rows: list[list[Any]]
+
+
+Predict = Callable[[Any], Any]
+
+
+class Task:
+    """Base class of the registered tasks (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    protocol_task: ClassVar[str] = ""
+    model_task: ClassVar[str] = ""
+    losses: ClassVar[tuple[str, ...]] = ()
+    # The model computes its own losses (``model.compute_losses(images, targets)``).
+    owns_loss: ClassVar[bool] = False
+    # Names of the model's own loss terms (logged as ``loss_<name>``) when it owns its loss.
+    loss_components: ClassVar[tuple[str, ...]] = ()
+    supports_augmentation: ClassVar[bool] = True
+    # Serving outputs that ``prediction_record`` reports (predict prints other per-image
+    # outputs of at most two dimensions as they are).
+    reported_outputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, class_names: Sequence[str], *, loss: str | None = None,
+                 loss_kwargs: Mapping[str, Any] | None = None):
+        self.class_names = [str(name) for name in class_names]
+        if loss is not None and loss not in self.losses:
+            raise ValueError(f"unknown loss {loss!r} for the {self.name} task; expected one of {', '.join(self.losses)}")
+        self.loss = loss or (self.losses[0] if self.losses else None)
+        self.loss_kwargs = dict(loss_kwargs or {})
+
+    # Loss weights or oversampling by class (``class_balance``) make sense for this task.
+    supports_class_balance: ClassVar[bool] = False
+
+    @classmethod
+    def config_sections(cls) -> tuple[str, ...]:
+        """The sections of configs/train.yaml this task's runs read, general to specific."""
+        return (cls.name,)
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise ConfigError for settings of a resolved RunConfig that this task cannot use."""
+        from caaxr_tf.config import ConfigError
+
+        if config.loss not in cls.losses:
+            raise ConfigError(f"unknown loss {config.loss!r} for the {cls.name} task; "
+                              f"expected one of {', '.join(cls.losses)}")
+        if config.class_balance != "none" and not cls.supports_class_balance:
+            raise ConfigError(f"class_balance {config.class_balance!r} applies to classifiers; "
+                              f"protocol {config.protocol!r} is {cls.protocol_task}")
+        if config.augment and not cls.supports_augmentation:
+            raise ConfigError(f"augment: the {cls.name} task cannot be augmented (its targets would not follow); "
+                              "set augment to false")
+
+    @classmethod
+    def from_config(cls, config: Any, summary: Mapping[str, Any] | None = None) -> "Task":
+        """The task of a resolved run config (``caaxr_tf.training.config.RunConfig``)."""
+        return cls(config.class_names, loss=config.loss, loss_kwargs=config.loss_kwargs)
+
+    # ------------------------------------------------------------------ inputs (tf.data)
+
+    def decode(self, record: Mapping[str, "tf.Tensor"], image_size: int) -> dict[str, "tf.Tensor"]:
+        """The deterministic, cached part of one parsed record: at least ``image`` (uint8
+        [S, S, 1]), ``label`` and ``id``; the task adds what its target needs."""
+        from caaxr_tf.data.pipeline import decode_common
+
+        return decode_common(record, image_size)
+
+    def augment(self, images: "tf.Tensor", batch: Mapping[str, "tf.Tensor"], seed: "tf.Tensor"
+                ) -> tuple["tf.Tensor", dict[str, "tf.Tensor"]]:
+        """Random augmentation of a batch (float32 images 0..255); returns the images and the
+        batch entries it changed (e.g. the masks that follow a geometric transform)."""
+        from caaxr_tf.data.pipeline import augment_batch
+
+        augmented, _ = augment_batch(images, None, seed)
+        return augmented, {}
+
+    def target(self, batch: Mapping[str, "tf.Tensor"]) -> Any:
+        """The training target of a batch."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ model and training
+
+    def build_model(self, config: Any) -> "keras.Model":
+        """The run's model (``config``: a RunConfig), built inside the strategy's scope."""
+        from caaxr_tf.models import build_model
+
+        return build_model(config.model, weights=config.weights,
+                           input_shape=(config.image_size, config.image_size, 1), **config.model_kwargs)
+
+    def per_example_loss(self, targets: Any, outputs: Any) -> "tf.Tensor":
+        """One loss value per example [B]."""
+        raise NotImplementedError
+
+    def make_metrics(self) -> list["keras.metrics.Metric"]:
+        """Fresh stateful metrics, updated with ``metric_inputs`` inside the replica step."""
+        return []
+
+    def metric_inputs(self, targets: Any, outputs: Any) -> tuple[Any, Any]:
+        """``(y_true, y_pred)`` for the metrics from a batch's targets and model outputs."""
+        return targets, outputs
+
+    def metric_values(self, metrics: Sequence["keras.metrics.Metric"], prefix: str = "") -> dict[str, float]:
+        """The logged values of the metrics (history.csv columns, TensorBoard scalars)."""
+        values: dict[str, float] = {}
+        for metric in metrics:
+            result = metric.result()
+            array = result.numpy() if hasattr(result, "numpy") else result
+            if getattr(array, "ndim", 0) == 1:  # one value per class
+                for name, value in zip(self.class_names, array.tolist()):
+                    values[f"{prefix}{metric.name}_{name}"] = float(value)
+                values[f"{prefix}{metric.name}_mean"] = float(sum(array.tolist()) / max(1, len(array)))
+            else:
+                values[f"{prefix}{metric.name}"] = float(array)
+        return values
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, predict: Predict, dataset: Any, context: EvalContext) -> EvalResult:
+        """Predict every batch of ``dataset`` (``(images, targets, ids)``) and score the split;
+        plots go to ``context`` paths."""
+        raise NotImplementedError
+
+    def format_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
+        """The lines of the printed summary of one evaluation (after its title line)."""
+        return []
+
+    def baselines(self, protocol_dir: Path, split: str, fold: int, subsets: Sequence[str]
+                  ) -> dict[str, dict[str, dict[str, Any]]]:
+        """Metrics of constant predictions on the split: ``{"" or subset: {name: metrics}}``."""
+        return {}
+
+    def metric_columns(self, subsets: Sequence[str] = ()) -> list[str]:
+        """The metric columns of results.csv."""
+        return ["num_images"]
+
+    def paper_columns(self, subsets: Sequence[str] = ()) -> list[tuple[str, str]]:
+        """``(results.csv column, header)`` of the mean ± std table."""
+        return []
+
+    def row_from_metrics(self, metrics: Mapping[str, Any],
+                         subset_metrics: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """The results.csv cells of one evaluation (and its subset evaluations)."""
+        return {"num_images": metrics.get("num_images")}
+
+    def describe_metrics(self) -> str:
+        """What the numbers of the CV table are, for results.md."""
+        return ""
+
+    # ------------------------------------------------------------------ serving
+
+    def serving_outputs(self, outputs: Any) -> dict[str, "tf.Tensor"]:
+        """Named outputs of the exported signatures from the model's outputs; every output has
+        the batch as its first dimension (TF Serving's REST row format needs it)."""
+        import tensorflow as tf
+
+        def as_float32(tensor):
+            tensor = tf.convert_to_tensor(tensor)
+            return tf.cast(tensor, tf.float32) if tensor.dtype.is_floating else tensor
+
+        if isinstance(outputs, Mapping):
+            return {str(key): as_float32(value) for key, value in outputs.items()}
+        if isinstance(outputs, (list, tuple)):
+            raise ValueError(f"cannot name {len(outputs)} unnamed model outputs; return a dict instead")
+        return {"output": as_float32(outputs)}
+
+    def prediction_record(self, outputs: Mapping[str, "np.ndarray"], index: int) -> dict[str, Any]:
+        """The JSON fields that ``caaxr_tf.predict`` prints for image ``index`` of a batch."""
+        return {}
+
+    def check_outputs(self, outputs: Mapping[str, "np.ndarray"]) -> None:
+        """Raise ValueError when the served outputs do not fit this task (checked on load)."""
+
+
+def check_finite(values: "np.ndarray", ids: Sequence[str]) -> None:
+    """A model with NaN weights scores DICE 0 or 1 and AUC 0.5 silently: refuse it instead."""
+    import numpy as np
+
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        first = ", ".join(ids[i] for i in np.flatnonzero(bad)[:3])
+        raise ValueError(
+            f"the model's outputs are not finite (NaN or Inf) for {int(bad.sum())} image(s) of this batch "
+            f"(e.g. {first}): the model is broken (trained with a non-finite loss?); nothing was written"
+        )
+
+
+def format_value(value: Any) -> str:
+    """A metric value for the printed tables: 4 decimals, ``n/a`` for undefined."""
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
