@@ -147,14 +147,21 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "") 
 
 
 def to_mapping(obj: Any) -> Any:
-    """Plain YAML-ready data of a config dataclass (tuples as lists)."""
+    """Plain YAML-ready data of a config dataclass (tuples as lists). A nested dataclass with a
+    ``to_mapping`` method decides its own form (e.g. leaving out settings not given)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_mapping(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {k: to_mapping(v) for k, v in obj.items()}
-    return obj
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return _plain(obj)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value.to_mapping() if hasattr(value, "to_mapping") else to_mapping(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _coerce(value: Any, annotation: Any, field: dataclasses.Field, where: str) -> Any:
@@ -177,7 +184,7 @@ def _coerce(value: Any, annotation: Any, field: dataclasses.Field, where: str) -
             raise ConfigError(f"{label} must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(annotation):
-        return from_mapping(annotation, value, label)
+        return value if isinstance(value, annotation) else from_mapping(annotation, value, label)
     if annotation is Any:
         return value
     if annotation is bool:

@@ -8,10 +8,12 @@
         [--eval-batch-size N] [--no-plots] [--quiet]
 
 ``--tfrecords`` is the folder holding the protocol folders (``TFRECORDS/<protocol>/summary.json``).
-Each (model, fold) gets the run folder ``OUT/<model>/fold<k>``: ``caaxr_tf.train.main`` trains
-it (the training flags above are passed through unchanged), then ``caaxr_tf.evaluate`` scores
-it on the test split, and on every subset of the protocol as well (``seg``: consolidation /
-ground-glass opacity).
+Each (model, fold) gets the run folder ``OUT/<model>/fold<k>``: its configuration is resolved
+from the training flags above exactly as ``caaxr_tf.train`` resolves them (all of them before
+anything runs, so a bad flag stops the CV at once), ``caaxr_tf.train.run_training`` trains it
+and ``caaxr_tf.evaluate.evaluate_run`` scores it on the test split, and on every subset of the
+protocol as well (``seg``: consolidation / ground-glass opacity). The columns, the paper's
+table and the constant-prediction baselines come from the protocol's task (``caaxr_tf.tasks``).
 
 Resuming: a (model, fold) whose ``eval/metrics.json`` (and subset metrics) exist is skipped,
 so a killed CV started again with the same arguments picks up where it stopped (training
@@ -53,21 +55,17 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from caaxr_tf.evaluate import (  # noqa: E402
-    classification_baselines,
-    covid_index,
-    metrics_path,
-    segmentation_baselines,
-    write_text_atomic,
-)
+from caaxr_tf.evaluate import metrics_path  # noqa: E402
+from caaxr_tf.io import write_text_atomic  # noqa: E402
 
-Trainer = Callable[[list[str]], int]
+Trainer = Callable[..., Any]  # (RunConfig, run_dir) -> anything; raises when training fails
 Evaluator = Callable[..., dict]
 
 RESULTS_CSV = "results.csv"
@@ -75,22 +73,17 @@ RESULTS_MD = "results.md"
 BASELINES_JSON = "baselines.json"
 AGGREGATES = ("mean", "std")
 
-# Training flags passed through to caaxr_tf.train: (flag, takes a value).
-TRAIN_FLAGS: tuple[tuple[str, bool], ...] = (
-    ("--config", True),
-    ("--epochs", True),
-    ("--steps-per-epoch", True),
-    ("--validation-steps", True),
-    ("--batch-size", True),
-    ("--lr", True),
-    ("--weights", True),
-    ("--strategy", True),
-    ("--seed", True),
-    ("--class-balance", True),
-    ("--mixed-precision", False),
-    ("--jit", False),
-    ("--quiet", False),
-)
+
+@dataclass
+class TrainingOptions:
+    """The training settings of every run of a CV, as ``caaxr_tf.train`` takes them: a
+    ``--config`` file, flags (RunConfig keys; ``learning_rate`` for ``--lr``) and ``--set``
+    overrides."""
+
+    config_file: str | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    verbose: bool = False
 
 
 # --------------------------------------------------------------------------- #
@@ -98,35 +91,21 @@ TRAIN_FLAGS: tuple[tuple[str, bool], ...] = (
 # --------------------------------------------------------------------------- #
 
 
-def metric_columns(task: str, class_names: Sequence[str] = (), subsets: Iterable[str] = ()) -> list[str]:
+def protocol_task(task: str, class_names: Sequence[str] = ()):
+    """The Task object whose tables a protocol's CV writes."""
+    from caaxr_tf.tasks import get_task
+
+    return get_task(task)(list(class_names))
+
+
+def metric_columns(task: str, class_names: Sequence[str] = (), subsets: Sequence[str] = ()) -> list[str]:
     """The metric columns of results.csv for a protocol."""
-    if task == "classification":
-        return (
-            ["num_images", "accuracy"]
-            + [f"auc_{name}" for name in class_names]
-            + ["auc_macro", "sensitivity_at_99_specificity", "sensitivity_at_90_specificity"]
-        )
-    columns = ["num_images", "dice", "iou"]
-    for subset in subsets:
-        columns += [f"num_images_{subset}", f"dice_{subset}", f"iou_{subset}"]
-    return columns
+    return protocol_task(task, class_names).metric_columns(list(subsets))
 
 
-def paper_columns(task: str, class_names: Sequence[str] = (), subsets: Iterable[str] = ()) -> list[tuple[str, str]]:
+def paper_columns(task: str, class_names: Sequence[str] = (), subsets: Sequence[str] = ()) -> list[tuple[str, str]]:
     """(results.csv column, header) pairs of the paper's table for a protocol."""
-    if task == "classification":
-        covid = class_names[covid_index(class_names)] if class_names else "covid"
-        return (
-            [(f"auc_{name}", f"AUC {name}") for name in class_names]
-            + [
-                ("sensitivity_at_99_specificity", f"Sens. @ 99% spec. ({covid})"),
-                ("sensitivity_at_90_specificity", f"Sens. @ 90% spec. ({covid})"),
-                ("accuracy", "Accuracy"),
-            ]
-        )
-    columns = [("dice", "DICE"), ("iou", "IoU")]
-    columns += [(f"dice_{subset}", f"DICE ({subset} subset)") for subset in subsets]
-    return columns
+    return protocol_task(task, class_names).paper_columns(list(subsets))
 
 
 def row_from_metrics(
@@ -135,23 +114,12 @@ def row_from_metrics(
     run_dir: str | Path,
     metrics: Mapping[str, Any],
     subset_metrics: Mapping[str, Mapping[str, Any]] | None = None,
+    task=None,
 ) -> dict[str, Any]:
     """One results row from a run's metrics.json (and its subset metrics files)."""
-    row: dict[str, Any] = {"model": model, "fold": fold, "status": "ok", "run_dir": str(run_dir),
-                           "num_images": metrics.get("num_images")}
-    if metrics.get("task") == "classification":
-        row["accuracy"] = metrics.get("accuracy")
-        for name, value in (metrics.get("auc_per_class") or {}).items():
-            row[f"auc_{name}"] = value
-        for key in ("auc_macro", "sensitivity_at_99_specificity", "sensitivity_at_90_specificity"):
-            row[key] = metrics.get(key)
-    else:
-        row["dice"], row["iou"] = metrics.get("dice"), metrics.get("iou")
-        for subset, values in (subset_metrics or {}).items():
-            row[f"num_images_{subset}"] = values.get("num_images")
-            row[f"dice_{subset}"] = values.get("dice")
-            row[f"iou_{subset}"] = values.get("iou")
-    return row
+    task = task or protocol_task(metrics["task"], metrics.get("class_names") or [])
+    return {"model": model, "fold": fold, "status": "ok", "run_dir": str(run_dir),
+            **task.row_from_metrics(metrics, subset_metrics)}
 
 
 def _number(value: Any) -> float | None:
@@ -278,21 +246,17 @@ def results_markdown(
 ) -> str:
     """results.md: a title, what the numbers are, the table, the constant-prediction
     baselines and the failed runs."""
-    what = (
-        "per-image Dice and IoU (threshold 0.5), averaged over the test images"
-        if task != "classification"
-        else f"one-vs-rest ROC AUC per class, sensitivity of {class_names[covid_index(class_names)]} "
-             "(one-vs-all) at 99 % and 90 % specificity, and accuracy"
-    )
+    task_object = protocol_task(task, class_names)
+    columns = task_object.paper_columns(list(subsets))
     sizes = sorted({int(n) for n in (_number(r.get("num_images")) for r in rows if r.get("status") == "ok") if n})
     images = f" ({' / '.join(map(str, sizes))} images)" if sizes else ""
     lines = [
         f"# Cross-validation results: {protocol}",
         "",
         f"Test split of `{tfrecords}`{images}; fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}. "
-        f"Each cell is the mean ± sample standard deviation (n − 1) over the folds of {what}.",
+        f"Each cell is the mean ± sample standard deviation (n − 1) over the folds of {task_object.describe_metrics()}.",
         "",
-        format_results_table(rows, paper_columns(task, class_names, subsets)),
+        format_results_table(rows, columns),
         "",
     ]
     if baselines:
@@ -300,7 +264,7 @@ def results_markdown(
             "Constant predictions on the same test images, scored the same way (a model that learnt "
             "nothing scores about this):",
             "",
-            format_baselines_table(baselines, paper_columns(task, class_names, subsets)),
+            format_baselines_table(baselines, columns, task_object),
             "",
         ]
     failed = [r for r in rows if str(r.get("fold")) not in AGGREGATES and r.get("status") != "ok"]
@@ -315,14 +279,17 @@ def results_markdown(
 def format_baselines_table(
     baselines: Mapping[str, Mapping[str, Mapping[str, Any]]],
     columns: Sequence[tuple[str, str]],
+    task=None,
     markdown: bool = True,
 ) -> str:
     """``baselines[""|subset][name]`` = the metrics of one constant prediction, as one row per
-    prediction under the paper's ``columns`` (e.g. ``paper_columns(...)``)."""
+    prediction under the paper's ``columns`` (e.g. ``paper_columns(...)``); ``task`` turns
+    metrics into row cells (default: the row is the metrics themselves)."""
     subset_metrics = {subset: values for subset, values in baselines.items() if subset}
     body = []
     for name, metrics in baselines[""].items():
-        row = row_from_metrics(name, 0, "", metrics, {s: v[name] for s, v in subset_metrics.items() if name in v})
+        subsets = {s: v[name] for s, v in subset_metrics.items() if name in v}
+        row = task.row_from_metrics(metrics, subsets) if task is not None else dict(metrics)
         body.append([name, *(_baseline_cell(row.get(key)) for key, _ in columns)])
     return render_table(["prediction", *(title for _, title in columns)], body, markdown=markdown)
 
@@ -337,29 +304,10 @@ def _baseline_cell(value: Any) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def training_argv(protocol: str, model: str, fold: int, tfrecords: str | Path, run_dir: str | Path,
-                  train_args: Sequence[str] = ()) -> list[str]:
-    """Command line for ``caaxr_tf.train.main`` of one (model, fold)."""
-    return ["--protocol", protocol, "--model", model, "--fold", str(fold), "--tfrecords", str(tfrecords),
-            "--out", str(run_dir), *train_args]
+def _default_trainer(config, run_dir: Path, verbose: bool = False) -> Any:
+    from caaxr_tf.train import run_training
 
-
-def _default_trainer(argv: list[str]) -> int:
-    from caaxr_tf.train import main
-
-    return main(argv)
-
-
-def _call_trainer(trainer: Trainer, argv: list[str]) -> str | None:
-    """Run the trainer; None on success, else why it failed."""
-    try:
-        code = trainer(argv)
-    except SystemExit as stop:  # argparse errors inside the trainer
-        code = stop.code if isinstance(stop.code, int) else 1
-    except Exception as error:  # one failed run must not stop the others
-        traceback.print_exc()
-        return f"training raised {type(error).__name__}: {error}"
-    return None if code in (0, None) else f"training exited with status {code}"
+    return run_training(config, run_dir, verbose=verbose)
 
 
 def _reset_keras() -> None:
@@ -378,8 +326,6 @@ def _is_done(run_dir: Path, subsets: Sequence[str]) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -390,7 +336,7 @@ def run_cv(
     out: str | Path,
     *,
     folds: Sequence[int] | None = None,
-    train_args: Sequence[str] = (),
+    training: TrainingOptions | None = None,
     force: bool = False,
     eval_only: bool = False,
     eval_batch_size: int | None = None,
@@ -401,23 +347,25 @@ def run_cv(
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``models`` × ``folds``; write OUT/results.csv and OUT/results.md.
 
-    ``trainer(argv) -> int`` defaults to ``caaxr_tf.train.main`` and ``evaluator`` to
-    ``caaxr_tf.evaluate.evaluate_run`` (both injectable for tests). Returns the fold rows.
-    Raises ValueError / FileNotFoundError for bad arguments before anything runs.
+    ``trainer(config, run_dir)`` defaults to ``caaxr_tf.train.run_training`` and ``evaluator``
+    to ``caaxr_tf.evaluate.evaluate_run`` (both injectable for tests). Returns the fold rows.
+    Raises ValueError / FileNotFoundError (ConfigError for training settings) for bad
+    arguments before anything runs.
     """
-    from caaxr_tf.data.pipeline import read_summary
+    from caaxr_tf.data.schema import read_summary
     from caaxr_tf.evaluate import evaluate_run
-    from caaxr_tf.models import available_models, model_task
+    from caaxr_tf.training.config import resolve_run_config
 
-    trainer = trainer or _default_trainer
+    training = training or TrainingOptions()
     evaluator = evaluator or evaluate_run
+    trainer = trainer or (lambda config, run_dir: _default_trainer(config, run_dir, training.verbose))
     tfrecords, out = Path(tfrecords).resolve(), Path(out).resolve()
     protocol_dir = tfrecords / protocol
     if not (protocol_dir / "summary.json").exists():
         raise FileNotFoundError(f"{protocol_dir / 'summary.json'} not found: --tfrecords must hold the {protocol}/ protocol folder")
     summary = read_summary(protocol_dir)
-    task = summary["task"]
     class_names = [str(c) for c in summary["classes"]]
+    task = protocol_task(summary["task"], class_names)
     subsets = sorted(summary.get("subsets") or {})
     available = int(summary["folds"])
     folds = list(folds) if folds else list(range(1, available + 1))
@@ -433,28 +381,21 @@ def run_cv(
         raise ValueError("no models given")
     if eval_batch_size is not None and eval_batch_size < 1:
         raise ValueError(f"--eval-batch-size must be at least 1, got {eval_batch_size}")
-    known = available_models()
-    for model in models:
-        if model not in known:
-            raise ValueError(f"unknown model {model!r}; known models: {', '.join(known)}")
-        if model_task(model) != task:
-            raise ValueError(f"{model} is a {model_task(model)} model; protocol {protocol} is a {task} task")
+    configs = {(model, fold): resolve_run_config(tfrecords, protocol, model, fold, config_file=training.config_file,
+                                                 flags=training.flags, overrides=training.overrides)
+               for model in models for fold in folds}
 
-    columns = metric_columns(task, class_names, subsets)
+    columns = task.metric_columns(subsets)
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
-    if task == "segmentation":
-        baselines = {"": segmentation_baselines(protocol_dir, "test")}
-        for subset in subsets:
-            baselines[subset] = segmentation_baselines(protocol_dir, "test", subset=subset)
-    else:
-        baselines = {"": classification_baselines(protocol_dir, "test", fold=folds[0])}
+    baselines = task.baselines(protocol_dir, "test", folds[0], subsets)
     write_text_atomic(out / BASELINES_JSON, json.dumps(baselines, indent=2) + "\n")
 
     def write_results() -> None:
         write_text_atomic(out / RESULTS_CSV, results_csv_text(rows, columns))
         write_text_atomic(
-            out / RESULTS_MD, results_markdown(rows, protocol, task, class_names, subsets, folds, protocol_dir, baselines)
+            out / RESULTS_MD, results_markdown(rows, protocol, task.name, class_names, subsets, folds, protocol_dir,
+                                               baselines)
         )
 
     total = len(models) * len(folds)
@@ -471,7 +412,11 @@ def run_cv(
                     failure = "not trained (--eval-only)"
             else:
                 log(f"{prefix}: training in {run_dir}")
-                failure = _call_trainer(trainer, training_argv(protocol, model, fold, tfrecords, run_dir, train_args))
+                try:
+                    trainer(configs[(model, fold)], run_dir)
+                except Exception as error:  # noqa: BLE001 — one failed run must not stop the others
+                    traceback.print_exc()
+                    failure = f"training raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             if failure is None:
                 log(f"{prefix}: evaluating")
                 try:
@@ -484,19 +429,20 @@ def run_cv(
             _reset_keras()
         if failure is None:
             subset_metrics = {s: _read_json(metrics_path(run_dir, subset=s)) for s in subsets}
-            rows.append(row_from_metrics(model, fold, run_dir, _read_json(metrics_path(run_dir)), subset_metrics))
+            rows.append(row_from_metrics(model, fold, run_dir, _read_json(metrics_path(run_dir)), subset_metrics, task))
             log(f"{prefix}: ok ({time.perf_counter() - started:.0f} s)")
         else:
             rows.append({"model": model, "fold": fold, "status": f"failed: {failure}", "run_dir": str(run_dir)})
             log(f"{prefix}: FAILED: {failure}")
         write_results()
 
+    paper = task.paper_columns(subsets)
     log("")
     log(f"{protocol}: mean ± std over fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}")
-    log(format_results_table(rows, paper_columns(task, class_names, subsets), markdown=False))
+    log(format_results_table(rows, paper, markdown=False))
     if baselines:
         log("constant predictions on the same test images:")
-        log(format_baselines_table(baselines, paper_columns(task, class_names, subsets), markdown=False))
+        log(format_baselines_table(baselines, paper, task, markdown=False))
     log(f"wrote {out / RESULTS_CSV} and {out / RESULTS_MD}")
     return rows
 
@@ -520,10 +466,12 @@ def _int_list(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from caaxr_tf.train import add_training_arguments, protocol_names
+
     parser = argparse.ArgumentParser(
         prog="python -m caaxr_tf.cv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--protocol", required=True, choices=["seg", "2class", "3class", "4class"])
+    parser.add_argument("--protocol", required=True, choices=protocol_names())
     parser.add_argument("--models", required=True, help="comma-separated registry names")
     parser.add_argument("--tfrecords", required=True, help="folder holding the protocol folders")
     parser.add_argument("--out", required=True, help="CV folder: OUT/<model>/fold<k>, results.csv, results.md")
@@ -532,28 +480,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-only", action="store_true", help="evaluate existing runs, never train")
     parser.add_argument("--eval-batch-size", type=int, default=None)
     parser.add_argument("--no-plots", action="store_true")
-    training = parser.add_argument_group("training (passed to caaxr_tf.train)")
-    for flag, takes_value in TRAIN_FLAGS:
-        if takes_value:
-            training.add_argument(flag, default=None)
-        else:
-            training.add_argument(flag, action="store_true")
-    training.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_training_arguments(parser)
     return parser.parse_args(argv)
 
 
-def train_args_from(args: argparse.Namespace) -> list[str]:
-    """The pass-through training flags, in a fixed order."""
-    argv: list[str] = []
-    for flag, takes_value in TRAIN_FLAGS:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if takes_value and value is not None:
-            argv += [flag, str(value)]
-        elif not takes_value and value:
-            argv.append(flag)
-    for override in args.overrides:
-        argv += ["--set", override]
-    return argv
+def training_options(args: argparse.Namespace) -> TrainingOptions:
+    """The training settings of ``caaxr_tf.cv``'s command line."""
+    from caaxr_tf.train import training_flags
+
+    return TrainingOptions(config_file=args.config, flags=training_flags(args), overrides=list(args.overrides),
+                           verbose=not args.quiet)
 
 
 def main(argv: list[str] | None = None, trainer: Trainer | None = None) -> int:
@@ -561,7 +498,7 @@ def main(argv: list[str] | None = None, trainer: Trainer | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         rows = run_cv(
-            args.protocol, models, args.tfrecords, args.out, folds=args.folds, train_args=train_args_from(args),
+            args.protocol, models, args.tfrecords, args.out, folds=args.folds, training=training_options(args),
             force=args.force, eval_only=args.eval_only, eval_batch_size=args.eval_batch_size,
             plots=not args.no_plots, trainer=trainer,
         )

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -78,38 +79,30 @@ def show_batches(tfrecord_root: Path, protocols: list[str]) -> None:
 # far more steps from scratch) and BatchNorm statistics re-estimated after each epoch (after so few
 # steps the moving averages lag far behind the weights: test accuracy 0.43 with them, 0.73 with
 # re-estimated ones, at the same AUC). configs/train.yaml keeps the paper's settings for real runs.
-DEMO_RUNS: dict[str, tuple[str, list[str]]] = {
-    "seg": ("unet", ["--epochs", "2", "--steps-per-epoch", "50", "--batch-size", "8", "--lr", "3e-3",
-                     "--set", "model_kwargs.base_filters=8", "--set", "loss=bce_dice"]),
-    "2class": ("resnet18", ["--epochs", "2", "--steps-per-epoch", "15", "--batch-size", "10",
-                            "--set", "optimizer={name: adam, learning_rate: 1.0e-3}",
-                            "--set", "bn_recompute_images=100"]),
+DEMO_RUNS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
+    "seg": ("unet", {"epochs": 2, "steps_per_epoch": 50, "batch_size": 8, "learning_rate": 3e-3},
+            ["model_kwargs.base_filters=8", "loss=bce_dice"]),
+    "2class": ("resnet18", {"epochs": 2, "steps_per_epoch": 15, "batch_size": 10},
+               ["optimizer={name: adam, learning_rate: 1.0e-3}", "bn_recompute_images=100"]),
 }
 DEMO_RUNS["3class"] = DEMO_RUNS["4class"] = DEMO_RUNS["2class"]
 
 
 def train_and_evaluate(tfrecord_root: Path, cv_root: Path, steps_scale: float) -> dict[str, list[dict]]:
-    from caaxr_tf.cv import run_cv
+    from caaxr_tf.cv import TrainingOptions, run_cv
 
     print("[4/5] training one model per protocol (fold 1, from scratch) and evaluating it on the test split ...",
           flush=True)
     results = {}
-    for protocol, (model, train_args) in DEMO_RUNS.items():
-        train_args = _scaled(train_args, steps_scale) + ["--quiet"]
+    for protocol, (model, flags, overrides) in DEMO_RUNS.items():
+        flags = {**flags, "steps_per_epoch": max(1, round(flags["steps_per_epoch"] * steps_scale))}
         started = time.perf_counter()
         results[protocol] = run_cv(protocol, [model], tfrecord_root, cv_root / protocol, folds=[1],
-                                   train_args=train_args, eval_batch_size=32, log=lambda line: None)
+                                   training=TrainingOptions(flags=flags, overrides=overrides),
+                                   eval_batch_size=32, log=lambda line: None)
         print(f"      {protocol:<7} {model:<9} {_learning_curve(cv_root / protocol / model / 'fold1')}"
               f"  ({time.perf_counter() - started:.0f} s)", flush=True)
     return results
-
-
-def _scaled(train_args: list[str], scale: float) -> list[str]:
-    """The arguments with --steps-per-epoch multiplied by ``scale`` (at least one step)."""
-    args = list(train_args)
-    position = args.index("--steps-per-epoch") + 1
-    args[position] = str(max(1, round(int(args[position]) * scale)))
-    return args
 
 
 def _learning_curve(run_dir: Path) -> str:
@@ -127,18 +120,19 @@ def _learning_curve(run_dir: Path) -> str:
 
 
 def print_tables(tfrecord_root: Path, cv_root: Path, results: dict[str, list[dict]]) -> None:
-    from caaxr_tf.cv import BASELINES_JSON, format_baselines_table, format_results_table, paper_columns
-    from caaxr_tf.data.pipeline import read_summary
+    from caaxr_tf.cv import BASELINES_JSON, format_baselines_table, format_results_table, protocol_task
+    from caaxr_tf.data.schema import read_summary
 
     for protocol, rows in results.items():
         summary = read_summary(tfrecord_root / protocol)
-        columns = paper_columns(summary["task"], summary["classes"], sorted(summary.get("subsets") or {}))
+        task = protocol_task(summary["task"], summary["classes"])
+        columns = task.paper_columns(sorted(summary.get("subsets") or {}))
         title = "Table 1 (segmentation)" if protocol == "seg" else f"Table 2 ({protocol})"
         print(f"\n{title}: test split, fold 1, after a short training on synthetic data")
         print(format_results_table(rows, columns, markdown=False))
         baselines = json.loads((cv_root / protocol / BASELINES_JSON).read_text(encoding="utf-8"))
         print("constant predictions on the same images (what a model that learnt nothing scores):")
-        print(format_baselines_table(baselines, columns, markdown=False))
+        print(format_baselines_table(baselines, columns, task, markdown=False))
 
 
 def export_and_predict(out: Path, data_root: Path) -> None:

@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -39,6 +39,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from caaxr_tf.data.pipeline import IMAGE_SIZE, preprocess_image  # noqa: E402
+
+if TYPE_CHECKING:
+    from caaxr_tf.tasks import Task
 
 SERVING_SIGNATURE = "serving_default"
 PREPROCESSED_SIGNATURE = "predict_preprocessed"
@@ -53,7 +56,6 @@ JPEG_SIGNATURE = b"\xff\xd8\xff"
 PNG_BIT_DEPTH_OFFSET = 24
 HEADER_BYTES = 32
 
-TASKS = ("classification", "segmentation", "detection")
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERIFY_TOLERANCE = 1e-4
 
@@ -218,48 +220,27 @@ def check_preprocessed(images: tf.Tensor, image_size: int = IMAGE_SIZE) -> tf.Te
 # --------------------------------------------------------------------------- signatures
 
 
-def named_outputs(outputs: Any, task: str, class_names: Sequence[str]) -> dict[str, tf.Tensor]:
-    """Model outputs -> the signature's named outputs (floating outputs as float32).
+def resolve_export_task(task: "str | Task", class_names: Sequence[str] = ()) -> "Task":
+    """A Task object for an export: given, or a registered task name (an unknown name is a
+    ValueError listing the known tasks)."""
+    from caaxr_tf.tasks import get_task
 
-    A dict (e.g. Mask R-CNN's) is returned entry by entry; a single tensor is ``mask`` for
-    segmentation and ``probabilities`` plus ``predicted_class`` and ``class_names`` for
-    classification. ``class_names`` is [N, C] rather than [C]: TF Serving's REST row format
-    needs every output to have the batch as its first dimension.
-    """
-
-    def as_float32(tensor: tf.Tensor) -> tf.Tensor:
-        tensor = tf.convert_to_tensor(tensor)
-        return tf.cast(tensor, tf.float32) if tensor.dtype.is_floating else tensor
-
-    if isinstance(outputs, Mapping):
-        return {str(key): as_float32(value) for key, value in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        raise ValueError(f"cannot name {len(outputs)} unnamed model outputs; return a dict instead")
-    outputs = as_float32(outputs)
-    if task != "classification":
-        return {"mask": outputs}
-    names = tf.constant(list(class_names), dtype=tf.string)
-    count = tf.shape(outputs)[0]
-    return {
-        "probabilities": outputs,
-        "predicted_class": tf.gather(names, tf.argmax(outputs, axis=-1)),
-        "class_names": tf.tile(names[None, :], [count, 1]),
-    }
+    return task if not isinstance(task, str) else get_task(task)(list(class_names))
 
 
 def make_export_archive(
-    model, *, task: str, class_names: Sequence[str] = (), image_size: int = IMAGE_SIZE
+    model, *, task: "str | Task", class_names: Sequence[str] = (), image_size: int = IMAGE_SIZE
 ):
     """A ``keras.export.ExportArchive`` with the ``serving_default`` and
-    ``predict_preprocessed`` endpoints around ``model`` (called with ``training=False``)."""
+    ``predict_preprocessed`` endpoints around ``model`` (called with ``training=False``); the
+    task names the outputs (``Task.serving_outputs``)."""
     import keras
 
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    task = resolve_export_task(task, class_names)
     image_shape = [None, image_size, image_size, 1]
 
     def run_model(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        return named_outputs(model(pixels, training=False), task, class_names)
+        return task.serving_outputs(model(pixels, training=False))
 
     # Empty tensors as defaults: TF Serving fills an input missing from a request with its
     # SignatureDef default, and a [0] tensor fits the [N] spec whatever N is.
@@ -291,17 +272,6 @@ def make_export_archive(
         input_signature=[tf.TensorSpec(image_shape, tf.float32, name="images")],
     )
     return archive
-
-
-def _check_classes(model, task: str, class_names: Sequence[str], image_size: int) -> None:
-    if task != "classification":
-        return
-    output = model(np.zeros((1, image_size, image_size, 1), np.float32), training=False)
-    if not isinstance(output, Mapping) and int(output.shape[-1]) != len(class_names):
-        raise ValueError(
-            f"the model predicts {int(output.shape[-1])} classes but the run names "
-            f"{len(class_names)}: {list(class_names)}"
-        )
 
 
 def verify_export(model, export_dir: str | Path, image_size: int, seed: int = 0) -> float:
@@ -417,7 +387,7 @@ def export_model(
     model,
     export_dir: str | Path,
     *,
-    task: str,
+    task: "str | Task",
     class_names: Sequence[str] = (),
     image_size: int = IMAGE_SIZE,
     metadata: Mapping[str, Any] | None = None,
@@ -425,14 +395,15 @@ def export_model(
 ) -> Path:
     """Write ``model`` as a SavedModel at ``export_dir`` (which must not exist)."""
     export_dir = Path(export_dir)
-    _check_classes(model, task, class_names, image_size)
+    task = resolve_export_task(task, class_names)
+    task.check_model(model, image_size)
     archive = make_export_archive(model, task=task, class_names=class_names, image_size=image_size)
     archive.write_out(str(export_dir), verbose=False)
     if verify:
         verify_export(model, export_dir, image_size)
     info = {
         "format": METADATA_FORMAT,
-        "task": task,
+        "task": task.name,
         "class_names": list(class_names),
         "image_size": image_size,
         "signatures": {
@@ -515,9 +486,10 @@ def export_run(
     if version is not None and version < 0:
         raise ValueError(f"version must be a non-negative integer, got {version}")
     config = load_run_config(run_dir)
-    task = config.get("task")
-    if task not in TASKS:
-        raise ValueError(f"{run_dir}/config.yaml: task must be one of {', '.join(TASKS)}, got {task!r}")
+    try:
+        task = resolve_export_task(str(config.get("task")), [str(name) for name in config.get("class_names") or []])
+    except ValueError as error:
+        raise ValueError(f"{run_dir}/config.yaml: {error}") from None
     class_names = [str(name) for name in config.get("class_names") or []]
     image_size = int(config.get("image_size", IMAGE_SIZE))
     out.mkdir(parents=True, exist_ok=True)

@@ -45,24 +45,22 @@ from caaxr_tf.data.images import (  # noqa: E402
     check_complete,
     check_pixel_limit,
     check_regular_file,
-    encode_png,
     image_size,
     is_dicom,
 )
 from caaxr_tf.data.records import InputError  # noqa: E402
 from caaxr_tf.export import (  # noqa: E402
+    METADATA_PATH,
     PNG_BIT_DEPTH_OFFSET,
     PREPROCESSED_SIGNATURE,
     SERVING_SIGNATURE,
     list_versions,
 )
+from caaxr_tf.io import write_bytes_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_THRESHOLD = 0.5
 OVERLAY_ALPHA = 0.4
-# Outputs reported in their own way; other outputs are listed as they are, except those with
-# more than two dimensions per image.
-REPORTED_OUTPUTS = ("probabilities", "predicted_class", "class_names", "mask", "num_detections")
 
 
 @dataclass
@@ -117,7 +115,8 @@ def prepare_image(
     if is_dicom(path):
         from caaxr_tf.data.dicom import read_dicom
 
-        return PreparedImage(path, encode_png(read_dicom(path).pixels), "dicom", False, 16)
+        pixels = read_dicom(path).pixels
+        return PreparedImage(path, tf.io.encode_png(pixels[:, :, None]).numpy(), "dicom", False, 16)
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -165,12 +164,24 @@ class ServedModel:
         self.outputs = set(self.signature.structured_outputs)
         spec = self.loaded.signatures[PREPROCESSED_SIGNATURE].structured_input_signature[1]["images"]
         self.image_size = int(spec.shape[1])
-        if "probabilities" in self.outputs:
-            self.task = "classification"
-        elif "mask" in self.outputs:
-            self.task = "segmentation"
-        else:
+        self.task = self._task()
+
+    def _task(self):
+        """The export's task (from its metadata; an export without metadata is recognised by its
+        outputs), checked against the outputs."""
+        from caaxr_tf.tasks import get_task
+
+        metadata_path = self.path / METADATA_PATH
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.exists() else {}
+        name = metadata.get("task")
+        if name is None:
+            name = ("classification" if "probabilities" in self.outputs else "detection" if "num_detections"
+                    in self.outputs else "segmentation" if "mask" in self.outputs else None)
+        if name is None:
             raise ValueError(f"{self.path}: outputs {sorted(self.outputs)} have neither probabilities nor mask")
+        task = get_task(name)(metadata.get("class_names") or [])
+        task.check_outputs(self.outputs)
+        return task
 
     def __call__(self, images: Sequence[PreparedImage]) -> dict[str, np.ndarray]:
         outputs = self.signature(
@@ -193,26 +204,12 @@ def _text(value: Any) -> str:
 
 
 def _record(model: ServedModel, image: PreparedImage, outputs: dict[str, np.ndarray], index: int) -> dict[str, Any]:
-    record: dict[str, Any] = {"file": image.path}
-    if model.task == "classification":
-        names = [_text(name) for name in outputs["class_names"][index]]
-        probabilities = outputs["probabilities"][index]
-        record["predicted_class"] = _text(outputs["predicted_class"][index])
-        record["probabilities"] = {name: round(float(p), 6) for name, p in zip(names, probabilities)}
-    else:
-        mask = outputs["mask"][index]
-        record["mask_area_fraction"] = round(float(np.mean(mask >= MASK_THRESHOLD)), 6)
-        record["mask_threshold"] = MASK_THRESHOLD
-    count = None
-    if "num_detections" in outputs:
-        count = int(np.asarray(outputs["num_detections"][index]).reshape(-1)[0])
-        record["num_detections"] = count
-    for key in sorted(set(outputs) - set(REPORTED_OUTPUTS)):
+    """The task's fields, then every other output with at most two dimensions per image."""
+    record: dict[str, Any] = {"file": image.path, **model.task.prediction_record(outputs, index)}
+    for key in sorted(set(outputs) - set(model.task.reported_outputs)):
         value = np.asarray(outputs[key][index])
-        if value.ndim > 2:  # per-detection images such as Mask R-CNN's instance_masks
+        if value.ndim > 2:  # per-image maps or per-detection images
             continue
-        if count is not None and value.ndim >= 1 and value.shape[0] >= count:
-            value = value[:count]
         if value.dtype.kind in "SOU":
             record[key] = [_text(v) for v in value.ravel()]
         else:
@@ -221,20 +218,22 @@ def _record(model: ServedModel, image: PreparedImage, outputs: dict[str, np.ndar
     return record
 
 
-def write_overlay(pixels: np.ndarray, mask: np.ndarray, path: Path) -> Path:
-    """The image in grey with the thresholded mask tinted red and outlined."""
-    import cv2
+def mask_outline(inside: np.ndarray) -> np.ndarray:
+    """Pixels of ``inside`` with a 4-neighbour outside it (the mask's one-pixel outline)."""
+    padded = np.pad(inside, 1, constant_values=False)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return inside & ~interior
 
+
+def write_overlay(pixels: np.ndarray, mask: np.ndarray, path: Path) -> Path:
+    """The image in grey with the thresholded mask tinted red and outlined, as a PNG."""
     inside = mask >= MASK_THRESHOLD
-    base = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR).astype(np.float32)
-    red = np.array([0.0, 0.0, 255.0], np.float32)
+    base = np.repeat(pixels[:, :, None].astype(np.float32), 3, axis=2)
+    red = np.array([255.0, 0.0, 0.0], np.float32)
     base[inside] = (1.0 - OVERLAY_ALPHA) * base[inside] + OVERLAY_ALPHA * red
     overlay = np.clip(np.rint(base), 0, 255).astype(np.uint8)
-    contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(overlay, contours, -1, (0, 0, 255), 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), overlay):
-        raise OSError(f"cannot write {path}")
+    overlay[mask_outline(inside)] = (255, 0, 0)
+    write_bytes_atomic(path, tf.io.encode_png(overlay).numpy())
     return path
 
 

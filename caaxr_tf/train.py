@@ -35,13 +35,14 @@ from caaxr_tf.training.config import (  # noqa: E402
     RESUMABLE_KEYS,
     STRATEGIES,
     RunConfig,
+    locate_protocol_dir,
     resolve_run_config,
 )
 from caaxr_tf.training.distribute import is_chief, make_strategy  # noqa: E402
 from caaxr_tf.training.trainer import Trainer, TrainResult  # noqa: E402
 
-__all__ = ["ConfigError", "NonFiniteLossError", "main", "parse_args", "prepare_run_dir", "resolve_config",
-           "run_training", "train"]
+__all__ = ["ConfigError", "NonFiniteLossError", "locate_protocol_dir", "main", "make_strategy", "parse_args",
+           "prepare_run_dir", "resolve_config", "run_training", "train"]
 
 # --------------------------------------------------------------------------- arguments
 
@@ -66,9 +67,10 @@ TRAINING_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
 
 def protocol_names() -> list[str]:
     """Every protocol that configs/protocols.yaml defines, over all source sets."""
-    from caaxr_tf.data.protocols import available_protocols
+    from caaxr_tf.config import load_config
 
-    return sorted({name for names in available_protocols().values() for name in names})
+    sets = {key: value for key, value in load_config("protocols").items() if key != "splits"}
+    return sorted({name for protocols in sets.values() for name in protocols})
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:

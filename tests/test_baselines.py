@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from caaxr_tf.cv import format_baselines_table, paper_columns
+from caaxr_tf.cv import format_baselines_table
 from caaxr_tf.data import tfrecords as tfr
-from caaxr_tf.evaluate import classification_baselines
+from caaxr_tf.tasks.classification import ClassificationTask
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,8 @@ def test_constant_majority_prediction_scores(protocol_dir):
     majority = training.most_common(1)[0][0]
     test = Counter(r["label"] for r in rows if r["split_fold1"] == "test")
 
-    baselines = classification_baselines(protocol_dir, "test", fold=1)
+    task = ClassificationTask(summary["classes"])
+    baselines = task.baselines(protocol_dir, "test", 1, [])[""]
     assert list(baselines) == [f"constant ({majority})"]
     metrics = baselines[f"constant ({majority})"]
     assert metrics["num_images"] == sum(test.values())
@@ -37,7 +38,7 @@ def test_constant_majority_prediction_scores(protocol_dir):
     assert metrics["auc_per_class"] == {name: 0.5 for name in summary["classes"]}
     assert metrics["sensitivity_at_99_specificity"] == 0.0
 
-    columns = paper_columns("classification", summary["classes"])
-    table = format_baselines_table({"": baselines}, columns, markdown=True)
+    columns = task.paper_columns()
+    table = format_baselines_table({"": baselines}, columns, task, markdown=True)
     assert f"| constant ({majority}) | 0.500 | 0.500 | 0.500 | 0.000 |" in table
     assert table.rstrip().endswith(f"| {test[majority] / sum(test.values()):.3f} |")

@@ -13,6 +13,7 @@ from caaxr_tf import runs
 from caaxr_tf import train as train_lib
 from caaxr_tf.data import tfrecords as tfr
 from caaxr_tf.data.pipeline import balanced_repeats, make_dataset, read_summary
+from caaxr_tf.tasks.classification import ClassificationTask, balanced_class_weights
 
 COVID_COUNT = 12  # of the tiny set's 40 COVID images: about 1 COVID to 4.5 non-COVID
 
@@ -36,9 +37,9 @@ def test_balanced_class_weights_match_scikit_learn():
     counts = [5, 21, 9]
     labels = np.repeat(np.arange(3), counts)
     expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
-    np.testing.assert_allclose(train_lib.balanced_class_weights(counts), expected, rtol=1e-12)
+    np.testing.assert_allclose(balanced_class_weights(counts), expected, rtol=1e-12)
     # an absent class gets no weight and does not count among the classes
-    np.testing.assert_allclose(train_lib.balanced_class_weights([4, 0, 12]), [2.0, 0.0, 16 / 24])
+    np.testing.assert_allclose(balanced_class_weights([4, 0, 12]), [2.0, 0.0, 16 / 24])
 
 
 def test_weighted_loss_equals_a_hand_computed_reference():
@@ -49,12 +50,12 @@ def test_weighted_loss_equals_a_hand_computed_reference():
     probabilities = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
     weights = np.array([2.5, 0.4, 1.7], np.float32)
 
-    got = train_lib.per_example_loss({"loss": "categorical_crossentropy"}, tf.constant(targets),
-                                     tf.constant(probabilities), tf.constant(weights)).numpy()
+    weighted = ClassificationTask(["a", "b", "c"], class_weights=weights.tolist())
+    got = weighted.per_example_loss(tf.constant(targets), tf.constant(probabilities)).numpy()
     expected = -np.log(probabilities[np.arange(6), labels]) * weights[labels]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
-    unweighted = train_lib.per_example_loss({"loss": "categorical_crossentropy"}, tf.constant(targets),
-                                            tf.constant(probabilities)).numpy()
+    unweighted = ClassificationTask(["a", "b", "c"]).per_example_loss(tf.constant(targets),
+                                                                      tf.constant(probabilities)).numpy()
     np.testing.assert_allclose(unweighted, -np.log(probabilities[np.arange(6), labels]), rtol=1e-5)
 
 
@@ -133,7 +134,7 @@ def test_training_with_class_balance_under_mirrored_strategy(imbalanced_root, tm
     assert strategy.num_replicas_in_sync == 2
     train_lib.prepare_run_dir(run_dir, config, True)
     result = train_lib.train(config, run_dir, strategy, verbose=False)
-    assert np.isfinite(result["history"][-1]["loss"])
+    assert np.isfinite(result.history[-1]["loss"])
     assert runs.load_run_config(run_dir)["class_balance"] == balance
     counts = train_counts(imbalanced_root / "2class")
     printed = capsys.readouterr().out
@@ -149,5 +150,5 @@ def test_class_balance_is_refused_for_segmentation_and_unknown_values(tiny_data_
         train_lib.resolve_config(args)
     args = train_lib.parse_args(["--protocol", "seg", "--model", "unet", "--tfrecords", str(out), "--out",
                                  str(tmp_path / "run"), "--set", "class_balance=oversample"])
-    with pytest.raises(train_lib.ConfigError, match="unknown class_balance 'oversample'"):
+    with pytest.raises(train_lib.ConfigError, match="class_balance must be one of none, weights, sampling, got 'oversample'"):
         train_lib.resolve_config(args)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import shutil
@@ -45,35 +44,25 @@ def tiny_model(task: str, num_classes: int, seed: int) -> keras.Model:
 
 
 class FakeTrainer:
-    """Stands in for caaxr_tf.train.main: writes config.yaml, best.keras and final.keras."""
+    """Stands in for caaxr_tf.train.run_training: writes config.yaml, best.keras and final.keras."""
 
     def __init__(self, fail: set[tuple[str, int]] = frozenset()):
-        self.calls: list[list[str]] = []
+        self.calls: list = []  # (RunConfig, run_dir) of every call
         self.fail = set(fail)
 
-    def __call__(self, argv: list[str]) -> int:
-        self.calls.append(list(argv))
-        parser = argparse.ArgumentParser()
-        for flag in ("--protocol", "--model", "--tfrecords", "--out", "--epochs", "--lr"):
-            parser.add_argument(flag)
-        parser.add_argument("--fold", type=int)
-        parser.add_argument("--set", action="append", default=[])
-        args = parser.parse_args(argv)
-        if (args.model, args.fold) in self.fail:
-            return 1
-        protocol_dir = Path(args.tfrecords) / args.protocol
-        summary = json.loads((protocol_dir / "summary.json").read_text())
-        run_dir = Path(args.out)
+    def __call__(self, config, run_dir: Path) -> None:
+        self.calls.append((config, Path(run_dir)))
+        if (config.model, config.fold) in self.fail:
+            raise RuntimeError("training failed")
+        summary = json.loads((Path(config.tfrecords) / "summary.json").read_text())
+        run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        seed = 10 * args.fold + len(args.model)
+        seed = 10 * config.fold + len(config.model)
         model = tiny_model(summary["task"], len(summary["classes"]), seed)
         model.save(run_dir / "best.keras")
         shutil.copy(run_dir / "best.keras", run_dir / "final.keras")
-        config = {"protocol": args.protocol, "task": summary["task"], "model": args.model, "model_kwargs": {},
-                  "fold": args.fold, "tfrecords": str(protocol_dir), "class_names": summary["classes"],
-                  "image_size": 224, "batch_size": 8, "epochs": 1, "seed": seed}
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-        return 0
+        mapping = {**config.to_mapping(), "seed": seed}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(mapping), encoding="utf-8")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -105,17 +94,20 @@ def seg_cv(tfrecords, tmp_path_factory):
     out = tmp_path_factory.mktemp("cv_seg")
     trainer = FakeTrainer()
     log: list[str] = []
-    rows = run_cv("seg", ["unet", "segnet"], tfrecords, out, train_args=["--epochs", "1", "--set", "a.b=2"],
+    rows = run_cv("seg", ["unet", "segnet"], tfrecords, out,
+                  training=cv.TrainingOptions(flags={"epochs": 1}, overrides=["model_kwargs.base_filters=4"]),
                   plots=False, trainer=trainer, log=log.append)
     return out, trainer, rows, log
 
 
 def test_cv_segmentation_rows_and_mean_std(seg_cv, tfrecords):
     out, trainer, rows, log = seg_cv
-    assert [(c[c.index("--model") + 1], c[c.index("--fold") + 1]) for c in trainer.calls] == [
-        ("unet", "1"), ("unet", "2"), ("segnet", "1"), ("segnet", "2")]
-    assert trainer.calls[0] == ["--protocol", "seg", "--model", "unet", "--fold", "1", "--tfrecords", str(tfrecords),
-                                "--out", str(out / "unet" / "fold1"), "--epochs", "1", "--set", "a.b=2"]
+    assert [(config.model, config.fold) for config, _ in trainer.calls] == [
+        ("unet", 1), ("unet", 2), ("segnet", 1), ("segnet", 2)]
+    config, run_dir = trainer.calls[0]
+    assert run_dir == out / "unet" / "fold1"
+    assert (config.protocol, config.tfrecords, config.epochs, config.model_kwargs) == (
+        "seg", str(tfrecords / "seg"), 1, {"base_filters": 4})
     assert all(r["status"] == "ok" for r in rows)
 
     table = read_csv(out / "results.csv")
@@ -186,7 +178,7 @@ def test_cv_resumes_and_force(seg_cv, tfrecords):
     (out / "segnet" / "fold2" / "eval" / "metrics_test_consolidation.json").unlink()
     resumed = FakeTrainer()
     run_cv("seg", ["unet", "segnet"], tfrecords, out, plots=False, trainer=resumed, log=lambda _: None)
-    assert [c[c.index("--model") + 1: c.index("--fold") + 2] for c in resumed.calls] == [["segnet", "--fold", "2"]]
+    assert [(config.model, config.fold) for config, _ in resumed.calls] == [("segnet", 2)]
     assert (out / "results.csv").read_text() == before
 
     forced = FakeTrainer()
@@ -201,14 +193,14 @@ def test_cv_classification_with_a_failed_fold(tfrecords, tmp_path, capsys):
     code = cv.main(["--protocol", "3class", "--models", "resnet18,mobilenetv2", "--tfrecords", str(tfrecords),
                     "--out", str(tmp_path), "--epochs", "3", "--lr", "0.01", "--no-plots"], trainer=trainer)
     assert code == 1
-    assert trainer.calls[0][-4:] == ["--epochs", "3", "--lr", "0.01"]
+    assert (trainer.calls[0][0].epochs, trainer.calls[0][0].optimizer.learning_rate) == (3, 0.01)
     names = json.loads((tfrecords / "3class" / "summary.json").read_text())["classes"]
     columns = [f"auc_{n}" for n in names] + [
         "auc_macro", "sensitivity_at_99_specificity", "sensitivity_at_90_specificity", "accuracy", "num_images"]
 
     table = read_csv(tmp_path / "results.csv")
     failed = next(r for r in table if r["model"] == "mobilenetv2" and r["fold"] == "2")
-    assert failed["status"].startswith("failed: training exited with status 1")
+    assert failed["status"].startswith("failed: training raised RuntimeError: training failed")
     for r in table:
         if r["fold"] in ("1", "2") and r["status"] == "ok":
             metrics = metrics_of(tmp_path / r["model"] / f"fold{r['fold']}")
@@ -225,7 +217,7 @@ def test_cv_classification_with_a_failed_fold(tfrecords, tmp_path, capsys):
             "Sens. @ 90% spec. (covid) | Accuracy |") in markdown
     one = next(r for r in table if r["model"] == "mobilenetv2" and r["fold"] == "1")
     assert f"| mobilenetv2 | 1 of 2 | {float(one['auc_covid']):.3f} |" in markdown
-    assert "* mobilenetv2 fold 2: failed: training exited with status 1" in markdown
+    assert "* mobilenetv2 fold 2: failed: training raised RuntimeError: training failed" in markdown
     assert "FAILED" in capsys.readouterr().out
 
 
@@ -269,16 +261,33 @@ def test_format_results_table_and_csv_aggregates():
     assert table[3]["iou"] == ""  # one value: no standard deviation
 
 
-def test_training_flags_pass_through():
-    args = cv.parse_args(["--protocol", "seg", "--models", "unet", "--tfrecords", "t", "--out", "o", "--epochs", "2",
-                          "--steps-per-epoch", "5", "--batch-size", "4", "--lr", "0.001", "--weights", "imagenet",
-                          "--strategy", "mirrored", "--mixed-precision", "--jit", "--set", "a=1", "--set", "b.c=x"])
-    passed = cv.train_args_from(args)
-    assert passed == ["--epochs", "2", "--steps-per-epoch", "5", "--batch-size", "4", "--lr", "0.001",
-                      "--weights", "imagenet", "--strategy", "mirrored", "--mixed-precision", "--jit",
-                      "--set", "a=1", "--set", "b.c=x"]
+def test_training_flags_resolve_as_train_resolves_them(tfrecords):
+    """cv takes train's flags and resolves every run's configuration the way train does."""
     from caaxr_tf.train import parse_args as train_parse_args
+    from caaxr_tf.train import resolve_config
 
-    parsed = train_parse_args(cv.training_argv("seg", "unet", 1, "t", "o", passed))
-    assert (parsed.epochs, parsed.lr, parsed.strategy, parsed.mixed_precision, parsed.overrides) == (
-        2, 0.001, "mirrored", True, ["a=1", "b.c=x"])
+    flags = ["--epochs", "2", "--steps-per-epoch", "5", "--batch-size", "4", "--lr", "0.001", "--weights", "none",
+             "--strategy", "mirrored", "--mixed-precision", "--jit", "--set", "seed=3", "--set", "model_kwargs.depth=2"]
+    args = cv.parse_args(["--protocol", "seg", "--models", "unet", "--tfrecords", str(tfrecords), "--out", "o", *flags])
+    options = cv.training_options(args)
+    assert options.flags["epochs"] == 2 and options.flags["learning_rate"] == 0.001
+    assert options.overrides == ["seed=3", "model_kwargs.depth=2"]
+    from caaxr_tf.training import resolve_run_config
+
+    via_cv = resolve_run_config(tfrecords, "seg", "unet", 1, config_file=options.config_file, flags=options.flags,
+                                overrides=options.overrides)
+    via_train = resolve_config(train_parse_args(
+        ["--protocol", "seg", "--model", "unet", "--tfrecords", str(tfrecords), "--out", "o", *flags]))
+    assert via_cv == via_train
+    assert (via_cv.epochs, via_cv.optimizer.learning_rate, via_cv.strategy, via_cv.mixed_precision, via_cv.seed,
+            via_cv.model_kwargs) == (2, 0.001, "mirrored", True, 3, {"depth": 2})
+
+
+def test_an_unknown_setting_stops_the_cv_before_anything_runs(tfrecords, tmp_path, capsys):
+    trainer = FakeTrainer()
+    code = cv.main(["--protocol", "seg", "--models", "unet", "--tfrecords", str(tfrecords), "--out", str(tmp_path / "cv"),
+                    "--set", "epocs=3"], trainer=trainer)
+    assert code == 2 and trainer.calls == []
+    err = capsys.readouterr().err
+    assert "unknown key 'epocs' (did you mean 'epochs'?); valid keys:" in err
+    assert not (tmp_path / "cv").exists()

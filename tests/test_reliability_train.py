@@ -169,11 +169,10 @@ def test_a_damaged_shard_is_named_by_training_and_evaluation(seg_records, tmp_pa
 
 
 def test_cv_runs_repeated_models_and_folds_once(seg_records, tmp_path):
-    trained: list[list[str]] = []
+    trained: list[tuple] = []
 
-    def trainer(argv: list[str]) -> int:
-        trained.append(argv)
-        return 0
+    def trainer(config, run_dir) -> None:
+        trained.append((config.model, config.fold, run_dir))
 
     def evaluator(run_dir, split, subset, batch_size, which, plots, log):
         metrics = {"task": "segmentation", "dice": 0.5, "iou": 0.25, "num_images": 15}

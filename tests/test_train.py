@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 
 from caaxr_tf import runs
 from caaxr_tf import train as train_lib
+from caaxr_tf.training import trainer as trainer_lib
+from caaxr_tf.training.callbacks import BatchNormRecompute, default_callbacks
 from caaxr_tf.data import tfrecords as tfr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,10 +101,10 @@ def test_run_folder_contents_and_best_model_of_the_best_epoch(tfrecords_root, tm
     assert {"loss", "val_loss", "val_auc_covid", "val_sens_at_99_spec", "val_sens_at_90_spec"} <= set(rows[0])
     model = runs.load_run_model(run_dir, "final")
     assert model.output_shape == (None, 2)
-    assert np.isfinite(result["checksum"])
+    assert np.isfinite(result.checksum)
 
     best_epoch = int(max(rows, key=lambda r: float(r["seconds"]))["epoch"])
-    assert best_epoch == 1 and result["best"] == pytest.approx(float(rows[0]["seconds"]))
+    assert best_epoch == 1 and result.best == pytest.approx(float(rows[0]["seconds"]))
     per_epoch = {epoch: restored_weights(tmp_path / "kept", epoch, config) for epoch in (1, 2, 3)}
     best = runs.load_run_model(run_dir, "best").get_weights()
     assert same_weights(best, per_epoch[best_epoch])
@@ -118,14 +121,14 @@ def test_killed_run_resumes_at_the_next_epoch_from_the_saved_state(tfrecords_roo
     # The training step is built right after the restore: a spy on its factory sees the model
     # and optimizer the loop starts from.
     built: list[tuple] = []
-    real_factory = train_lib.make_train_step
+    real_factory = trainer_lib.make_train_step
 
-    def spy(config, strategy, model, optimizer, *args, **kwargs):
+    def spy(task, strategy, model, optimizer, *args, **kwargs):
         built.append((model, optimizer, [w.copy() for w in model.get_weights()],
                       [v.numpy().copy() for v in optimizer.variables]))
-        return real_factory(config, strategy, model, optimizer, *args, **kwargs)
+        return real_factory(task, strategy, model, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(train_lib, "make_train_step", spy)
+    monkeypatch.setattr(trainer_lib, "make_train_step", spy)
     saved: dict[str, list[np.ndarray]] = {}
 
     def kill_after_first(epoch, logs):
@@ -166,14 +169,14 @@ def test_mirrored_strategy_on_two_logical_cpus(tfrecords_root, tmp_path):
         strategy=strategy,
     )
     assert isinstance(strategy, tf.distribute.MirroredStrategy)
-    row = result["history"][0]
+    row = result.history[0]
     assert np.isfinite(row["loss"]) and 0.0 <= row["val_dice"] <= 1.0
 
 
 # One training step of a small BatchNorm-free model with an L2 penalty, on a fixed global batch
 # of four images: the same updated weights under every strategy, or the loss is scaled per
 # replica instead of per global batch. Shared by the in-process and the multi-worker test.
-STEP_CONFIG = {"loss": "binary_crossentropy", "batch_size": 4, "mixed_precision": False, "jit": False}
+STEP_BATCH = 4
 STEP_LEARNING_RATE = 0.5
 
 
@@ -194,7 +197,7 @@ def step_batch() -> tuple[np.ndarray, np.ndarray]:
 
 
 def one_step(strategy, initial: list[np.ndarray], dataset_fn) -> tuple[list[np.ndarray], float]:
-    """Weights and reported loss after one step of train.make_train_step from ``initial``."""
+    """Weights and reported loss after one step of the trainer's make_train_step from ``initial``."""
     import keras
 
     with strategy.scope():
@@ -203,7 +206,10 @@ def one_step(strategy, initial: list[np.ndarray], dataset_fn) -> tuple[list[np.n
         optimizer = keras.optimizers.SGD(learning_rate=STEP_LEARNING_RATE)
         optimizer.build(model.trainable_variables)
         loss_tracker = keras.metrics.Mean(name="loss")
-    step = train_lib.make_train_step(STEP_CONFIG, strategy, model, optimizer, loss_tracker, {}, [])
+    from caaxr_tf.tasks.segmentation import SegmentationTask
+
+    task = SegmentationTask(["lesion"], loss="binary_crossentropy")
+    step = trainer_lib.make_train_step(task, strategy, model, optimizer, loss_tracker, global_batch=STEP_BATCH)
     step(iter(strategy.distribute_datasets_from_function(dataset_fn)))
     return model.get_weights(), float(loss_tracker.result())
 
@@ -215,7 +221,7 @@ def sharded_batches(context):
     images, masks = step_batch()
     dataset = tf.data.Dataset.from_tensor_slices((images, masks))
     dataset = dataset.shard(context.num_input_pipelines, context.input_pipeline_id)
-    return dataset.batch(context.get_per_replica_batch_size(STEP_CONFIG["batch_size"])).repeat()
+    return dataset.batch(context.get_per_replica_batch_size(STEP_BATCH)).repeat()
 
 
 def reference_step(initial: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
@@ -291,19 +297,19 @@ def test_config_file_with_layered_sections(tfrecords_root, tmp_path):
     common = ["--protocol", "seg", "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "r"),
               "--config", str(config_file)]
     unet = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "unet"]))
-    assert (unet["epochs"], unet["batch_size"], unet["seed"], unet["shuffle_buffer"]) == (5, 6, 3, 99)
-    assert unet["model_kwargs"] == {"base_filters": 8}
-    assert unet["optimizer"]["name"] == "adam"  # train.yaml's segmentation section is kept
+    assert (unet.epochs, unet.batch_size, unet.seed, unet.shuffle_buffer) == (5, 6, 3, 99)
+    assert unet.model_kwargs == {"base_filters": 8}
+    assert unet.optimizer.name == "adam"  # train.yaml's segmentation section is kept
     maskrcnn = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "maskrcnn", "--epochs", "1"]))
-    assert (maskrcnn["epochs"], maskrcnn["batch_size"]) == (1, 2)
+    assert (maskrcnn.epochs, maskrcnn.batch_size) == (1, 2)
     # train.yaml's models.maskrcnn (loss: model) is more specific than the file's segmentation section
-    assert maskrcnn["model_kwargs"] == {"fpn_filters": 64} and maskrcnn["loss"] == "model"
-    assert unet["loss"] == "bce_dice"
+    assert maskrcnn.model_kwargs == {"fpn_filters": 64} and maskrcnn.loss == "model"
+    assert unet.loss == "bce_dice"
     resnet = train_lib.resolve_config(train_lib.parse_args(
         ["--protocol", "2class", "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "c"),
          "--config", str(config_file), "--model", "resnet18"]))
     # the file's defaults (epochs 7) sit below train.yaml's classification section (epochs 30)
-    assert (resnet["epochs"], resnet["seed"], resnet["batch_size"], resnet["model_kwargs"]) == (30, 3, 10, {})
+    assert (resnet.epochs, resnet.seed, resnet.batch_size, resnet.model_kwargs) == (30, 3, 10, {})
 
 
 def test_shipped_short_cpu_schedule_resolves_per_model(tfrecords_root, tmp_path):
@@ -311,9 +317,9 @@ def test_shipped_short_cpu_schedule_resolves_per_model(tfrecords_root, tmp_path)
               "--config", str(REPO / "configs" / "seg_cpu_short.yaml")]
     unet = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "unet"]))
     maskrcnn = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "maskrcnn"]))
-    assert (unet["loss"], unet["model_kwargs"], unet["batch_size"]) == ("bce_dice", {"base_filters": 16}, 4)
-    assert (maskrcnn["loss"], maskrcnn["batch_size"], maskrcnn["augment"]) == ("model", 8, False)
-    assert maskrcnn["optimizer"] == {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9, "clipnorm": 5.0}
+    assert (unet.loss, unet.model_kwargs, unet.batch_size) == ("bce_dice", {"base_filters": 16}, 4)
+    assert (maskrcnn.loss, maskrcnn.batch_size, maskrcnn.augment) == ("model", 8, False)
+    assert maskrcnn.optimizer.to_mapping() == {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9, "clipnorm": 5.0}
 
 
 def test_batch_norm_statistics_recomputed_from_the_first_training_images(tfrecords_root, tmp_path):
@@ -329,23 +335,27 @@ def test_batch_norm_statistics_recomputed_from_the_first_training_images(tfrecor
     config = train_lib.resolve_config(args)
     strategy = train_lib.make_strategy("one")
     with strategy.scope():
-        model = build_model("unet", input_shape=(32, 32, 1), **config["model_kwargs"])
+        model = build_model("unet", input_shape=(32, 32, 1), **config.model_kwargs)
     layers = batch_norm_layers(model, trainable_only=True)
     assert len(layers) == sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers) > 0
     first = min(layers, key=lambda l: model.layers.index(l))
     assert np.allclose(first.moving_mean.numpy(), 0.0)
-    recompute = train_lib.make_bn_recompute(config, strategy, model)
-    recompute()
-    recompute()  # the second call reuses the traced forward pass and gives the same statistics
-    images, _ = next(iter(make_dataset(config["tfrecords"], "train", fold=1, batch_size=6, image_size=32,
+    from caaxr_tf.tasks.segmentation import SegmentationTask
+
+    trainer = SimpleNamespace(model=model, config=config, strategy=strategy, task=SegmentationTask(["lesion"]))
+    recompute = BatchNormRecompute(config.bn_recompute_images)
+    recompute.on_build(trainer)
+    recompute.on_train_steps_end(trainer, 1)
+    recompute.on_train_steps_end(trainer, 2)  # reuses the traced forward pass and gives the same statistics
+    images, _ = next(iter(make_dataset(config.tfrecords, "train", fold=1, batch_size=6, image_size=32,
                                        training=False, augment=False, cache=False)))
     assert images.shape[0] == 6
     inputs = keras.Model(model.inputs, first.input)(images, training=True).numpy()
     np.testing.assert_allclose(first.moving_mean.numpy(), inputs.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(first.moving_variance.numpy(), inputs.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-4)
     assert all(layer.momentum == 0.9 for layer in layers)  # restored
-    config["bn_recompute_images"] = 0
-    assert train_lib.make_bn_recompute(config, strategy, model) is None
+    trainer.config = config.replace(bn_recompute_images=0)
+    assert not any(isinstance(c, BatchNormRecompute) for c in default_callbacks(trainer))
 
 
 def test_tfrecords_of_another_protocol_and_empty_shards(tfrecords_root, tmp_path):
@@ -554,25 +564,25 @@ def test_xla_and_mixed_precision_steps_run(tfrecords_root, tmp_path):
 def test_paper_defaults_resolve_per_task_and_model(tfrecords_root, tmp_path):
     import keras
 
-    def resolved(protocol: str, model: str) -> dict:
+    def resolved(protocol: str, model: str):
         return train_lib.resolve_config(train_lib.parse_args(
             ["--protocol", protocol, "--model", model, "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "r")]))
 
     for model in ("unet", "segnet"):
         config = resolved("seg", model)
-        assert (config["batch_size"], config["epochs"], config["loss"], config["monitor"]) == (
+        assert (config.batch_size, config.epochs, config.loss, config.monitor) == (
             4, 25, "binary_crossentropy", "val_dice")
-        assert config["optimizer"] == {"name": "adam", "learning_rate": 1e-4}
-        optimizer = train_lib.make_optimizer(config)
+        assert config.optimizer.to_mapping() == {"name": "adam", "learning_rate": 1e-4}
+        optimizer = config.optimizer.build()
         assert isinstance(optimizer, keras.optimizers.Adam) and float(optimizer.learning_rate) == pytest.approx(1e-4)
     maskrcnn = resolved("seg", "maskrcnn")
-    assert (maskrcnn["batch_size"], maskrcnn["loss"]) == (16, "model")
-    assert {k: maskrcnn["optimizer"][k] for k in ("name", "learning_rate", "momentum")} == {
+    assert (maskrcnn.batch_size, maskrcnn.loss) == (16, "model")
+    assert {k: maskrcnn.optimizer.to_mapping()[k] for k in ("name", "learning_rate", "momentum")} == {
         "name": "sgd", "learning_rate": 1e-3, "momentum": 0.9}
     for model in ("resnet18", "mobilenetv2", "densenet121", "vgg19"):
         config = resolved("2class", model)
-        assert (config["batch_size"], config["epochs"], config["loss"], config["monitor"]) == (
+        assert (config.batch_size, config.epochs, config.loss, config.monitor) == (
             10, 30, "categorical_crossentropy", "val_auc_mean")
-        optimizer = train_lib.make_optimizer(config)
+        optimizer = config.optimizer.build()
         assert isinstance(optimizer, keras.optimizers.SGD)
         assert (float(optimizer.learning_rate), float(optimizer.momentum)) == pytest.approx((1e-3, 0.9))

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import keras
 
-TASKS = ("segmentation", "classification", "regression")
+TASKS = ("segmentation", "detection", "classification", "regression")
 
 Builder = Callable[..., keras.Model]
 

@@ -15,8 +15,8 @@ The trainer, the evaluator, cross-validation, export and predict are generic: th
 task up here. The task of a run is the registered class whose ``protocol_task`` is the task
 named in the protocol's summary.json and whose ``model_task`` is the registry task of the
 model (Mask R-CNN, a ``detection`` model, on a ``segmentation`` protocol gives the detection
-task). Adding a task means adding one module under ``caaxr_tf/tasks/`` (listed in
-``BUILTIN_TASK_MODULES``) and its section in configs/train.yaml.
+task). Adding a task means adding one module under ``caaxr_tf/tasks/`` (every module of the
+package is imported on first use of the registry) and its section in configs/train.yaml.
 
 This module imports no task module and nothing from the data pipeline at import time, so the
 pipeline can resolve task names without an import cycle.
@@ -33,12 +33,6 @@ if TYPE_CHECKING:
     import keras
     import numpy as np
     import tensorflow as tf
-
-BUILTIN_TASK_MODULES = (
-    "caaxr_tf.tasks.classification",
-    "caaxr_tf.tasks.segmentation",
-    "caaxr_tf.tasks.detection",
-)
 
 _REGISTRY: dict[str, type["Task"]] = {}
 
@@ -57,8 +51,13 @@ def register_task(cls: type["Task"]) -> type["Task"]:
 
 
 def _load_builtin_tasks() -> None:
-    for module in BUILTIN_TASK_MODULES:
-        importlib.import_module(module)
+    """Import every module of the caaxr_tf.tasks package (each registers its task)."""
+    import pkgutil
+
+    package = importlib.import_module("caaxr_tf.tasks")
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name != "base":
+            importlib.import_module(f"caaxr_tf.tasks.{module.name}")
 
 
 def available_tasks() -> list[str]:
@@ -282,6 +281,9 @@ class Task:
     def prediction_record(self, outputs: Mapping[str, "np.ndarray"], index: int) -> dict[str, Any]:
         """The JSON fields that ``caaxr_tf.predict`` prints for image ``index`` of a batch."""
         return {}
+
+    def check_model(self, model: "keras.Model", image_size: int) -> None:
+        """Raise ValueError when ``model`` does not fit this task (checked before an export)."""
 
     def check_outputs(self, outputs: Mapping[str, "np.ndarray"]) -> None:
         """Raise ValueError when the served outputs do not fit this task (checked on load)."""

@@ -222,6 +222,14 @@ class ClassificationTask(Task):
             "probabilities": {name: round(float(p), 6) for name, p in zip(names, outputs["probabilities"][index])},
         }
 
+    def check_model(self, model: Any, image_size: int) -> None:
+        output = model(np.zeros((1, image_size, image_size, 1), np.float32), training=False)
+        if not isinstance(output, Mapping) and int(output.shape[-1]) != len(self.class_names):
+            raise ValueError(
+                f"the model predicts {int(output.shape[-1])} classes but the run names "
+                f"{len(self.class_names)}: {self.class_names}"
+            )
+
     def check_outputs(self, outputs: Mapping[str, Any]) -> None:
         missing = {"probabilities", "predicted_class", "class_names"} - set(outputs)
         if missing:

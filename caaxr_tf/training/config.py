@@ -120,11 +120,6 @@ class RunConfig:
 
 def config_from_mapping(data: Mapping[str, Any], where: str = "run config") -> RunConfig:
     """A RunConfig from plain data (a config.yaml), strictly."""
-    data = dict(data)
-    if isinstance(data.get("optimizer"), Mapping):
-        data["optimizer"] = from_mapping(OptimizerConfig, data["optimizer"], "optimizer")
-    elif "optimizer" in data:
-        raise ConfigError(f"optimizer must be a mapping with a name ({', '.join(OPTIMIZERS)}), got {data['optimizer']!r}")
     try:
         return from_mapping(RunConfig, data, "")
     except ConfigError as error:

@@ -12,9 +12,16 @@ def cluster_size() -> int:
     return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
 
 
+_MIRRORED: dict[tuple[str, ...], object] = {}
+
+
 def make_strategy(name: str):
     """``auto``: MultiWorkerMirroredStrategy when TF_CONFIG names several workers,
-    MirroredStrategy with several GPUs, else one device."""
+    MirroredStrategy with several GPUs, else one device.
+
+    One MirroredStrategy per device set and process: a second one would number its collective
+    all-reduces from the same keys as the first, and TensorFlow then matches tensors of
+    different trainings ("Shape mismatch in the collective instance")."""
     import tensorflow as tf
 
     if name == "auto":
@@ -28,8 +35,10 @@ def make_strategy(name: str):
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
+        devices = tuple(d.name for d in gpus) or tuple(d.name for d in tf.config.list_logical_devices("CPU"))
+        if devices not in _MIRRORED:
+            _MIRRORED[devices] = tf.distribute.MirroredStrategy(list(devices))
+        return _MIRRORED[devices]
     device = "/gpu:0" if tf.config.list_physical_devices("GPU") else "/cpu:0"
     return tf.distribute.OneDeviceStrategy(device)
 

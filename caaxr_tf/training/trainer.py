@@ -101,41 +101,18 @@ class Trainer:
         self.start_epoch = int(self.epoch_counter.numpy())
         if self.start_epoch:
             logger.info("resuming %s after epoch %d", self.run_dir, self.start_epoch)
-        self.train_step = make_train_step(self)
+        self.train_step = make_train_step(
+            self.task, strategy, self.model, self.optimizer, self.loss_tracker, global_batch=self.global_batch,
+            component_trackers=self.component_trackers, train_metrics=self.train_metrics,
+            mixed_precision=config.mixed_precision, jit=config.jit)
         self.val_step = make_val_step(self)
         self.built = True
         return self
 
     def _make_datasets(self) -> None:
-        """Training and validation datasets, with the number of steps each epoch takes."""
-        from caaxr_tf.data.pipeline import balanced_repeats, make_dataset
-
-        config = self.config
-        fold_counts = config.summary()["counts"][f"fold{config.fold}"]
-        self.train_count = sum(fold_counts["train"].values())
-        self.val_count = sum(fold_counts["val"].values())
-        if self.train_count == 0:
-            raise ConfigError(f"{config.tfrecords}: fold {config.fold} has no training images")
-        common = dict(fold=config.fold, batch_size=self.global_batch, image_size=config.image_size, task=self.task,
-                      seed=config.seed, cache=config.cache)
-        class_repeats = None
-        pass_size = self.train_count
-        if config.class_balance == "sampling":
-            counts = config.training_class_counts()
-            class_repeats = balanced_repeats(counts)
-            pass_size = round(sum(c * r for c, r in zip(counts, class_repeats)))
-        self.steps = int(config.steps_per_epoch or max(1, pass_size // self.global_batch))
-        self.train_dataset = make_dataset(
-            config.tfrecords, "train", training=True, augment=config.augment and self.task.supports_augmentation,
-            repeat=True, drop_remainder=True, shuffle_buffer=config.shuffle_buffer, class_repeats=class_repeats,
-            **common)
-        # Several workers must take the same number of validation steps: repeat and count them.
-        val_steps = config.validation_steps
-        if self.num_workers > 1 and not val_steps:
-            val_steps = max(1, math.ceil(self.val_count / self.global_batch))
-        self.val_steps = int(val_steps) if val_steps else None
-        self.val_dataset = make_dataset(config.tfrecords, "val", training=False, augment=False,
-                                        repeat=bool(val_steps), **common)
+        data = training_datasets(self.config, self.task, self.global_batch, self.num_workers)
+        self.train_dataset, self.steps, self.val_dataset, self.val_steps = data.train, data.steps, data.val, data.val_steps
+        self.train_count, self.val_count = data.train_count, data.val_count
 
     def logged_keys(self) -> list[str]:
         """The values each epoch logs (history.csv columns)."""
@@ -239,16 +216,60 @@ class Trainer:
               + ", ".join(f"{n} {f:.3f}" for n, f in zip(names, factors)), flush=True)
 
 
-def make_train_step(trainer: Trainer):
+@dataclass
+class TrainingData:
+    """A run's training and validation datasets and how many steps an epoch takes of each
+    (``val_steps`` None: one pass)."""
+
+    train: Any
+    steps: int
+    val: Any
+    val_steps: int | None
+    train_count: int
+    val_count: int
+
+
+def training_datasets(config: RunConfig, task, global_batch: int, num_workers: int = 1) -> TrainingData:
+    """The training input of a run as the trainer builds it (the benchmark measures it too)."""
+    from caaxr_tf.data.pipeline import balanced_repeats, make_dataset
+
+    fold_counts = config.summary()["counts"][f"fold{config.fold}"]
+    train_count = sum(fold_counts["train"].values())
+    val_count = sum(fold_counts["val"].values())
+    if train_count == 0:
+        raise ConfigError(f"{config.tfrecords}: fold {config.fold} has no training images")
+    common = dict(fold=config.fold, batch_size=global_batch, image_size=config.image_size, task=task,
+                  seed=config.seed, cache=config.cache)
+    class_repeats = None
+    pass_size = train_count
+    if config.class_balance == "sampling":
+        counts = config.training_class_counts()
+        class_repeats = balanced_repeats(counts)
+        pass_size = round(sum(c * r for c, r in zip(counts, class_repeats)))
+    steps = int(config.steps_per_epoch or max(1, pass_size // global_batch))
+    train = make_dataset(config.tfrecords, "train", training=True, augment=config.augment and task.supports_augmentation,
+                         repeat=True, drop_remainder=True, shuffle_buffer=config.shuffle_buffer,
+                         class_repeats=class_repeats, **common)
+    # Several workers must take the same number of validation steps: repeat and count them.
+    val_steps = config.validation_steps
+    if num_workers > 1 and not val_steps:
+        val_steps = max(1, math.ceil(val_count / global_batch))
+    val = make_dataset(config.tfrecords, "val", training=False, augment=False, repeat=bool(val_steps), **common)
+    return TrainingData(train, steps, val, int(val_steps) if val_steps else None, train_count, val_count)
+
+
+def make_train_step(task, strategy, model, optimizer, loss_tracker, *, global_batch: int,
+                    component_trackers: dict | None = None, train_metrics: Sequence = (),
+                    mixed_precision: bool = False, jit: bool = False):
     """The distributed training step: a tf.function that takes one batch from an iterator of
-    distributed batches and runs the replica step under the trainer's strategy (the benchmark
-    times it too). The loss is averaged over the global batch, so every replica count gives
-    the same update."""
+    distributed batches and runs the replica step under ``strategy`` (the benchmark times it
+    too). The loss of each replica is its share of the global batch's mean
+    (``compute_average_loss`` over ``global_batch``), so every replica count gives the same
+    update; ``loss_tracker`` receives the global batch's loss."""
     import tensorflow as tf
 
-    task, model, optimizer = trainer.task, trainer.model, trainer.optimizer
-    num_replicas, global_batch = trainer.num_replicas, trainer.global_batch
-    mixed_precision = trainer.config.mixed_precision
+    component_trackers = component_trackers or {}
+    num_replicas = strategy.num_replicas_in_sync
 
     def replica_train_step(images, targets):
         with tf.GradientTape() as tape:
@@ -266,22 +287,22 @@ def make_train_step(trainer: Trainer):
             scaled = optimizer.scale_loss(loss) if mixed_precision else loss
         gradients = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        trainer.loss_tracker.update_state(loss * num_replicas)
-        for key, tracker in trainer.component_trackers.items():
+        loss_tracker.update_state(loss * num_replicas)
+        for key, tracker in component_trackers.items():
             if key in losses:
                 tracker.update_state(losses[key])
-        if trainer.train_metrics:
+        if train_metrics:
             truth, predictions = task.metric_inputs(targets, outputs)
-            for metric in trainer.train_metrics:
+            for metric in train_metrics:
                 metric.update_state(truth, predictions)
 
     # XLA compiles the replica step; reading the iterator cannot be compiled.
-    replica_step = tf.function(replica_train_step, jit_compile=True) if trainer.config.jit else replica_train_step
+    replica_step = tf.function(replica_train_step, jit_compile=True) if jit else replica_train_step
 
     @tf.function(reduce_retracing=True)
     def train_step(iterator):
         images, targets = next(iterator)
-        trainer.strategy.run(replica_step, args=(images, targets))
+        strategy.run(replica_step, args=(images, targets))
 
     return train_step
 

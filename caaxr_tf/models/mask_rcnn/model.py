@@ -502,7 +502,7 @@ def _load_imagenet_backbone(model: MaskRCNN) -> None:
             backbone.get_layer(layer.name).set_weights(layer.get_weights())
 
 
-@register_model("maskrcnn", task="segmentation")
+@register_model("maskrcnn", task="detection")
 def build_maskrcnn(
     num_classes: int | None = None,
     input_shape: tuple[int, int, int] = (224, 224, 1),
