@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import cv2
 import numpy as np
 
-from caaxr_tf.data.chexpert import OBSERVATIONS
+from caaxr_tf.data.sources.chexpert import OBSERVATIONS
 
 MANIFEST_NAME = "synthetic.json"
 CHEXPERT_DIR = "CheXpert-v1.0-small"

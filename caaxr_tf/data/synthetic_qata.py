@@ -1,7 +1,7 @@
 """A synthetic QaTa-COV19 tree: COVID-19 X-rays with infection masks, controls and bad files.
 
-``generate(out_dir, scale, seed)`` writes the layout `caaxr_tf.data.qata.read_qata` reads with
-its default `QataLayout`::
+``generate(out_dir, scale, seed)`` writes the layout `caaxr_tf.data.sources.qata.read_qata` reads with
+its default `QataConfig`::
 
     Train Set/Images/covid_0000.png        Train Set/Ground-truths/mask_covid_0000.png
     Test Set/Images/...                    Test Set/Ground-truths/...   (every 5th COVID image)
