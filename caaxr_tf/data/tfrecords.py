@@ -300,16 +300,21 @@ class Stager:
 # --- one protocol ------------------------------------------------------------------------
 
 
+def _file_state(path: str) -> str:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def input_lines(members: Mapping[str, Sequence[Sample]]) -> Iterable[str]:
-    """One line per candidate input: class, id, path, file state (size, mtime) and record."""
+    """One line per candidate input: class, id, path, file state (size, mtime), record, and the
+    mask file's state for a sample with a mask (a changed mask is a changed input)."""
     for class_name in sorted(members):
         for sample in members[class_name]:
-            try:
-                stat = os.stat(sample.path)
-                file_state = f"{stat.st_size}:{stat.st_mtime_ns}"
-            except OSError:
-                file_state = "missing"
-            yield f"{class_name}|{sample.image_id}|{sample.path}|{file_state}|{sample!r}\n"
+            mask = f"|mask {_file_state(sample.mask_path)}" if sample.mask_path else ""
+            yield f"{class_name}|{sample.image_id}|{sample.path}|{_file_state(sample.path)}|{sample!r}{mask}\n"
 
 
 def fingerprint(payload: Mapping[str, Any], members: Mapping[str, Sequence[Sample]]) -> str:
