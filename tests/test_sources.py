@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caaxr_tf.config import ConfigError, load_config
+from caaxr_tf.config import load_config
 from caaxr_tf.data import sources
 from caaxr_tf.data.records import ReadResult
 from caaxr_tf.data.sources.caaxr import CaaxrSourceConfig, read_caaxr
