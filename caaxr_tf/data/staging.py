@@ -151,7 +151,9 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
         bits = effective_bit_depth(sample.path, loaded.pixels, loaded.bit_depth, sample.bit_depth)
         mask = None
         if sample.mask_path:
-            mask = read_binary_mask(sample.mask_path)
+            # The source's reader checked that the mask is binary, with its configured tolerance
+            # (e.g. qata.max_gray_fraction); here it is only binarised, the same way.
+            mask = read_binary_mask(sample.mask_path, max_gray_fraction=1.0)
             check_same_size(sample.mask_path, mask, sample.path, loaded.pixels.shape)
     except InputError as error:
         return None, [error.as_skipped()]

@@ -152,8 +152,8 @@ def num_shards(num_records: int, records_per_shard: int) -> int:
 
 
 def is_temporary(path: Path) -> bool:
-    """A file being written under a temporary name (``caaxr_tf.io.atomic_path``: ``.<stem>.tmp-<pid>-<id><suffix>``),
-    or one left by an interrupted run; the ``.tmp`` suffix is an older version's."""
+    """A file being written under a temporary name, or left so by an interrupted run:
+    ``caaxr_tf.io.atomic_path``'s ``.<stem>.tmp-<pid>-<id><suffix>``, or an older version's ``.tmp``."""
     return (path.name.startswith(".") and ".tmp-" in path.name) or path.suffix == ".tmp"
 
 
@@ -161,8 +161,9 @@ def is_temporary(path: Path) -> bool:
 
 
 def read_sources(source: str, data_root: Path, needed: Iterable[str], data_config: Mapping[str, Any]) -> dict[str, ReadResult]:
-    """Run the registered reader of every source a protocol set needs (``source`` names the set,
-    for messages). Schema and config errors propagate."""
+    """Run the registered reader (``caaxr_tf.data.sources.read_source``) of every source in
+    ``needed``; ``source``, the source set's name, is not used (kept for callers). Schema and
+    config errors propagate."""
     results: dict[str, ReadResult] = {}
     for name in sorted(set(needed)):
         results[name] = read_source(name, Path(data_root), data_config)
