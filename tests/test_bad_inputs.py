@@ -144,7 +144,7 @@ def test_each_bad_input_is_reported_and_the_rest_is_written(damaged, tiny_data_r
     assert summaries["seg"]["counts"]["total"]["lesion"] == clean["seg"]["counts"]["total"]["lesion"] - 2
     for name, summary in summaries.items():
         assert (tmp_path / "out" / name / "summary.json").exists()
-        assert not list((tmp_path / "out" / name).rglob("*.tmp"))
+        assert not list((tmp_path / "out" / name).rglob("*.tmp*"))
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from caaxr_tf.data.covid_ctset import PATIENT_LABEL, SLICE_LABEL, SOURCE, read_covid_ctset
 from caaxr_tf.data.ct_series import (
     check_ct_tiff,
     find_ct_series,
@@ -19,9 +18,10 @@ from caaxr_tf.data.ct_series import (
     read_ct_dicom,
     read_ct_tiff,
     read_dicom_ct_dir,
-    read_tiff_info,
 )
+from caaxr_tf.data.formats import read_tiff_info
 from caaxr_tf.data.records import InputError, SchemaError
+from caaxr_tf.data.sources.covid_ctset import PATIENT_LABEL, SLICE_LABEL, SOURCE, read_covid_ctset
 from caaxr_tf.data.synthetic_ct import generate, write_dicom_series
 
 

@@ -20,7 +20,7 @@ def chexpert(image_id: str, patient: str = "p1", **labels: float) -> Sample:
 
 def test_caaxr_protocols_have_the_paper_classes_and_counts():
     specs = P.load_protocols("caaxr")
-    assert list(specs) == ["seg", "2class", "3class", "4class"]
+    assert list(specs) == ["seg", "2class", "3class", "4class", "infection"]
     assert {c.name: c.count for c in specs["seg"].classes} == {"lesion": 1656}
     assert {c.name: c.count for c in specs["2class"].classes} == {"covid": 2388, "non_covid": 2412}
     assert sum(c.count for c in specs["3class"].classes if c.source == "chexpert") == 4812

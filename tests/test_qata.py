@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from caaxr_tf.data import synthetic_qata
-from caaxr_tf.data.covid_chestxray import read_covid_chestxray
 from caaxr_tf.data.images import encode_png
-from caaxr_tf.data.lung_masks import attach_lung_masks
 from caaxr_tf.data.masks import read_binary_mask
-from caaxr_tf.data.qata import QataLayout, read_qata
 from caaxr_tf.data.records import InputError, SchemaError
+from caaxr_tf.data.sources.covid_chestxray import read_covid_chestxray
+from caaxr_tf.data.sources.covid_chestxray_lungs import attach_lung_masks
+from caaxr_tf.data.sources.qata import QataConfig, read_qata
 from caaxr_tf.data.synthetic import _frontal_anatomy, _lung_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_read_binary_mask_levels_and_tolerance(tmp_path):
         read_binary_mask(tmp_path / "soft.png")
     assert info.value.field == "mask" and info.value.path == str(tmp_path / "soft.png")
     assert read_binary_mask(tmp_path / "soft.png", max_gray_fraction=0.02).shape == (20, 16)
-    with pytest.raises(InputError, match="cannot be read") as info:
+    with pytest.raises(InputError, match="file not found") as info:
         read_binary_mask(tmp_path / "missing.png")
     assert info.value.field == "mask"
     (tmp_path / "cut.png").write_bytes(encode_png(_mask())[:40])
@@ -131,7 +131,7 @@ def test_reader_on_a_hand_made_tree(tmp_path):
         (str(train / "Images" / "unmasked.png"), "mask"): "COVID-19 image without a mask (mask_unmasked.png not in",
         (str(train / "Ground-truths" / "mask_lonely.png"), "mask"): "mask without an image (lonely.png not in",
         (str(train / "Ground-truths" / "lonely_gt.png"), "mask"): "does not start with 'mask_'",
-        (str(train / "Images" / "broken.png"), "image"): "not a PNG or JPEG file",
+        (str(train / "Images" / "broken.png"), "image"): "not a PNG, JPEG or TIFF file",
         (str(train / "Images" / "notes.txt"), "file"): "not an image file by its name",
         (str(test / "Images" / "good.png"), "image_id"): "duplicate image id 'good.png'",
         (str(tmp_path / "Control_Group" / "Control_Group_II" / "empty.png"), "image"): "file is empty",
@@ -147,15 +147,17 @@ def test_reader_with_a_configured_layout(tmp_path):
     _write_png(tmp_path / "gts" / "gt_a.png", _mask())
     _write_png(tmp_path / "imgs" / "b.png", _image())
     _write_png(tmp_path / "gts" / "mask_b.png", _mask())  # the default prefix is not this layout's
-    layout = dict(covid_sets=".", images_dir="imgs", masks_dir="gts", mask_prefix="gt_", control_dirs=["normals"])
+    layout = dict(covid_sets=["."], images_dir="imgs", masks_dir="gts", mask_prefix="gt_", control_dirs=["normals"])
     result = read_qata(tmp_path, layout)
     assert [s.image_id for s in result.samples] == ["a.png"]
     assert result.samples[0].mask_path == str(tmp_path / "gts" / "gt_a.png")
     fields = sorted((Path(s.path).name, s.field) for s in result.skipped)
     assert fields == [("b.png", "mask"), ("mask_b.png", "mask"), ("normals", "folder")]
-    assert QataLayout.from_config(layout).covid_sets == (".",)
-    with pytest.raises(ValueError, match=r"unknown qata config key\(s\) \['image_dir'\]"):
+    assert read_qata(tmp_path, QataConfig(**{**layout, "covid_sets": (".",), "control_dirs": ("normals",)})) == result
+    with pytest.raises(ValueError, match=r"unknown key 'image_dir' in qata \(did you mean 'images_dir'\?\); valid keys: "):
         read_qata(tmp_path, {"image_dir": "imgs"})
+    with pytest.raises(ValueError, match="qata.covid_sets must be a list"):
+        read_qata(tmp_path, {"covid_sets": "."})
     with pytest.raises(SchemaError, match="none of the configured QaTa-COV19 folders exists"):
         read_qata(tmp_path)  # the default layout finds nothing here
 

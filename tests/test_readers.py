@@ -12,10 +12,10 @@ import pytest
 
 from caaxr_tf.config import load_config
 from caaxr_tf.data.bimcv import read_bimcv, read_sidecar, scan_bimcv
-from caaxr_tf.data.caaxr import read_caaxr
-from caaxr_tf.data.chexpert import OBSERVATIONS, read_chexpert
-from caaxr_tf.data.covid_chestxray import read_covid_chestxray
 from caaxr_tf.data.records import Box, InputError, SchemaError, read_csv_table
+from caaxr_tf.data.sources.caaxr import read_caaxr
+from caaxr_tf.data.sources.chexpert import OBSERVATIONS, read_chexpert
+from caaxr_tf.data.sources.covid_chestxray import read_covid_chestxray
 
 # --------------------------------------------------------------------------- helpers
 

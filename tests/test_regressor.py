@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from caaxr_tf.data.records import Sample
-from caaxr_tf.data.severity import TARGET_RANGES
+from caaxr_tf.data.sources.covid_chestxray_severity import TARGET_RANGES
 from caaxr_tf.models import ClampOutputs, build_model, build_regressor, model_task, serving_regressor
 from caaxr_tf.severity.features import (
     classifier_features,

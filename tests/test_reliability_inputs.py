@@ -20,12 +20,13 @@ import tensorflow as tf
 
 from caaxr_tf.data import tfrecords as tfr
 from caaxr_tf.data.bimcv import scan_bimcv
-from caaxr_tf.data.caaxr import read_caaxr
-from caaxr_tf.data.chexpert import OBSERVATIONS, read_chexpert
-from caaxr_tf.data.covid_chestxray import read_lung_boxes
 from caaxr_tf.data.dicom import read_dicom
-from caaxr_tf.data.images import MAX_IMAGE_PIXELS, image_size, load_image
+from caaxr_tf.data.formats import MAX_IMAGE_PIXELS, image_size
+from caaxr_tf.data.images import load_image
 from caaxr_tf.data.records import InputError, ReadResult, SchemaError
+from caaxr_tf.data.sources.caaxr import read_caaxr
+from caaxr_tf.data.sources.chexpert import OBSERVATIONS, read_chexpert
+from caaxr_tf.data.sources.covid_chestxray import read_lung_boxes
 
 METADATA_HEADER = ["patientid", "finding", "view", "modality", "filename"]
 

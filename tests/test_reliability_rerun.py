@@ -335,7 +335,8 @@ def test_disk_full_while_staging_is_an_error_line_and_leaves_no_partial_file(tin
     real_open = open
 
     def full_disk(path, mode="r", *args, **kwargs):
-        if "w" in mode and f"{os.sep}{tfr.STAGING_DIR}{os.sep}" in str(path) and ".png.tmp-" in str(path):
+        if "w" in mode and f"{os.sep}{tfr.STAGING_DIR}{os.sep}" in str(path) and ".tmp-" in str(path) \
+                and str(path).endswith(".png"):
             handle = real_open(path, mode, *args, **kwargs)
             handle.write(b"\x89PNG partial")
             handle.close()

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from caaxr_tf.data.covid_chestxray import read_covid_chestxray
 from caaxr_tf.data.records import SchemaError
 from caaxr_tf.data.row_filter import RowFilter
+from caaxr_tf.data.sources.covid_chestxray import read_covid_chestxray
 
 HEADER = ["patientid", "finding", "view", "modality", "filename", "location", "url"]
 ROWS = [

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from caaxr_tf.data.records import SchemaError
-from caaxr_tf.data.severity import (
+from caaxr_tf.data.sources.covid_chestxray_severity import (
     TARGET_NAMES,
     TARGET_RANGES,
     patient_groups,

@@ -1,19 +1,18 @@
 #!/usr/bin/env python
-"""Write the synthetic CAAXR dataset (BIMCV, CAAXR CSVs, CheXpert) in the real layouts.
+"""Write a synthetic data set in a real layout: ``caaxr-make-synthetic``.
 
-    python tools/make_synthetic.py --out DATA [--scale tiny|small|paper] [--seed 0] [--workers N]
+    python tools/make_synthetic.py --out DATA [--layout caaxr|qata|ct] [--scale tiny|small|paper]
+        [--seed 0] [--workers N]
+
+The command lives in ``caaxr_tf.data.synthetic`` (``main``); see ``--help``. It needs the
+package installed (``make install``: an editable install of this checkout).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    from caaxr_tf.data.synthetic import main
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from caaxr_tf.data.synthetic import main
+from caaxr_tf.data.synthetic import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a synthetic QaTa-COV19 tree (COVID-19 images with infection masks, controls, bad files).
+"""Write a synthetic QaTa-COV19 tree: ``caaxr-make-synthetic --layout qata``.
 
     python tools/make_synthetic_qata.py --out DATA/qata [--scale tiny|small] [--seed 0] [--workers N]
 """
@@ -7,13 +7,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    from caaxr_tf.data.synthetic_qata import main
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from caaxr_tf.data.synthetic_qata import main
+from caaxr_tf.data.synthetic_qata import main
 
 if __name__ == "__main__":
     sys.exit(main())

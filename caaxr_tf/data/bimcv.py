@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from caaxr_tf.config import deep_merge, load_config
-from caaxr_tf.data.images import image_size
+from caaxr_tf.data.formats import image_size
 from caaxr_tf.data.records import InputError, ReadResult, Sample, check_unique_ids
+from caaxr_tf.data.sources import coerce_config
 
 SOURCE = "bimcv"
 IMAGE_GLOB = "**/sub-*/ses-*/mod-rx/*.png"
@@ -37,6 +37,22 @@ TAG_NAMES = {
     TAG_COLUMNS: "Columns",
 }
 EXCLUDED_VIEW = "non-frontal view"
+
+
+@dataclass(frozen=True)
+class BimcvConfig:
+    """The ``bimcv`` section of configs/data.yaml (read by the ``caaxr`` source).
+
+    Attributes:
+        root: the BIMCV tree, relative to the data root unless absolute.
+        frontal_views: kept views: the ``vp-<view>`` entity of the file name, else the
+            sidecar's ViewPosition (00185101); compared in lower case.
+        require_sidecar: an image without a readable sidecar is skipped and reported.
+    """
+
+    root: str = "bimcv"
+    frontal_views: tuple[str, ...] = ("ap", "pa")
+    require_sidecar: bool = True
 
 
 @dataclass(frozen=True)
@@ -67,11 +83,6 @@ class BimcvScan:
     # Stem of every PNG found in the tree, kept or not, and of those left out as non-frontal.
     found: set[str] = field(default_factory=set)
     non_frontal: set[str] = field(default_factory=set)
-
-
-def bimcv_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``bimcv`` section of configs/data.yaml with ``config`` applied on top."""
-    return deep_merge(load_config("data")["bimcv"], config or {})
 
 
 def parse_entities(stem: str) -> dict[str, str]:
@@ -175,11 +186,13 @@ def read_sidecar(path: str | os.PathLike) -> Sidecar:
     )
 
 
-def scan_bimcv(root: str | os.PathLike, config: Mapping[str, Any] | None = None) -> BimcvScan:
-    """Read the BIMCV tree under ``root`` and also return sidecar image sizes."""
-    config = bimcv_config(config)
-    frontal = {str(view).strip().lower() for view in config["frontal_views"]}
-    require_sidecar = bool(config.get("require_sidecar", True))
+def scan_bimcv(root: str | os.PathLike, config: BimcvConfig | Mapping[str, Any] | None = None) -> BimcvScan:
+    """Read the BIMCV tree under ``root`` (the ``bimcv`` folder itself; ``config.root`` is not
+    used here) and also return sidecar image sizes. ``config``: a `BimcvConfig`, a mapping of
+    its fields, or None for the defaults."""
+    config = coerce_config(BimcvConfig, config, "bimcv")
+    frontal = {str(view).strip().lower() for view in config.frontal_views}
+    require_sidecar = config.require_sidecar
     root = Path(root).resolve()
     scan = BimcvScan(ReadResult())
     result = scan.result
@@ -268,11 +281,11 @@ def scan_bimcv(root: str | os.PathLike, config: Mapping[str, Any] | None = None)
     return scan
 
 
-def read_bimcv(root: str | os.PathLike, config: Mapping[str, Any] | None = None) -> ReadResult:
+def read_bimcv(root: str | os.PathLike, config: BimcvConfig | Mapping[str, Any] | None = None) -> ReadResult:
     """Read the frontal BIMCV-COVID19+ images under ``root`` (the ``bimcv`` folder).
 
     Args:
         root: the BIMCV root; any folders may lie above the ``sub-*`` folders.
-        config: the ``bimcv`` section of configs/data.yaml (defaults fill missing keys).
+        config: the ``bimcv`` section (a `BimcvConfig` or a mapping of its fields; None: defaults).
     """
     return scan_bimcv(root, config).result

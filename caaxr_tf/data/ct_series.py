@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,20 +41,13 @@ from pydicom.pixels import apply_modality_lut
 
 from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE
 from caaxr_tf.data.dicom import check_pixel_data, read_dataset
-from caaxr_tf.data.images import is_dicom
+from caaxr_tf.data.formats import TIFF_MAGIC, TIFF_SUFFIXES, TiffInfo, is_dicom, read_tiff_info
 from caaxr_tf.data.records import InputError, ReadResult, Sample, Skipped, check_unique_ids
 
 HU_OFFSET = 1024
 RAW_MAX = 65535
-TIFF_SUFFIXES = (".tif", ".tiff")
 DICOM_SOURCE = "ct-dicom"
 SERIES_FOLDER = re.compile(r"^SR_\d+$", re.IGNORECASE)
-
-_TIFF_MAGIC = {b"II*\x00": ("<", False), b"MM\x00*": (">", False),
-               b"II+\x00": ("<", True), b"MM\x00+": (">", True)}
-_TIFF_TYPES = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8
-_TAGS = {256: "width", 257: "height", 258: "bits", 259: "compression", 273: "strip_offsets",
-         277: "samples", 279: "strip_bytes", 324: "tile_offsets", 325: "tile_bytes", 339: "sample_format"}
 
 
 def natural_key(name: str) -> tuple:
@@ -64,100 +56,7 @@ def natural_key(name: str) -> tuple:
                  for part in re.split(r"(\d+)", name) if part)
 
 
-# --- TIFF slices -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TiffInfo:
-    """What the first image directory of a TIFF file says (nothing is decoded)."""
-
-    width: int
-    height: int
-    bits: int
-    samples: int
-    sample_format: int
-    compression: int
-
-
-def read_tiff_info(path: str | os.PathLike) -> TiffInfo:
-    """Parse the header and first IFD of a TIFF file and check that its data is all there.
-
-    Raises:
-        InputError: not a TIFF file (``file``), a broken directory (``IFD``) or image data
-            past the end of the file (``StripByteCounts``/``TileByteCounts``: truncated).
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(1 << 16)
-            size = os.fstat(handle.fileno()).st_size
-            magic = data[:4]
-            if magic not in _TIFF_MAGIC:
-                raise InputError(path, "file", "not a TIFF file (unknown signature)")
-            order, big = _TIFF_MAGIC[magic]
-            values = _read_ifd(path, handle, data, order, big, size)
-    except OSError as error:
-        raise InputError(path, "file", f"cannot be read ({error.strerror or error})") from error
-    for tag, name in ((256, "ImageWidth"), (257, "ImageLength")):
-        if not values.get(_TAGS[tag]):
-            raise InputError(path, name, "missing from the TIFF directory")
-    offsets = values.get("strip_offsets") or values.get("tile_offsets") or []
-    counts = values.get("strip_bytes") or values.get("tile_bytes") or []
-    field_name = "TileByteCounts" if values.get("tile_offsets") else "StripByteCounts"
-    if not offsets or len(offsets) != len(counts):
-        raise InputError(path, field_name, "image data offsets/byte counts missing or inconsistent")
-    end = max(offset + count for offset, count in zip(offsets, counts))
-    if end > size:
-        raise InputError(path, field_name, f"truncated: image data ends at byte {end}, file has {size}")
-    bits = values.get("bits") or [1]
-    return TiffInfo(
-        width=values["width"][0], height=values["height"][0], bits=int(bits[0]),
-        samples=(values.get("samples") or [1])[0], sample_format=(values.get("sample_format") or [1])[0],
-        compression=(values.get("compression") or [1])[0],
-    )
-
-
-def _read_ifd(path: str, handle, data: bytes, order: str, big: bool, size: int) -> dict[str, list[int]]:
-    def read(offset: int, length: int) -> bytes:
-        if offset + length <= len(data):
-            return data[offset:offset + length]
-        handle.seek(offset)
-        chunk = handle.read(length)
-        if len(chunk) != length:
-            raise InputError(path, "IFD", f"truncated: directory data past the end of the file ({size} bytes)")
-        return chunk
-
-    if big:
-        offset = struct.unpack(order + "Q", read(8, 8))[0]
-        count_format, entry_size, inline = "Q", 20, 8
-    else:
-        offset = struct.unpack(order + "I", read(4, 4))[0]
-        count_format, entry_size, inline = "H", 12, 4
-    if not 8 <= offset < size:
-        raise InputError(path, "IFD", f"first directory offset {offset} outside the file ({size} bytes)")
-    count_size = struct.calcsize(count_format)
-    entries = struct.unpack(order + count_format, read(offset, count_size))[0]
-    if entries == 0 or entries > 4096:
-        raise InputError(path, "IFD", f"implausible number of directory entries ({entries})")
-    table = read(offset + count_size, entries * entry_size)
-    values: dict[str, list[int]] = {}
-    for index in range(entries):
-        entry = table[index * entry_size:(index + 1) * entry_size]
-        if big:
-            tag, kind, count = struct.unpack(order + "HHQ", entry[:12])
-        else:
-            tag, kind, count = struct.unpack(order + "HHI", entry[:8])
-        if tag not in _TAGS or kind not in _TIFF_TYPES:
-            continue
-        item = _TIFF_TYPES[kind]
-        length = count * struct.calcsize(item)
-        if length <= inline:
-            raw = entry[entry_size - inline:entry_size - inline + length]
-        else:
-            pointer = struct.unpack(order + ("Q" if big else "I"), entry[entry_size - inline:])[0]
-            raw = read(pointer, length)
-        values[_TAGS[tag]] = list(struct.unpack(order + item * count, raw))
-    return values
+# --- TIFF slices (the header parsing is caaxr_tf.data.formats.read_tiff_info) ---------------
 
 
 def check_ct_tiff(path: str | os.PathLike, shape: tuple[int, int] = SLICE_SHAPE) -> TiffInfo:
@@ -192,7 +91,7 @@ def read_ct_tiff(path: str | os.PathLike, shape: tuple[int, int] = SLICE_SHAPE) 
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise InputError(path, "file", f"cannot be read ({error.strerror or error})") from error
-    if data[:4].tobytes() not in _TIFF_MAGIC:
+    if data[:4].tobytes() not in TIFF_MAGIC:
         raise InputError(path, "file", "not a TIFF file (unknown signature)")
     pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
 
-from caaxr_tf.data.images import MAX_IMAGE_PIXELS, LoadedImage, check_regular_file, is_dicom
+from caaxr_tf.data.formats import MAX_IMAGE_PIXELS, LoadedImage, check_regular_file, is_dicom
 from caaxr_tf.data.records import InputError, ReadResult, Sample, check_unique_ids
 
 SOURCE = "dicom"

@@ -1,13 +1,20 @@
 """The evaluation protocols: which images form each class, and the grouped, stratified splits.
 
-A protocol (``configs/protocols.yaml``) lists its classes; each class takes the samples of one
-source that satisfy a rule (e.g. CheXpert ``healthy``). Splits put ``test_fraction`` of every
-class in a fixed test set and cut the rest into parts of ``val_fraction``; fold k validates on
-part k and trains on the remaining parts. A patient never appears in two parts.
+A protocol (``configs/protocols.yaml``, under its source set) lists its classes; each class
+takes the samples of one registered source that satisfy a rule (e.g. CheXpert ``healthy``).
+Splits put ``test_fraction`` of every class in a fixed test set and cut the rest into parts of
+``val_fraction``; fold k validates on part k and trains on the remaining parts. A patient never
+appears in two parts.
+
+protocols.yaml is loaded strictly into `ProtocolSpec`s: an unknown key anywhere is a
+``ConfigError`` naming the valid keys, and a class whose ``source`` is not a registered source
+(``caaxr_tf.data.sources``) or whose ``rule`` is not in ``RULES`` is an error listing the known
+ones. The protocol ``task`` is a name only here: the task registry checks it where a run starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections import Counter, defaultdict
@@ -16,15 +23,57 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from caaxr_tf.config import load_config
-from caaxr_tf.data.chexpert import OBSERVATIONS as CHEXPERT_OBSERVATIONS
+from caaxr_tf.config import ConfigError, from_mapping, load_config
 from caaxr_tf.data.records import Sample
+from caaxr_tf.data.sources.chexpert import OBSERVATIONS as CHEXPERT_OBSERVATIONS
 
-PROTOCOL_NAMES = ("seg", "2class", "3class", "4class")
-SOURCES = ("caaxr", "covid-chestxray")
+SPLITS_KEY = "splits"
 
 # Observations that make an image "unhealthy"; support devices alone do not.
 CHEXPERT_PATHOLOGIES = tuple(o for o in CHEXPERT_OBSERVATIONS if o not in ("No Finding", "Support Devices"))
+
+
+@dataclass(frozen=True)
+class SplitsConfig:
+    """The ``splits`` block (global, or a protocol's override of some of its keys)."""
+
+    test_fraction: float = field(default=0.5, metadata={"gt": 0.0, "finite": True})
+    val_fraction: float = field(default=0.1, metadata={"gt": 0.0, "finite": True})
+    folds: int = field(default=2, metadata={"min": 1})
+
+
+@dataclass(frozen=True)
+class ClassConfig:
+    """One class as protocols.yaml writes it: a source, a rule, a target count (null: every
+    matching image) and the parameters its rule takes (see ``RULE_PARAMETERS``)."""
+
+    source: str
+    rule: str
+    count: int | None = field(default=None, metadata={"min": 1})
+    findings: tuple[str, ...] | None = None
+    label: str | None = None
+    value: float | None = field(default=None, metadata={"finite": True})
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """A named subset of the test images: those with a box of one of ``findings``."""
+
+    findings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """One protocol as protocols.yaml writes it (``classes`` and ``subsets`` are checked entry
+    by entry; ``splits`` overrides keys of the global ``splits`` block)."""
+
+    classes: dict
+    task: str = "classification"
+    subsets: dict = field(default_factory=dict)
+    targets: tuple[str, ...] = ()
+    box_findings: tuple[str, ...] = ()
+    storage_size: int | None = field(default=None, metadata={"min": 0})
+    splits: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +87,23 @@ class ClassSpec:
 
 @dataclass(frozen=True)
 class ProtocolSpec:
+    """A loaded protocol.
+
+    Attributes:
+        name: the protocol's name (``seg``, ``2class``, ``infection``...).
+        source: the source set it belongs to (``--source`` of make_tfrecords).
+        task: the task name written to summary.json.
+        classes: in label order.
+        subsets: named test subsets by box finding (``{"consolidation": {"findings": [...]}}``).
+        test_fraction, val_fraction, folds: the splits (global block, then the protocol's own).
+        targets: float targets taken from ``Sample.labels[name]`` (regression), written to
+            each record's ``targets`` feature and listed as ``target_names`` in summary.json.
+        box_findings: only boxes with one of these findings count (case-insensitive): for the
+            class rules and in the records; empty: every box.
+        storage_size: the records' longest side for this protocol (0: the original size),
+            overriding ``--storage-size``; None: ``--storage-size``.
+    """
+
     name: str
     source: str
     task: str
@@ -46,6 +112,9 @@ class ProtocolSpec:
     test_fraction: float
     val_fraction: float
     folds: int
+    targets: tuple[str, ...] = ()
+    box_findings: tuple[str, ...] = ()
+    storage_size: int | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -60,50 +129,138 @@ class ProtocolSpec:
     def sources(self) -> list[str]:
         return sorted({spec.source for spec in self.classes})
 
+    def payload(self) -> dict[str, Any]:
+        """The protocol as the build fingerprint records it: every field, except the optional
+        ones at their defaults (so a protocol that does not use them fingerprints as before)."""
+        data = dataclasses.asdict(self)
+        for item in dataclasses.fields(self):
+            if item.name in _OPTIONAL_FIELDS and data[item.name] == item.default:
+                del data[item.name]
+        return data
+
+
+_OPTIONAL_FIELDS = ("targets", "box_findings", "storage_size")
+
+
+def _splits(global_splits: SplitsConfig, override: Mapping[str, Any] | None, where: str) -> SplitsConfig:
+    if not override:
+        return global_splits
+    return from_mapping(SplitsConfig, {**dataclasses.asdict(global_splits), **_mapping(override, where)}, where)
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def _class_spec(name: str, body: Any, where: str) -> ClassSpec:
+    from caaxr_tf.data.sources import available_sources
+
+    config = from_mapping(ClassConfig, _mapping(body, where), where)
+    if config.rule not in RULES:
+        raise ConfigError(f"{where}: unknown rule {config.rule!r}; known rules: {', '.join(RULES)}")
+    sources = available_sources()
+    if config.source not in sources:
+        raise ConfigError(f"{where}.source: unknown source {config.source!r}; known sources: {', '.join(sources)}")
+    takes = RULE_PARAMETERS.get(config.rule, ())
+    params: dict[str, Any] = {}
+    for parameter in ("findings", "label", "value"):
+        value = getattr(config, parameter)
+        if value is None:
+            if parameter in takes:
+                raise ConfigError(f"{where}: the rule {config.rule!r} needs {parameter!r}")
+            continue
+        if parameter not in takes:
+            taken = f"it takes {', '.join(takes)}" if takes else "it takes no parameters"
+            raise ConfigError(f"{where}.{parameter}: the rule {config.rule!r} does not use it ({taken})")
+        params[parameter] = list(value) if isinstance(value, tuple) else value
+    return ClassSpec(name=str(name), source=config.source, rule=config.rule, count=config.count, params=params)
+
+
+def _protocol_spec(source_set: str, name: str, body: Any, global_splits: SplitsConfig) -> ProtocolSpec:
+    where = f"{source_set}.{name}"
+    config = from_mapping(ProtocolConfig, _mapping(body, where), where)
+    classes = tuple(_class_spec(class_name, class_body, f"{where}.classes.{class_name}")
+                    for class_name, class_body in _mapping(config.classes, f"{where}.classes").items())
+    if not classes:
+        raise ConfigError(f"{where}.classes: a protocol needs at least one class")
+    subsets = {}
+    for subset_name, subset_body in _mapping(config.subsets, f"{where}.subsets").items():
+        subset = from_mapping(SubsetConfig, subset_body, f"{where}.subsets.{subset_name}")
+        subsets[str(subset_name)] = {"findings": list(subset.findings)}
+    if len(set(config.targets)) != len(config.targets) or not all(config.targets):
+        raise ConfigError(f"{where}.targets: expected distinct, non-empty names, got {list(config.targets)}")
+    splits = _splits(global_splits, config.splits, f"{where}.splits")
+    _check_fractions(splits.test_fraction, splits.val_fraction)
+    spec = ProtocolSpec(
+        name=str(name),
+        source=source_set,
+        task=config.task,
+        classes=classes,
+        subsets=subsets,
+        test_fraction=splits.test_fraction,
+        val_fraction=splits.val_fraction,
+        folds=splits.folds,
+        targets=tuple(config.targets),
+        box_findings=tuple(str(f).strip().lower() for f in config.box_findings),
+        storage_size=config.storage_size,
+    )
+    return with_folds(spec, spec.folds)
+
+
+def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+    if not 0.0 < test_fraction < 1.0 or not 0.0 < val_fraction <= 1.0 - test_fraction:
+        raise ConfigError(f"bad split fractions: test {test_fraction}, val {val_fraction}")
+
+
+def with_folds(spec: ProtocolSpec, folds: int) -> ProtocolSpec:
+    """``spec`` with ``folds`` folds (e.g. ``--folds``); between 1 and its number of parts."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 1 <= folds <= spec.num_parts:
+        raise ConfigError(f"folds must be between 1 and {spec.num_parts}, got {folds}")
+    return dataclasses.replace(spec, folds=folds)
+
+
+def load_protocol_sets(config: Mapping[str, Any] | None = None) -> dict[str, dict[str, ProtocolSpec]]:
+    """Every protocol of protocols.yaml (or of ``config``), by source set, checked strictly."""
+    config = load_config("protocols") if config is None else config
+    global_splits = from_mapping(SplitsConfig, config.get(SPLITS_KEY), SPLITS_KEY)
+    _check_fractions(global_splits.test_fraction, global_splits.val_fraction)
+    sets: dict[str, dict[str, ProtocolSpec]] = {}
+    for source_set, protocols in config.items():
+        if source_set == SPLITS_KEY:
+            continue
+        protocols = _mapping(protocols, str(source_set))
+        sets[str(source_set)] = {
+            str(name): _protocol_spec(str(source_set), str(name), body, global_splits)
+            for name, body in protocols.items()
+        }
+    return sets
+
+
+def available_protocols(config: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
+    """``{source set: [protocol names]}`` of protocols.yaml (or of ``config``), in file order."""
+    return {source_set: list(specs) for source_set, specs in load_protocol_sets(config).items()}
+
 
 def load_protocols(source: str = "caaxr", config: Mapping[str, Any] | None = None) -> dict[str, ProtocolSpec]:
-    """Read the protocols of one source (``caaxr`` or ``covid-chestxray``)."""
-    config = config if config is not None else load_config("protocols")
-    if source not in config:
-        raise ValueError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
-    splits = config.get("splits", {})
-    test_fraction = float(splits.get("test_fraction", 0.5))
-    val_fraction = float(splits.get("val_fraction", 0.1))
-    folds = int(splits.get("folds", 2))
-    if not 0.0 < test_fraction < 1.0 or not 0.0 < val_fraction <= 1.0 - test_fraction:
-        raise ValueError(f"bad split fractions: test {test_fraction}, val {val_fraction}")
-    protocols = {}
-    for name, body in config[source].items():
-        classes = []
-        for class_name, class_body in body["classes"].items():
-            class_body = dict(class_body)
-            rule = class_body.pop("rule")
-            if rule not in RULES:
-                raise ValueError(f"protocol {name}: class {class_name}: unknown rule {rule!r}")
-            count = class_body.pop("count", None)
-            classes.append(
-                ClassSpec(
-                    name=class_name,
-                    source=class_body.pop("source"),
-                    rule=rule,
-                    count=None if count is None else int(count),
-                    params=class_body,
-                )
-            )
-        spec = ProtocolSpec(
-            name=name,
-            source=source,
-            task=body.get("task", "classification"),
-            classes=tuple(classes),
-            subsets=body.get("subsets", {}) or {},
-            test_fraction=test_fraction,
-            val_fraction=val_fraction,
-            folds=folds,
-        )
-        if not 1 <= spec.folds <= spec.num_parts:
-            raise ValueError(f"folds must be between 1 and {spec.num_parts}, got {spec.folds}")
-        protocols[name] = spec
-    return protocols
+    """The protocols of one source set (``caaxr``, ``covid-chestxray``, ``qata``, ...).
+
+    The whole of protocols.yaml (or ``config``) is checked, not only that set.
+    """
+    sets = load_protocol_sets(config)
+    if source not in sets:
+        raise ConfigError(f"unknown source set {source!r}; known: {', '.join(sets)}")
+    return sets[source]
+
+
+def keep_box_findings(sample: Sample, findings: Sequence[str]) -> Sample:
+    """``sample`` with only the boxes whose finding is one of ``findings`` (case-insensitive);
+    all of them when ``findings`` is empty."""
+    if not findings:
+        return sample
+    wanted = {str(f).strip().lower() for f in findings}
+    return sample.replace(boxes=tuple(box for box in sample.boxes if box.finding.strip().lower() in wanted))
 
 
 # --- class rules -------------------------------------------------------------------------
@@ -184,6 +341,12 @@ def _rule_finding_in(sample: Sample, params: Mapping[str, Any]) -> bool:
     return not _rule_covid(sample, params) and bool(_tokens(sample) & wanted)
 
 
+def _rule_label_is(sample: Sample, params: Mapping[str, Any]) -> bool:
+    """The sample's label ``params["label"]`` equals ``params["value"]`` (absent: no)."""
+    value = sample.labels.get(str(params["label"]))
+    return value is not None and float(value) == float(params["value"])
+
+
 RULES: dict[str, Rule] = {
     "any": _rule_any,
     "has_boxes": _rule_has_boxes,
@@ -195,14 +358,21 @@ RULES: dict[str, Rule] = {
     "not_covid": _rule_not_covid,
     "no_finding": _rule_no_finding,
     "finding_in": _rule_finding_in,
+    "label_is": _rule_label_is,
+}
+# The parameters each rule takes in protocols.yaml (beside source, rule and count).
+RULE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "finding_in": ("findings",),
+    "label_is": ("label", "value"),
 }
 
 
 def classify(spec: ProtocolSpec, samples_by_source: Mapping[str, Sequence[Sample]]) -> tuple[dict[str, list[Sample]], Counter]:
     """Put each sample into the first class whose rule accepts it.
 
-    Returns the members of each class (sorted by image id) and the counts of samples left out,
-    keyed by reason.
+    The rules see only the protocol's ``box_findings`` boxes; the members keep every box (the
+    shard writer filters them). Returns the members of each class (sorted by image id) and the
+    counts of samples left out, keyed by reason.
     """
     members: dict[str, list[Sample]] = {c.name: [] for c in spec.classes}
     excluded: Counter = Counter()
@@ -210,8 +380,9 @@ def classify(spec: ProtocolSpec, samples_by_source: Mapping[str, Sequence[Sample
         classes = [c for c in spec.classes if c.source == source]
         for sample in samples_by_source.get(source, ()):
             undecided = False
+            seen = keep_box_findings(sample, spec.box_findings)
             for class_spec in classes:
-                verdict = RULES[class_spec.rule](sample, class_spec.params)
+                verdict = RULES[class_spec.rule](seen, class_spec.params)
                 if verdict:
                     members[class_spec.name].append(sample)
                     break

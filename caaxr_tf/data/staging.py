@@ -1,9 +1,12 @@
-"""Decoding, checking and re-encoding one image for the TFRecord shards.
+"""Decoding, checking and re-encoding one image (and its mask) for the TFRecord shards.
 
 Runs in worker processes, so it imports no TensorFlow. Each image is decoded once and checked
 (bit depth, boxes inside the image). A greyscale PNG or JPEG that already fits the storage size
 is kept as it is: the shard writer copies the source file's bytes into the records. Any other
-image is shrunk to the storage size and written as PNG into a staging folder.
+image (a larger one, colour, DICOM, a 16-bit TIFF CT slice) is shrunk to the storage size where
+needed and written as PNG into a staging folder. A sample's pixel mask (``mask_path``) is read
+with ``masks.read_binary_mask``, checked against the image's size, resized with nearest
+neighbour to the stored size and written as a 0/255 PNG beside it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from caaxr_tf.data.images import LoadedImage, encode_png, load_image, resize_long_side
+from caaxr_tf.data.images import LoadedImage, encode_png, load_image, resize_long_side, resize_mask
+from caaxr_tf.data.masks import check_same_size, read_binary_mask
 from caaxr_tf.data.records import InputError, Sample, Skipped
+from caaxr_tf.io import atomic_path
 
 
 @dataclass
@@ -33,13 +38,26 @@ class StagedImage:
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     box_findings: list[str] = field(default_factory=list)
     format: str = "png"  # "png" or "jpeg"
+    mask_path: str = ""  # the staged 0/255 PNG mask at the stored size; "" when the sample has none
 
 
-STAGING_VERSION = 3  # staged metadata of another version is staged again (3: keyed by staging_key)
+# Staged metadata of another version is staged again (3: keyed by staging_key; 4: masks, and
+# staged files named by staging_id).
+STAGING_VERSION = 4
 
 
-def staged_name(image_id: str) -> str:
-    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:24]
+def staging_id(sample: Sample) -> str:
+    """What identifies a staged image: the image id and the sample fields staging reads (path,
+    bit depth, boxes, mask). One image read by two sources with other boxes or a mask (e.g.
+    covid-chestxray and covid-chestxray-lungs) is staged once for each."""
+    payload = [sample.image_id, os.path.abspath(sample.path), sample.bit_depth,
+               [[box.xmin, box.ymin, box.xmax, box.ymax, box.finding] for box in sample.boxes],
+               os.path.abspath(sample.mask_path) if sample.mask_path else ""]
+    return json.dumps(payload, default=str)
+
+
+def staged_name(sample: Sample) -> str:
+    return hashlib.sha1(staging_id(sample).encode("utf-8")).hexdigest()[:24]
 
 
 def effective_bit_depth(path: str, pixels: np.ndarray, decoded_bits: int, stored_bits: int | None) -> int:
@@ -78,33 +96,34 @@ def check_boxes(sample: Sample, height: int, width: int) -> tuple[list, list[str
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
+    """Write a staged file under a temporary name and rename it (``caaxr_tf.io.atomic_path``):
+    a disk full or an interruption leaves no partial file behind. No fsync: a staged file is
+    a cache that a rerun checks by its key."""
+    with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
             handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:  # e.g. disk full: leave no partial file behind
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+
+
+def file_state(path: str) -> list[int] | None:
+    """A file's size, modification time and inode (None when it cannot be read)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
 
 
 def staging_key(sample: Sample, storage_size: int) -> str:
     """Everything the staged bytes and metadata depend on: the staging code's version, the
     storage size, the source file's identity and state (path, size, modification time,
-    inode) and the sample fields staging reads (bit depth, boxes). A staged entry with
-    another key is staged again."""
-    try:
-        info = os.stat(sample.path)
-        file_state = [info.st_size, info.st_mtime_ns, info.st_ino]
-    except OSError:
-        file_state = None
+    inode), the sample fields staging reads (bit depth, boxes) and the mask file's path and
+    state. A staged entry with another key is staged again."""
     payload = [
-        STAGING_VERSION, int(storage_size), os.path.abspath(sample.path), file_state, sample.image_id,
+        STAGING_VERSION, int(storage_size), os.path.abspath(sample.path), file_state(sample.path), sample.image_id,
         sample.bit_depth, [[box.xmin, box.ymin, box.xmax, box.ymax, box.finding] for box in sample.boxes],
     ]
+    if sample.mask_path:
+        payload.append([os.path.abspath(sample.mask_path), file_state(sample.mask_path)])
     return hashlib.sha256(json.dumps(payload, default=str).encode("utf-8")).hexdigest()
 
 
@@ -116,7 +135,7 @@ def keeps_source_bytes(loaded: LoadedImage, storage_size: int) -> bool:
 def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[StagedImage | None, list[Skipped]]:
     """Decode, check and store one image. Returns the staged image (None if it is unusable)
     and everything that was dropped on the way."""
-    name = staged_name(sample.image_id)
+    name = staged_name(sample)
     meta_path = os.path.join(staging_dir, name + ".json")
     key = staging_key(sample, storage_size)
     if os.path.exists(meta_path):  # staged by an earlier, interrupted run
@@ -130,6 +149,12 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
     try:
         loaded = load_image(sample.path)
         bits = effective_bit_depth(sample.path, loaded.pixels, loaded.bit_depth, sample.bit_depth)
+        mask = None
+        if sample.mask_path:
+            # The source's reader checked that the mask is binary, with its configured tolerance
+            # (e.g. qata.max_gray_fraction); here it is only binarised, the same way.
+            mask = read_binary_mask(sample.mask_path, max_gray_fraction=1.0)
+            check_same_size(sample.mask_path, mask, sample.path, loaded.pixels.shape)
     except InputError as error:
         return None, [error.as_skipped()]
     boxes, findings, dropped = check_boxes(sample, loaded.height, loaded.width)
@@ -139,6 +164,10 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
     else:
         encoded_path, encoded_format = os.path.join(staging_dir, name + ".png"), "png"
         _write_atomic(encoded_path, encode_png(pixels))
+    staged_mask = ""
+    if mask is not None:
+        staged_mask = os.path.join(staging_dir, name + ".mask.png")
+        _write_atomic(staged_mask, encode_png(resize_mask(mask, int(pixels.shape[0]), int(pixels.shape[1]))))
     staged = StagedImage(
         image_id=sample.image_id,
         encoded_path=encoded_path,
@@ -150,6 +179,7 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
         width=int(pixels.shape[1]),
         boxes=boxes,
         box_findings=findings,
+        mask_path=staged_mask,
     )
     meta = {"version": STAGING_VERSION, "key": key, "staged": asdict(staged), "dropped": [d.as_dict() for d in dropped]}
     _write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
@@ -157,7 +187,7 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
 
 
 def stage_task(task: tuple[Sample, str, int]) -> tuple[str, StagedImage | None, list[Skipped]]:
-    """Picklable entry point for a process pool."""
+    """Picklable entry point for a process pool; returns the sample's ``staging_id``."""
     sample, staging_dir, storage_size = task
     staged, dropped = stage_image(sample, staging_dir, storage_size)
-    return sample.image_id, staged, dropped
+    return staging_id(sample), staged, dropped

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Sequence
 import cv2
 import numpy as np
 
-from caaxr_tf.data.chexpert import OBSERVATIONS
+from caaxr_tf.data.sources.chexpert import OBSERVATIONS
+from caaxr_tf.io import atomic_path
 
 MANIFEST_NAME = "synthetic.json"
 CHEXPERT_DIR = "CheXpert-v1.0-small"
@@ -698,16 +699,11 @@ def render(spec: ImageSpec, seed: int = 0) -> Rendered:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name and rename, so a final name never holds a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Write under a temporary name and rename (``caaxr_tf.io.atomic_path``), so a final name
+    never holds a partial file. No fsync: a rerun regenerates the same bytes."""
+    with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
             handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _encode_bimcv(spec: ImageSpec, rendered: Rendered, rng: np.random.Generator) -> bytes:
@@ -901,7 +897,8 @@ def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, wor
     return manifest
 
 
-def _summary(manifest: dict[str, Any], out: Path, seconds: float) -> str:
+def describe(manifest: dict[str, Any], out: Path, seconds: float) -> str:
+    """The summary ``caaxr-make-synthetic`` prints for the caaxr layout."""
     lines = [f"synthetic dataset ({manifest['scale']}, seed {manifest['seed']}) in {out}", ""]
     lines.append(f"{'category':<22}{'images':>8}")
     lines.append("-" * 30)
@@ -916,19 +913,40 @@ def _summary(manifest: dict[str, Any], out: Path, seconds: float) -> str:
     return "\n".join(lines)
 
 
+# The synthetic sets, by layout: the module with generate(out, scale, seed, workers, progress),
+# SCALES and describe(manifest, out, seconds).
+LAYOUTS = {
+    "caaxr": "caaxr_tf.data.synthetic",       # BIMCV + CAAXR CSVs + CheXpert: --source caaxr
+    "qata": "caaxr_tf.data.synthetic_qata",   # QaTa-COV19 tree with infection masks: --source qata
+    "ct": "caaxr_tf.data.synthetic_ct",       # COVID-CTset 16-bit TIFF series: --source covid-ctset
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``caaxr-make-synthetic``: write a synthetic set in one of the real layouts."""
+    import importlib
+
     parser = argparse.ArgumentParser(
-        prog="make_synthetic", description="Write the synthetic CAAXR dataset in the real layouts."
+        prog="caaxr-make-synthetic",
+        description="Write a synthetic data set in a real layout: caaxr (BIMCV, CAAXR CSVs, CheXpert), "
+                    "qata (QaTa-COV19 with infection masks) or ct (COVID-CTset).",
     )
+    parser.add_argument("--layout", default="caaxr", choices=list(LAYOUTS), help="which set (default caaxr)")
     parser.add_argument("--out", required=True, help="data root to write (created if missing)")
-    parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
+    parser.add_argument("--scale", default="tiny", help="caaxr: tiny, small, paper; qata and ct: tiny, small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    module = importlib.import_module(LAYOUTS[args.layout])
+    if args.scale not in module.SCALES:
+        parser.error(f"--scale {args.scale!r} is not a scale of the {args.layout} layout; "
+                     f"choose from {', '.join(sorted(module.SCALES))}")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     start = time.perf_counter()
-    manifest = generate(args.out, scale=args.scale, seed=args.seed, workers=args.workers,
-                        progress=args.scale != "tiny")
-    print(_summary(manifest, Path(args.out), time.perf_counter() - start))
+    manifest = module.generate(args.out, scale=args.scale, seed=args.seed, workers=args.workers,
+                               progress=args.scale != "tiny")
+    print(module.describe(manifest, Path(args.out), time.perf_counter() - start))
     return 0
 
 

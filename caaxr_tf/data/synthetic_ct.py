@@ -23,12 +23,10 @@ bytes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -487,22 +485,18 @@ def write_dicom_series(folder: str | os.PathLike, raw_slices: np.ndarray, *, pat
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make_synthetic_ct",
-                                     description="Write a synthetic COVID-CTset in the real layout.")
-    parser.add_argument("--out", required=True, help="folder to write (created if missing)")
-    parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    manifest = generate(args.out, scale=args.scale, seed=args.seed, workers=args.workers,
-                        progress=args.scale != "tiny")
+def describe(manifest: dict[str, Any], out: Path, seconds: float) -> str:
+    """The summary ``caaxr-make-synthetic --layout ct`` prints."""
     counts = manifest["counts"]
-    print(f"synthetic CT ({args.scale}, seed {args.seed}) in {args.out}: "
-          + ", ".join(f"{name} {value}" for name, value in counts.items())
-          + f"; {time.perf_counter() - start:.1f} s")
-    return 0
+    return (f"synthetic CT ({manifest['scale']}, seed {manifest['seed']}) in {out}: "
+            + ", ".join(f"{name} {value}" for name, value in counts.items()) + f"; {seconds:.1f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``caaxr-make-synthetic --layout ct``."""
+    from caaxr_tf.data.synthetic import main as make_synthetic
+
+    return make_synthetic(["--layout", "ct", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

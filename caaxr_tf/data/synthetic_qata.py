@@ -1,7 +1,7 @@
 """A synthetic QaTa-COV19 tree: COVID-19 X-rays with infection masks, controls and bad files.
 
-``generate(out_dir, scale, seed)`` writes the layout `caaxr_tf.data.qata.read_qata` reads with
-its default `QataLayout`::
+``generate(out_dir, scale, seed)`` writes the layout `caaxr_tf.data.sources.qata.read_qata` reads with
+its default `QataConfig`::
 
     Train Set/Images/covid_0000.png        Train Set/Ground-truths/mask_covid_0000.png
     Test Set/Images/...                    Test Set/Ground-truths/...   (every 5th COVID image)
@@ -31,12 +31,10 @@ seeded by ``(seed, index)``, so any number of workers writes the same bytes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -303,23 +301,19 @@ def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, wor
     return manifest
 
 
+def describe(manifest: dict[str, Any], out: Path, seconds: float) -> str:
+    """The summary ``caaxr-make-synthetic --layout qata`` prints."""
+    lines = [f"synthetic QaTa-COV19 ({manifest['scale']}, seed {manifest['seed']}) in {out}"]
+    lines += [f"  {kind:<16}{count:>6}" for kind, count in manifest["counts"].items()]
+    lines.append(f"written in {seconds:.1f} s")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="make_synthetic_qata", description="Write a synthetic QaTa-COV19 tree (infection masks)."
-    )
-    parser.add_argument("--out", required=True, help="root to write (created if missing)")
-    parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    manifest = generate(args.out, scale=args.scale, seed=args.seed, workers=args.workers,
-                        progress=args.scale != "tiny")
-    print(f"synthetic QaTa-COV19 ({manifest['scale']}, seed {manifest['seed']}) in {args.out}")
-    for kind, count in manifest["counts"].items():
-        print(f"  {kind:<16}{count:>6}")
-    print(f"written in {time.perf_counter() - start:.1f} s")
-    return 0
+    """``caaxr-make-synthetic --layout qata`` (the older ``caaxr-make-synthetic-qata``)."""
+    from caaxr_tf.data.synthetic import main as make_synthetic
+
+    return make_synthetic(["--layout", "qata", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

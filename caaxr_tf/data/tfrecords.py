@@ -1,4 +1,5 @@
-"""TFRecord shards for every protocol and fold.
+"""TFRecord shards for every protocol and fold: ``build_tfrecords`` and the ``caaxr-make-tfrecords``
+command (``python tools/make_tfrecords.py``).
 
 Layout under ``out_dir/<protocol>/``::
 
@@ -7,6 +8,12 @@ Layout under ``out_dir/<protocol>/``::
     fold1/val-00000-of-00002.tfrecord ...
     manifest.csv                               image_id, patient_id, source, label, split_fold1, ...
     summary.json                               counts per split and class, skipped inputs, warnings
+
+The sources are read through the source registry (``caaxr_tf.data.sources``), the protocols
+come from configs/protocols.yaml (``caaxr_tf.data.protocols``), the record schema is
+``caaxr_tf.data.schema.feature_spec``. Records gain ``mask/encoded`` in protocols whose samples
+have pixel masks, ``targets`` in regression protocols and ``series/id``/``slice/index`` for
+slice sources; the records of other protocols are as before, byte for byte.
 
 Every file is written under a temporary name and renamed when complete; ``summary.json`` comes
 last, so its presence means the protocol is complete. A run produces exactly what its arguments
@@ -26,17 +33,21 @@ Only one run writes under ``out_dir`` at a time (``caaxr_tf.locks.FolderLock``).
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import csv
+import dataclasses
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import shutil
 import sys
+import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -45,16 +56,17 @@ from tqdm.auto import tqdm
 
 from caaxr_tf.config import load_config
 from caaxr_tf.data import protocols as protocols_lib
-from caaxr_tf.data.records import ReadResult, Sample, Skipped
+from caaxr_tf.data.records import ReadResult, Sample, SchemaError, Skipped
+from caaxr_tf.data.schema import MANIFEST_FILE, SUMMARY_FILE, read_summary_file
 from caaxr_tf.data.shards import ShardProblem, shard_info, verify_protocol
-from caaxr_tf.data.staging import StagedImage, stage_task
+from caaxr_tf.data.sources import check_data_config, read_source
+from caaxr_tf.data.staging import StagedImage, stage_task, staging_id
+from caaxr_tf.io import atomic_path, write_text_atomic
 from caaxr_tf.locks import FolderLock
 
 FORMAT_VERSION = 2  # 2: image/encoded may hold the source JPEG/PNG bytes
 STAGING_DIR = ".staging"
 BUILDING_FILE = ".building.json"  # a protocol being written: its build settings and fingerprint
-SUMMARY_FILE = "summary.json"
-MANIFEST_FILE = "manifest.csv"
 
 
 class OutputConflictError(ValueError):
@@ -65,37 +77,23 @@ class WorkerDiedError(RuntimeError):
     """A decoding process died (e.g. killed by the out-of-memory killer) twice on one image."""
 
 
-def feature_spec() -> dict:
-    """The tf.train.Example schema of every record."""
-    import tensorflow as tf
+def make_example(
+    sample: Sample,
+    staged: StagedImage,
+    encoded: bytes,
+    label: int,
+    label_name: str,
+    *,
+    mask: bytes | None = None,
+    targets: Sequence[float] | None = None,
+    series: bool = False,
+) -> bytes:
+    """Serialise one record (``caaxr_tf.data.schema.feature_spec``).
 
-    scalar_int = tf.io.FixedLenFeature([], tf.int64)
-    scalar_str = tf.io.FixedLenFeature([], tf.string)
-    return {
-        "image/encoded": scalar_str,
-        "image/format": tf.io.FixedLenFeature([], tf.string, default_value="png"),
-        "image/bit_depth": scalar_int,
-        "image/invert": scalar_int,
-        "image/height": scalar_int,
-        "image/width": scalar_int,
-        "image/original_height": scalar_int,
-        "image/original_width": scalar_int,
-        "image/id": scalar_str,
-        "image/source": scalar_str,
-        "patient/id": scalar_str,
-        "label": scalar_int,
-        "label/name": scalar_str,
-        "bbox/xmin": tf.io.VarLenFeature(tf.float32),
-        "bbox/ymin": tf.io.VarLenFeature(tf.float32),
-        "bbox/xmax": tf.io.VarLenFeature(tf.float32),
-        "bbox/ymax": tf.io.VarLenFeature(tf.float32),
-        "bbox/finding": tf.io.VarLenFeature(tf.string),
-        "findings": tf.io.VarLenFeature(tf.string),
-    }
-
-
-def make_example(sample: Sample, staged: StagedImage, encoded: bytes, label: int, label_name: str) -> bytes:
-    """Serialise one record."""
+    ``mask`` (PNG bytes, ``b""`` for an image without one), ``targets`` and ``series``
+    (``series/id``, ``slice/index``) add their features only when given, so the records of
+    protocols without them stay as they were.
+    """
     import tensorflow as tf
 
     def ints(*values: int) -> tf.train.Feature:
@@ -129,6 +127,13 @@ def make_example(sample: Sample, staged: StagedImage, encoded: bytes, label: int
         "bbox/finding": strings(*staged.box_findings),
         "findings": strings(*sample.findings),
     }
+    if mask is not None:
+        feature["mask/encoded"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[mask]))
+    if targets is not None:
+        feature["targets"] = floats(targets)
+    if series:
+        feature["series/id"] = strings(sample.series_id)
+        feature["slice/index"] = ints(sample.slice_index)
     # deterministic=True sorts the feature map by key; otherwise protobuf writes it in an order
     # that depends on the process's hash seed, and two builds differ byte for byte.
     example = tf.train.Example(features=tf.train.Features(feature=feature))
@@ -146,52 +151,22 @@ def num_shards(num_records: int, records_per_shard: int) -> int:
     return max(min(2, num_records), -(-num_records // max(1, records_per_shard)))
 
 
-def write_atomic_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def read_summary_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A protocol's summary.json; ``ValueError`` naming the file when it cannot be read."""
-    try:
-        summary = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise ValueError(f"{path}: cannot be read as JSON ({error})") from None
-    if not isinstance(summary, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(summary).__name__}")
-    return summary
+def is_temporary(path: Path) -> bool:
+    """A file being written under a temporary name, or left so by an interrupted run:
+    ``caaxr_tf.io.atomic_path``'s ``.<stem>.tmp-<pid>-<id><suffix>``, or an older version's ``.tmp``."""
+    return (path.name.startswith(".") and ".tmp-" in path.name) or path.suffix == ".tmp"
 
 
 # --- reading the sources -----------------------------------------------------------------
 
 
 def read_sources(source: str, data_root: Path, needed: Iterable[str], data_config: Mapping[str, Any]) -> dict[str, ReadResult]:
-    """Run the reader of every source a protocol set needs. Schema errors propagate."""
+    """Run the registered reader (``caaxr_tf.data.sources.read_source``) of every source in
+    ``needed``; ``source``, the source set's name, is not used (kept for callers). Schema and
+    config errors propagate."""
     results: dict[str, ReadResult] = {}
     for name in sorted(set(needed)):
-        if name == "caaxr":
-            from caaxr_tf.data.caaxr import read_caaxr
-
-            results[name] = read_caaxr(data_root, data_config)
-        elif name == "chexpert":
-            from caaxr_tf.data.chexpert import read_chexpert
-
-            section = data_config["chexpert"]
-            results[name] = read_chexpert(data_root / section.get("root", "chexpert"), section)
-        elif name == "covid-chestxray":
-            from caaxr_tf.data.covid_chestxray import read_covid_chestxray
-
-            section = data_config["covid_chestxray"]
-            results[name] = read_covid_chestxray(data_root / section.get("root", "."), section)
-        else:
-            raise ValueError(f"no reader for source {name!r} (source set {source!r})")
+        results[name] = read_source(name, Path(data_root), data_config)
     return results
 
 
@@ -206,7 +181,9 @@ class Stager:
     most ``2 * workers`` images are in flight, so the suspects are known: each is decoded
     again alone in a fresh process; an image that kills its process a second time stops
     the run with ``WorkerDiedError`` naming it. Staged results do not depend on the worker
-    count or on such retries.
+    count or on such retries. Results are kept by ``staging_id`` (the image and the sample
+    fields staging reads), so an image that two sources give with other boxes or a mask is
+    staged for each.
     """
 
     def __init__(self, staging_dir: Path, storage_size: int, workers: int, progress: bool):
@@ -217,6 +194,14 @@ class Stager:
         self.staged: dict[str, StagedImage | None] = {}
         self.dropped: dict[str, list[Skipped]] = {}
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def get(self, sample: Sample) -> StagedImage | None:
+        """The staged image of ``sample`` (None: it could not be used); it must be staged."""
+        return self.staged[staging_id(sample)]
+
+    def dropped_for(self, sample: Sample) -> list[Skipped]:
+        """What staging ``sample`` dropped or reported."""
+        return self.dropped.get(staging_id(sample), [])
 
     def _new_pool(self, workers: int) -> concurrent.futures.ProcessPoolExecutor:
         # spawn, not fork: the parent may hold TensorFlow's threads
@@ -230,12 +215,12 @@ class Stager:
                 self._pool.submit(int)
 
     def _record(self, outcome: tuple[str, StagedImage | None, list[Skipped]]) -> None:
-        image_id, staged, dropped = outcome
-        self.staged[image_id] = staged
-        self.dropped[image_id] = dropped
+        key, staged, dropped = outcome
+        self.staged[key] = staged
+        self.dropped[key] = dropped
 
     def stage(self, samples: Sequence[Sample], description: str) -> None:
-        todo = [s for s in samples if s.image_id not in self.staged]
+        todo = list({staging_id(s): s for s in samples if staging_id(s) not in self.staged}.values())
         if not todo:
             return
         self.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -316,16 +301,21 @@ class Stager:
 # --- one protocol ------------------------------------------------------------------------
 
 
+def _file_state(path: str) -> str:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def input_lines(members: Mapping[str, Sequence[Sample]]) -> Iterable[str]:
-    """One line per candidate input: class, id, path, file state (size, mtime) and record."""
+    """One line per candidate input: class, id, path, file state (size, mtime), record, and the
+    mask file's state for a sample with a mask (a changed mask is a changed input)."""
     for class_name in sorted(members):
         for sample in members[class_name]:
-            try:
-                stat = os.stat(sample.path)
-                file_state = f"{stat.st_size}:{stat.st_mtime_ns}"
-            except OSError:
-                file_state = "missing"
-            yield f"{class_name}|{sample.image_id}|{sample.path}|{file_state}|{sample!r}\n"
+            mask = f"|mask {_file_state(sample.mask_path)}" if sample.mask_path else ""
+            yield f"{class_name}|{sample.image_id}|{sample.path}|{_file_state(sample.path)}|{sample!r}{mask}\n"
 
 
 def fingerprint(payload: Mapping[str, Any], members: Mapping[str, Sequence[Sample]]) -> str:
@@ -394,7 +384,7 @@ class ProtocolPlan:
 
 def _has_outputs(protocol_dir: Path) -> bool:
     return protocol_dir.is_dir() and any(
-        p.name in (SUMMARY_FILE, MANIFEST_FILE, BUILDING_FILE) or p.suffix in (".tfrecord", ".tmp")
+        p.name in (SUMMARY_FILE, MANIFEST_FILE, BUILDING_FILE) or p.suffix == ".tfrecord" or is_temporary(p)
         for p in protocol_dir.rglob("*")
     )
 
@@ -440,11 +430,31 @@ def remove_outputs(protocol_dir: Path, only: Iterable[str | os.PathLike] | None 
     (protocol_dir / BUILDING_FILE).unlink(missing_ok=True)
     (protocol_dir / MANIFEST_FILE).unlink(missing_ok=True)
     for path in sorted(protocol_dir.rglob("*")):
-        if path.is_file() and (path.suffix in (".tfrecord", ".tmp")):
+        if path.is_file() and (path.suffix == ".tfrecord" or is_temporary(path)):
             path.unlink()
     for folder in sorted(protocol_dir.glob("fold*"), reverse=True):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def protocol_boxes(staged: StagedImage, spec: protocols_lib.ProtocolSpec) -> tuple[list, list[str]]:
+    """The staged (normalised) boxes and their findings that ``spec`` keeps (its ``box_findings``)."""
+    if not spec.box_findings:
+        return list(staged.boxes), list(staged.box_findings)
+    wanted = set(spec.box_findings)
+    kept = [(box, name) for box, name in zip(staged.boxes, staged.box_findings) if name.strip().lower() in wanted]
+    return [box for box, _ in kept], [name for _, name in kept]
+
+
+def target_values(sample: Sample, spec: protocols_lib.ProtocolSpec) -> list[float] | Skipped:
+    """The protocol's float targets of ``sample`` from its labels, or why it has none."""
+    values = []
+    for name in spec.targets:
+        value = sample.labels.get(name)
+        if value is None or not math.isfinite(float(value)):
+            return Skipped(sample.path, f"labels: {name}", f"no value for target {name!r} of protocol {spec.name}")
+        values.append(float(value))
+    return values
 
 
 def select_and_stage(
@@ -453,14 +463,15 @@ def select_and_stage(
     stager: Stager,
     seed: int,
 ) -> tuple[dict[str, list[Sample]], list[Skipped], list[str]]:
-    """Draw each class up to its target, replacing images that fail to decode or lose all
-    their boxes, from the same seeded order. Returns the chosen samples (with only their valid
-    boxes), what was skipped and warnings."""
+    """Draw each class up to its target, replacing images that fail to decode (or whose mask
+    does), lose all the boxes their class was chosen by, or lack a target value, from the same
+    seeded order. Returns the chosen samples, what was skipped and warnings."""
     chosen: dict[str, list[Sample]] = {}
     skipped: list[Skipped] = []
     warnings: list[str] = []
-    needs_boxes = spec.task == "segmentation"
     for class_spec in spec.classes:
+        # a class chosen by its boxes: an image whose boxes are all invalid is no member
+        needs_boxes = class_spec.rule == "has_boxes"
         order = protocols_lib.candidate_order(members[class_spec.name], seed, spec.source, spec.name, class_spec.name)
         target = len(order) if class_spec.count is None else class_spec.count
         picked: list[Sample] = []
@@ -468,14 +479,22 @@ def select_and_stage(
         while len(picked) < target and position < len(order):
             batch = order[position : position + (target - len(picked))]
             position += len(batch)
-            stager.stage(batch, f"{spec.name}/{class_spec.name}: decoding")
+            usable = []
             for sample in batch:
-                staged = stager.staged[sample.image_id]
-                skipped.extend(stager.dropped.get(sample.image_id, []))
+                values = target_values(sample, spec)
+                if isinstance(values, Skipped):
+                    skipped.append(values)
+                else:
+                    usable.append(sample)
+            stager.stage(usable, f"{spec.name}/{class_spec.name}: decoding")
+            for sample in usable:
+                staged = stager.get(sample)
+                skipped.extend(stager.dropped_for(sample))
                 if staged is None:
                     continue
-                if needs_boxes and sample.boxes and not staged.boxes:
-                    skipped.append(Skipped(sample.path, "boxes", "no valid box left; image left out of seg"))
+                if needs_boxes and protocols_lib.keep_box_findings(sample, spec.box_findings).boxes \
+                        and not protocol_boxes(staged, spec)[0]:
+                    skipped.append(Skipped(sample.path, "boxes", f"no valid box left; image left out of {spec.name}"))
                     continue
                 picked.append(sample)
         if class_spec.count is not None and len(picked) < class_spec.count:
@@ -497,11 +516,22 @@ def write_protocol(
     seed: int,
     records_per_shard: int,
     progress: bool,
-) -> tuple[dict[str, list[str]], dict[str, Any], list[dict[str, str]]]:
-    """Split, write the manifest and the shards. Returns shard names, counts and manifest rows."""
+) -> tuple[dict[str, list[str]], dict[str, Any], list[dict[str, str]], dict[str, dict[str, Any]]]:
+    """Split, write the manifest and the shards. Returns shard names, counts, manifest rows and
+    each shard's records, bytes and SHA-256.
+
+    What a protocol's records hold beyond the common features is decided here, for all its
+    records alike: ``mask/encoded`` when any chosen sample has a pixel mask (``b""`` for those
+    without), ``targets`` when the protocol names targets, ``series/id``/``slice/index`` when
+    any sample is a slice of a series. The manifest gains ``target_<name>`` and
+    ``series_id``/``slice_index`` columns in the same cases.
+    """
     class_names = spec.class_names
     items = [(s.image_id, s.patient_id, c) for c in class_names for s in chosen[c]]
     parts = protocols_lib.assign_parts(items, class_names, spec.test_fraction, spec.num_parts, seed)
+    samples = [s for c in class_names for s in chosen[c]]
+    with_masks = any(s.mask_path for s in samples)
+    with_series = any(s.series_id for s in samples)
 
     rows: list[dict[str, str]] = []
     by_split: dict[str, list[tuple[Sample, int, str]]] = {"test": []}
@@ -525,19 +555,23 @@ def write_protocol(
                 if split != "test" or fold == 1:
                     by_split[key].append((sample, label, class_name))
             for subset_name, subset in spec.subsets.items():
-                box_findings = stager.staged[sample.image_id].box_findings
+                box_findings = protocol_boxes(stager.get(sample), spec)[1]
                 row[f"subset_{subset_name}"] = str(int(protocols_lib.in_subset(box_findings, subset)))
+            for name, value in zip(spec.targets, target_values(sample, spec)):
+                row[f"target_{name}"] = repr(value)
+            if with_series:
+                row["series_id"], row["slice_index"] = sample.series_id, str(sample.slice_index)
             rows.append(row)
     rows.sort(key=lambda r: r["image_id"])
 
     protocol_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in protocol_dir.rglob("*.tmp"):  # from an interrupted run
-        leftover.unlink()
+    for leftover in [p for p in protocol_dir.rglob("*") if p.is_file() and is_temporary(p)]:
+        leftover.unlink()  # from an interrupted run
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["image_id"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic_text(protocol_dir / "manifest.csv", buffer.getvalue())
+    write_text_atomic(protocol_dir / MANIFEST_FILE, buffer.getvalue())
 
     import tensorflow as tf
 
@@ -559,24 +593,32 @@ def write_protocol(
         if stale not in wanted:
             stale.unlink()
 
+    def record(sample: Sample, label: int, class_name: str) -> bytes:
+        staged = stager.get(sample)
+        with open(staged.encoded_path, "rb") as handle:
+            encoded = handle.read()
+        mask = None
+        if with_masks:
+            mask = b""
+            if staged.mask_path:
+                with open(staged.mask_path, "rb") as handle:
+                    mask = handle.read()
+        if spec.box_findings:
+            boxes, findings = protocol_boxes(staged, spec)
+            staged = dataclasses.replace(staged, boxes=boxes, box_findings=findings)
+        targets = target_values(sample, spec) if spec.targets else None
+        return make_example(sample, staged, encoded, label, class_name, mask=mask, targets=targets, series=with_series)
+
     shard_files: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=sum(len(c) for _, c in planned), desc=f"{spec.name}: writing shards", unit="rec",
                disable=not progress, leave=False)
     for final, chunk in planned:
         final.parent.mkdir(parents=True, exist_ok=True)
         if not final.exists():  # else finished by an interrupted run with the same fingerprint
-            temporary = final.with_name(final.name + ".tmp")
-            try:
+            with atomic_path(final) as temporary:
                 with tf.io.TFRecordWriter(str(temporary)) as shard:
                     for sample, label, class_name in chunk:
-                        staged = stager.staged[sample.image_id]
-                        with open(staged.encoded_path, "rb") as handle:
-                            encoded = handle.read()
-                        shard.write(make_example(sample, staged, encoded, label, class_name))
-                os.replace(temporary, final)
-            except BaseException:
-                temporary.unlink(missing_ok=True)
-                raise
+                        shard.write(record(sample, label, class_name))
         bar.update(len(chunk))
         shard_files[str(final.relative_to(protocol_dir))] = shard_info(final, len(chunk))
     bar.close()
@@ -616,14 +658,25 @@ def _write_and_summarize(
     elif plan.action != "resume":
         remove_outputs(protocol_dir)
     building = {"fingerprint": summary["fingerprint"], "build": summary.get("build"), "pid": os.getpid()}
-    write_atomic_text(protocol_dir / BUILDING_FILE, json.dumps(building, indent=2) + "\n")
+    write_text_atomic(protocol_dir / BUILDING_FILE, json.dumps(building, indent=2) + "\n")
     shards, counts, _, shard_files = write_protocol(spec, chosen, stager, protocol_dir, seed, records_per_shard, progress)
     summary.update(counts=counts, shards=shards, shard_files=shard_files)
-    write_atomic_text(protocol_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(protocol_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
     (protocol_dir / BUILDING_FILE).unlink(missing_ok=True)
 
 
 # --- the whole job -----------------------------------------------------------------------
+
+
+def effective_storage_size(spec: protocols_lib.ProtocolSpec, storage_size: int) -> int:
+    """The records' longest side for ``spec``: its own ``storage_size``, else ``--storage-size``."""
+    return storage_size if spec.storage_size is None else spec.storage_size
+
+
+def staging_dir(out_dir: Path, size: int, default_size: int) -> Path:
+    """Where images staged at ``size`` wait: ``.staging``, or ``.staging/<size>px`` for a size a
+    protocol sets for itself."""
+    return out_dir / STAGING_DIR if size == default_size else out_dir / STAGING_DIR / f"{size}px"
 
 
 def build_tfrecords(
@@ -662,10 +715,11 @@ def build_tfrecords(
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a folder")
     data_config = load_config("data", data_overrides)
+    check_data_config(data_config)
     protocol_config = load_config("protocols", protocol_overrides)
-    if folds is not None:
-        protocol_config.setdefault("splits", {})["folds"] = int(folds)
     specs = protocols_lib.load_protocols(source, protocol_config)
+    if folds is not None:  # --folds overrides every protocol's folds
+        specs = {name: protocols_lib.with_folds(spec, folds) for name, spec in specs.items()}
     names = list(specs) if protocols in ("all", ["all"], ("all",)) else [protocols] if isinstance(protocols, str) else list(protocols)
     unknown = [n for n in names if n not in specs]
     if unknown:
@@ -673,8 +727,12 @@ def build_tfrecords(
     if not data_root.is_dir():
         raise FileNotFoundError(f"data root not found: {data_root}")
 
-    stager = Stager(out_dir / STAGING_DIR, storage_size, workers or os.cpu_count() or 1, progress)
-    stager.start()
+    # One stager per storage size (a protocol may set its own, e.g. CT slices keep theirs).
+    sizes = {name: effective_storage_size(specs[name], storage_size) for name in names}
+    stagers = {size: Stager(staging_dir(out_dir, size, storage_size), size, workers or os.cpu_count() or 1, progress)
+               for size in dict.fromkeys(sizes.values())}
+    for stager in stagers.values():
+        stager.start()
     import tensorflow  # noqa: F401  (here, while the workers start, rather than in the writer thread)
 
     created_out = not out_dir.exists()
@@ -709,9 +767,9 @@ def build_tfrecords(
             payload = {
                 "format_version": FORMAT_VERSION,
                 "source": source,
-                "protocol": asdict(spec),
+                "protocol": spec.payload(),
                 "seed": seed,
-                "storage_size": storage_size,
+                "storage_size": sizes[name],
                 "records_per_shard": records_per_shard,
             }
             jobs.append((name, spec, members, excluded, fingerprint(payload, members), build_settings(payload, members)))
@@ -739,6 +797,7 @@ def build_tfrecords(
                 log(f"{name}: {plan.action}: {plan.reason}")
                 for problem in plan.broken:
                     log(f"  {problem}")
+            stager = stagers[sizes[name]]
             chosen, skipped, warnings = select_and_stage(spec, members, stager, seed)
             empty = [c for c in spec.class_names if not chosen[c]]
             if empty:
@@ -757,9 +816,10 @@ def build_tfrecords(
                 "task": spec.task,
                 "classes": spec.class_names,
                 "targets": {c.name: c.count for c in spec.classes},
+                **({"target_names": list(spec.targets)} if spec.targets else {}),
                 "folds": spec.folds,
                 "seed": seed,
-                "storage_size": storage_size,
+                "storage_size": sizes[name],
                 "counts": None,
                 "shards": None,
                 "subsets": {k: dict(v) for k, v in spec.subsets.items()},
@@ -780,7 +840,8 @@ def build_tfrecords(
         shutil.rmtree(out_dir / STAGING_DIR, ignore_errors=True)
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
-        stager.close()
+        for stager in stagers.values():
+            stager.close()
         if lock is not None:
             lock.release()
             if created_out and out_dir.is_dir() and not any(out_dir.iterdir()):
@@ -811,3 +872,112 @@ def format_counts(summary: Mapping[str, Any]) -> str:
         if key.startswith("subset_"):
             lines.append(f"  subset {key[7:]}: {value['test']} test images")
     return "\n".join(lines)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+USAGE = """Write the TFRecord shards of the protocols of one source set (configs/protocols.yaml).
+
+    caaxr-make-tfrecords --data-root DATA --out TFRECORDS [--source caaxr] [--protocol all]
+        [--overwrite] [--verify]          (or: python tools/make_tfrecords.py ...)
+
+A rerun with the same arguments and inputs skips finished protocols ("up to date") and
+rewrites any shard that is missing or of the wrong size; --verify also reads every shard back
+(CRCs, record counts, SHA-256 against summary.json) and rewrites the damaged ones. A protocol
+folder built with other arguments or inputs is refused, naming what differs, unless
+--overwrite. Exit status: 0 done, 2 error (one line on stderr, nothing half-written).
+"""
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--source`` and ``--protocol`` choices come from configs/protocols.yaml
+    (a protocol that the chosen source set lacks is an error naming the set's protocols)."""
+    protocol_sets = protocols_lib.available_protocols()
+    names = sorted({name for names in protocol_sets.values() for name in names})
+    parser = argparse.ArgumentParser(prog="caaxr-make-tfrecords", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True,
+                        help="the source set's data root: caaxr: the folder with bimcv/, caaxr/, chexpert/; "
+                             "covid-chestxray, qata, covid-ctset: the collection's own folder")
+    parser.add_argument("--out", required=True, help="output folder; one sub-folder per protocol")
+    parser.add_argument("--source", default="caaxr", choices=list(protocol_sets), help="source set (default caaxr)")
+    parser.add_argument("--protocol", default="all", choices=["all", *names],
+                        help="a protocol of the source set, or all of them (default)")
+    parser.add_argument("--folds", type=_int_at_least(1), default=None,
+                        help="number of folds of every protocol (default: configs/protocols.yaml)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=_int_at_least(1), default=os.cpu_count() or 1, help="decoding processes")
+    parser.add_argument("--storage-size", type=_int_at_least(0), default=512,
+                        help="longest side kept in the records; 0 keeps the original size (a protocol may set its own)")
+    parser.add_argument("--records-per-shard", type=_int_at_least(1), default=256)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace protocols that --out holds from other arguments or inputs")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every shard back (CRCs, record counts, SHA-256) and rewrite damaged ones")
+    parser.add_argument("--set", dest="data_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override configs/data.yaml, e.g. --set chexpert.uncertain=positive")
+    parser.add_argument("--set-protocol", dest="protocol_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override configs/protocols.yaml, e.g. --set-protocol caaxr.2class.classes.covid.count=100")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``caaxr-make-tfrecords``: build the shards; 0 when done, 2 with one error line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from caaxr_tf.locks import FolderLockedError
+
+    try:
+        args = parse_args(argv)
+    except ValueError as error:  # a malformed configs/protocols.yaml
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        summaries = build_tfrecords(
+            args.data_root,
+            args.out,
+            source=args.source,
+            protocols=args.protocol,
+            folds=args.folds,
+            seed=args.seed,
+            workers=args.workers,
+            storage_size=args.storage_size,
+            records_per_shard=args.records_per_shard,
+            data_overrides=args.data_overrides,
+            protocol_overrides=args.protocol_overrides,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            overwrite=args.overwrite,
+            verify=args.verify,
+        )
+    except (SchemaError, OSError, ValueError, FolderLockedError, WorkerDiedError) as error:
+        # OSError: e.g. a full disk while staging or writing (no file is left under a final name)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        tf = sys.modules.get("tensorflow")  # imported by the build, after its workers start
+        if tf is None or not isinstance(error, tf.errors.OpError):
+            raise
+        print(f"error: {error.message}", file=sys.stderr)  # e.g. the shard writer on a full disk
+        return 2
+    elapsed = time.perf_counter() - started
+    images = sum(sum(s["counts"]["total"].values()) for s in summaries.values())
+    print(f"done: {len(summaries)} protocol(s), {images} records in total, {elapsed:.1f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

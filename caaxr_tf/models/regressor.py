@@ -103,7 +103,7 @@ def serving_regressor(model: keras.Model, ranges: Mapping[str, tuple[float, floa
     """``model`` with its ``[N, T]`` output clamped to ``ranges`` and split by name.
 
     ``ranges`` maps each output name to ``(low, high)`` in column order, e.g.
-    ``caaxr_tf.data.severity.TARGET_RANGES`` = ``{"geographic_extent": (0, 8), "opacity":
+    ``caaxr_tf.data.sources.covid_chestxray_severity.TARGET_RANGES`` = ``{"geographic_extent": (0, 8), "opacity":
     (0, 6)}``. The returned model outputs ``{name: [N]}`` (float32), which the export code
     turns into one signature output per name. Apply it at export only: training and
     validation use the raw outputs.

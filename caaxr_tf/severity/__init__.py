@@ -8,7 +8,7 @@ Chest X-ray with Deep Learning"): the published evaluation protocol and its piec
   models (approach (a) of the paper).
 * `caaxr_tf.severity.plots`: predicted vs true scatter plots.
 
-The scores reader is `caaxr_tf.data.severity`, the Keras metrics `caaxr_tf.metrics.regression`,
+The scores reader is `caaxr_tf.data.sources.covid_chestxray_severity`, the Keras metrics `caaxr_tf.metrics.regression`,
 the regression models `caaxr_tf.models.regressor`. Submodules are imported explicitly, so the
 split code stays free of TensorFlow.
 """

@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from caaxr_tf.data.severity import TARGET_RANGES
+from caaxr_tf.data.sources.covid_chestxray_severity import TARGET_RANGES
 from caaxr_tf.evaluate import _new_figure, _save_figure
 from caaxr_tf.metrics.regression import METRIC_NAMES, regression_scores
 from caaxr_tf.severity.protocol import METRIC_TITLES, MeanStd

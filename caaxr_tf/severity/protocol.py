@@ -337,7 +337,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from caaxr_tf.data.records import InputError
-    from caaxr_tf.data.severity import TARGET_NAMES, patient_groups, read_severity_scores, severity_targets
+    from caaxr_tf.data.sources.covid_chestxray_severity import TARGET_NAMES, patient_groups, read_severity_scores, severity_targets
 
     args = parse_args(argv)
     try:

@@ -1,4 +1,4 @@
-"""Real lung masks for covid-chestxray: the lungVAE masks of the collection.
+"""The ``covid-chestxray-lungs`` source: covid-chestxray images with their lungVAE lung masks.
 
 ``annotations/lungVAE-masks/<image stem>_mask.png`` holds a generated lung mask for some of
 the collection's images (Selvan et al.'s lungVAE), resized with nearest neighbour together with
@@ -7,8 +7,10 @@ the images, so mask and image sizes match (checked). A mask may also be named
 images that also have a ``_mask.png`` (differing from it on 0.3-0.5 % of the pixels): the
 ``_mask.png`` file is used and the other reported.
 
-`attach_lung_masks` sets ``mask_path`` on the samples of a `ReadResult` (from
-``read_covid_chestxray``) and returns only the samples that have a usable mask:
+The source reads the collection (``read_covid_chestxray``: frontal X-rays, findings, lung
+boxes), then `attach_lung_masks` sets ``mask_path`` on its samples and keeps only the samples
+that have a usable mask. The mask folder comes from the ``covid_chestxray_lungs`` section of
+configs/data.yaml, the collection's layout from its ``covid_chestxray`` section:
 
 * a sample without a mask is left out and counted: ``excluded["no lung mask"]``;
 * a mask whose image is on disk but not among the samples (a lateral view, a CT slice, a
@@ -22,16 +24,54 @@ images that also have a ``_mask.png`` (differing from it on 0.3-0.5 % of the pix
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 from caaxr_tf.data.images import load_image
 from caaxr_tf.data.masks import MAX_GRAY_FRACTION, check_same_size, read_binary_mask
 from caaxr_tf.data.records import InputError, ReadResult, Sample
+from caaxr_tf.data.sources import coerce_sections, register_source, resolve_root
+from caaxr_tf.data.sources.covid_chestxray import CovidChestxrayConfig, collection_paths, read_covid_chestxray
 
+SOURCE = "covid-chestxray-lungs"
 LUNGVAE_DIR = "annotations/lungVAE-masks"
 MASK_SUFFIXES = ("_mask.png", "_mask.png.png")
 EXCLUDED_NO_MASK = "no lung mask"
 EXCLUDED_IMAGE_NOT_READ = "lung mask of an image not read"
+
+
+@dataclass(frozen=True)
+class LungMasksConfig:
+    """The ``covid_chestxray_lungs`` section of configs/data.yaml.
+
+    Attributes:
+        masks: the folder of ``<image stem>_mask.png`` files, relative to the collection folder.
+        max_gray_fraction: share of a mask's pixels that may be neither 0 nor the foreground
+            level (see caaxr_tf/data/masks.py).
+    """
+
+    masks: str = LUNGVAE_DIR
+    max_gray_fraction: float = field(default=MAX_GRAY_FRACTION, metadata={"min": 0.0, "finite": True})
+
+
+@dataclass(frozen=True)
+class LungsSourceConfig:
+    """What the ``covid-chestxray-lungs`` source reads: its own section and the collection's."""
+
+    covid_chestxray_lungs: LungMasksConfig = field(default_factory=LungMasksConfig)
+    covid_chestxray: CovidChestxrayConfig = field(default_factory=CovidChestxrayConfig)
+
+
+@register_source(SOURCE, section=("covid_chestxray_lungs", "covid_chestxray"), config=LungsSourceConfig)
+def read(data_root: str | os.PathLike, config: LungsSourceConfig | Mapping[str, Any] | None = None) -> ReadResult:
+    """covid-chestxray frontal X-rays that have a lungVAE lung mask, with ``mask_path`` set."""
+    config = coerce_sections(LungsSourceConfig, config)
+    root = resolve_root(data_root, config.covid_chestxray.root)
+    read_result = read_covid_chestxray(root, config.covid_chestxray)
+    _, images_dir = collection_paths(root, config.covid_chestxray)
+    masks = config.covid_chestxray_lungs
+    return attach_lung_masks(read_result, Path(root).resolve() / masks.masks, images_dir, masks.max_gray_fraction)
 
 
 def mask_stem(file_name: str) -> str | None:

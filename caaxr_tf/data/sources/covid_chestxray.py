@@ -1,4 +1,4 @@
-"""covid-chestxray reader: the public COVID-19 image data collection (Cohen et al. 2020).
+"""The ``covid-chestxray`` source: the public COVID-19 image data collection (Cohen et al. 2020).
 
 ``metadata.csv`` has one row per image; rows with modality X-ray and a frontal view are kept.
 The optional COCO file ``annotations/lung_bounding_boxes.json`` adds "Right Lung" /
@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from caaxr_tf.config import deep_merge, load_config
-from caaxr_tf.data.caaxr import BoxError, parse_box
-from caaxr_tf.data.images import image_size
+from caaxr_tf.data.boxes import BoxError, parse_box
+from caaxr_tf.data.formats import image_size
 from caaxr_tf.data.records import Box, ReadResult, Sample, SchemaError, read_csv_table, resolve_inside
 from caaxr_tf.data.row_filter import RowFilter
+from caaxr_tf.data.sources import coerce_config, register_source, resolve_root
 
 SOURCE = "covid-chestxray"
 REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
@@ -30,9 +30,42 @@ EXCLUDED_VIEW = "non-frontal view"
 _FINDING_SPLIT = re.compile(r"[,/]")
 
 
-def covid_chestxray_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``covid_chestxray`` section of configs/data.yaml with ``config`` applied on top."""
-    return deep_merge(load_config("data")["covid_chestxray"], config or {})
+ROW_FILTER_NAME = "covid_chestxray.row_filter"
+
+
+def _no_row_filter() -> dict[str, Any]:
+    return {"include": {}, "exclude": {}, "match": "substring"}
+
+
+@dataclass(frozen=True)
+class CovidChestxrayConfig:
+    """The ``covid_chestxray`` section of configs/data.yaml (also read by the
+    ``covid-chestxray-severity`` and ``covid-chestxray-lungs`` sources).
+
+    Attributes:
+        root: the collection folder, relative to the data root unless absolute.
+        metadata, images: metadata.csv and the image folder, relative to ``root``.
+        lung_boxes: the COCO lung boxes, relative to ``root``; null or "" for none.
+        frontal_views: kept ``view`` values (case-insensitive).
+        modality: the kept ``modality`` (case-insensitive).
+        row_filter: keep part of the collection by its metadata columns (see
+            ``caaxr_tf.data.row_filter``; checked when the config is loaded).
+    """
+
+    root: str = "."
+    metadata: str = "metadata.csv"
+    images: str = "images"
+    lung_boxes: str | None = "annotations/lung_bounding_boxes.json"
+    frontal_views: tuple[str, ...] = ("PA", "AP", "AP Supine", "AP semi erect")
+    modality: str = "X-ray"
+    row_filter: Any = field(default_factory=_no_row_filter)
+
+    def __post_init__(self) -> None:
+        self.rows()  # a malformed filter is an error when the config is loaded
+
+    def rows(self) -> RowFilter:
+        """The checked row filter."""
+        return RowFilter.from_config(self.row_filter, name=ROW_FILTER_NAME)
 
 
 def split_finding(value: str) -> tuple[str, ...]:
@@ -146,27 +179,26 @@ class MetadataRow:
     excluded: bool = False
 
 
-def collection_paths(root: str | os.PathLike, config: Mapping[str, Any]) -> tuple[Path, Path]:
+def collection_paths(root: str | os.PathLike, config: CovidChestxrayConfig) -> tuple[Path, Path]:
     """(metadata.csv, images folder) of the collection under ``root``."""
     root = Path(root).resolve()
-    return root / config["metadata"], root / config["images"]
+    return root / config.metadata, root / config.images
 
 
 def read_metadata_rows(
-    metadata_path: str | os.PathLike, images_dir: str | os.PathLike, config: Mapping[str, Any]
+    metadata_path: str | os.PathLike, images_dir: str | os.PathLike, config: CovidChestxrayConfig
 ) -> list[MetadataRow]:
-    """Every row of metadata.csv, in file order, checked as `read_covid_chestxray` checks it.
-
-    ``config`` is a full ``covid_chestxray`` section (``frontal_views``, ``modality``,
-    ``row_filter``). Duplicate file names are not resolved here (every row is returned).
+    """Every row of metadata.csv, in file order, checked as `read_covid_chestxray` checks it
+    (``frontal_views``, ``modality``, ``row_filter`` of ``config``). Duplicate file names are
+    not resolved here (every row is returned).
 
     Raises:
         SchemaError: the file is missing or lacks a required column (or one named by the row filter).
     """
-    frontal = {str(view).strip().lower() for view in config["frontal_views"]}
-    modality = str(config.get("modality", "X-ray")).strip().lower()
+    frontal = {str(view).strip().lower() for view in config.frontal_views}
+    modality = config.modality.strip().lower()
     images_dir = Path(images_dir)
-    row_filter = RowFilter.from_config(config.get("row_filter"), name="covid_chestxray.row_filter")
+    row_filter = config.rows()
     table = read_csv_table(metadata_path, REQUIRED_COLUMNS)
     row_filter.check_columns(str(metadata_path), table.columns)
 
@@ -205,28 +237,36 @@ def read_metadata_rows(
     return [check(index, *values) for index, values in enumerate(zip(*columns))]
 
 
+@register_source(SOURCE, section="covid_chestxray", config=CovidChestxrayConfig)
+def read(data_root: str | os.PathLike, config: CovidChestxrayConfig | Mapping[str, Any] | None = None) -> ReadResult:
+    """Frontal X-rays of the covid-chestxray collection with their findings and COCO lung boxes."""
+    config = coerce_config(CovidChestxrayConfig, config, "covid_chestxray")
+    return read_covid_chestxray(resolve_root(data_root, config.root), config)
+
+
 def read_covid_chestxray(
-    root: str | os.PathLike, config: Mapping[str, Any] | None = None
+    root: str | os.PathLike, config: CovidChestxrayConfig | Mapping[str, Any] | None = None
 ) -> ReadResult:
     """Read the frontal X-rays of the collection under ``root``.
 
     Args:
-        root: the collection folder; ``config`` paths (``metadata``, ``images``,
-            ``lung_boxes``) are relative to it.
-        config: the ``covid_chestxray`` section of configs/data.yaml (defaults fill missing keys).
+        root: the collection folder itself (``config.root`` is not used here); ``config``
+            paths (``metadata``, ``images``, ``lung_boxes``) are relative to it.
+        config: a `CovidChestxrayConfig`, a mapping of its fields (missing keys take the
+            defaults) or None for the defaults.
 
     Raises:
         SchemaError: metadata.csv is missing or lacks a required column (or a column named
             by ``row_filter``), or the lung box file is not COCO JSON.
-        ValueError: ``row_filter`` is malformed.
+        ValueError: ``row_filter`` is malformed; ConfigError: another bad setting.
     """
-    config = covid_chestxray_config(config)
+    config = coerce_config(CovidChestxrayConfig, config, "covid_chestxray")
     metadata_path, images_dir = collection_paths(root, config)
     rows = read_metadata_rows(metadata_path, images_dir, config)
     result = ReadResult()
     lung_boxes: dict[str, list[Box]] = {}
-    if config.get("lung_boxes"):
-        lung_boxes = read_lung_boxes(Path(root).resolve() / config["lung_boxes"], images_dir, result)
+    if config.lung_boxes:
+        lung_boxes = read_lung_boxes(Path(root).resolve() / config.lung_boxes, images_dir, result)
 
     first_row: dict[str, tuple[int, str]] = {}
     for entry in rows:

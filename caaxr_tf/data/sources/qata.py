@@ -1,4 +1,4 @@
-"""QaTa-COV19 reader: COVID-19 chest X-rays with infection masks, and control images.
+"""The ``qata`` source: QaTa-COV19 COVID-19 chest X-rays with infection masks, and control images.
 
 The release (Degerli et al., 2021; Kaggle "QaTa-COV19 Dataset" by Aysen Degerli) is laid out as::
 
@@ -12,8 +12,9 @@ The release (Degerli et al., 2021; Kaggle "QaTa-COV19 Dataset" by Aysen Degerli)
         Test Set/Images/... , Test Set/Ground-truths/...
 
 Control images (no COVID-19, empty infection mask) sit in folders of their own without
-masks. ``root`` is the folder that holds the COVID-19 sets; `QataLayout` names the folders
-(defaults: the v2 layout with ``root = QaTa-COV19-v2``; for v1 use ``covid_sets=(".",)``).
+masks. ``root`` is the folder that holds the COVID-19 sets; `QataConfig` (the ``qata`` section
+of configs/data.yaml) names the folders (defaults: the v2 layout, ``--data-root`` pointing at
+``QaTa-COV19-v2``; for v1 use ``covid_sets: ["."]``).
 The control folders are searched recursively; their names in the public release could not
 be checked here, so ``control_dirs`` defaults to ``("Control_Group",)`` and should be set to
 wherever the controls are.
@@ -42,15 +43,15 @@ Every image and mask is decoded once (sizes, binariness and truncation are check
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from caaxr_tf.data.images import load_image
 from caaxr_tf.data.masks import MAX_GRAY_FRACTION, check_same_size, read_binary_mask
 from caaxr_tf.data.records import InputError, ReadResult, Sample, SchemaError, check_unique_ids
+from caaxr_tf.data.sources import coerce_config, register_source, resolve_root
 
 SOURCE = "qata"
 COVID_LABEL = "COVID-19"
@@ -58,51 +59,36 @@ CONTROL_FINDING = "control"
 
 
 @dataclass(frozen=True)
-class QataLayout:
-    """Folder and file names of a QaTa-COV19 tree (all paths relative to the reader's root).
+class QataConfig:
+    """The ``qata`` section of configs/data.yaml: where a QaTa-COV19 tree keeps its files.
 
     Attributes:
-        covid_sets: folders each holding ``images_dir`` and ``masks_dir`` (``"."`` = the root).
+        root: the folder holding the sets, relative to the data root unless absolute.
+        covid_sets: folders (relative to ``root``) each holding ``images_dir`` and
+            ``masks_dir`` (``"."`` = the root).
         images_dir: name of the images folder of a set.
         masks_dir: name of the ground-truth folder of a set.
         mask_prefix: a mask is named ``mask_prefix + <image file name>``.
-        control_dirs: folders of control images, searched recursively.
+        control_dirs: folders of control images (relative to ``root``), searched recursively.
         image_suffixes: file name endings read as images (case-insensitive).
         max_gray_fraction: share of mask pixels that may be neither 0 nor the foreground level.
     """
 
+    root: str = "."
     covid_sets: tuple[str, ...] = ("Train Set", "Test Set")
     images_dir: str = "Images"
     masks_dir: str = "Ground-truths"
     mask_prefix: str = "mask_"
     control_dirs: tuple[str, ...] = ("Control_Group",)
     image_suffixes: tuple[str, ...] = (".png", ".jpg", ".jpeg")
-    max_gray_fraction: float = MAX_GRAY_FRACTION
-
-    @classmethod
-    def from_config(cls, config: "QataLayout | Mapping[str, Any] | None") -> "QataLayout":
-        """A layout from a config mapping (unknown keys raise ``ValueError``)."""
-        if config is None:
-            return cls()
-        if isinstance(config, cls):
-            return config
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown qata config key(s) {unknown}; known: {sorted(known)}")
-        values = dict(config)
-        for key in ("covid_sets", "control_dirs", "image_suffixes"):
-            if key in values:
-                value = values[key]
-                values[key] = (value,) if isinstance(value, str) else tuple(value)
-        return cls(**values)
+    max_gray_fraction: float = field(default=MAX_GRAY_FRACTION, metadata={"min": 0.0, "finite": True})
 
 
 def _is_image_name(name: str, suffixes: Iterable[str]) -> bool:
     return name.lower().endswith(tuple(s.lower() for s in suffixes))
 
 
-def _listing(folder: Path, layout: QataLayout, result: ReadResult, recursive: bool = False) -> list[Path]:
+def _listing(folder: Path, layout: QataConfig, result: ReadResult, recursive: bool = False) -> list[Path]:
     """Image files in ``folder`` (sorted); other visible files are reported and left out."""
     entries = sorted(folder.rglob("*") if recursive else folder.iterdir())
     files = []
@@ -117,14 +103,14 @@ def _listing(folder: Path, layout: QataLayout, result: ReadResult, recursive: bo
     return files
 
 
-def _mask_for(image: Path, masks: dict[str, Path], layout: QataLayout) -> Path | None:
+def _mask_for(image: Path, masks: dict[str, Path], layout: QataConfig) -> Path | None:
     for candidate in (layout.mask_prefix + image.name, layout.mask_prefix + image.stem + ".png"):
         if candidate in masks:
             return masks[candidate]
     return None
 
 
-def _read_covid_set(root: Path, set_dir: str, layout: QataLayout, result: ReadResult) -> list[Sample]:
+def _read_covid_set(root: Path, set_dir: str, layout: QataConfig, result: ReadResult) -> list[Sample]:
     images_dir = (root / set_dir / layout.images_dir).resolve()
     masks_dir = (root / set_dir / layout.masks_dir).resolve()
     if not images_dir.is_dir():
@@ -181,7 +167,7 @@ def _read_covid_set(root: Path, set_dir: str, layout: QataLayout, result: ReadRe
     return samples
 
 
-def _read_controls(root: Path, control_dir: str, layout: QataLayout, result: ReadResult) -> list[Sample]:
+def _read_controls(root: Path, control_dir: str, layout: QataConfig, result: ReadResult) -> list[Sample]:
     folder = (root / control_dir).resolve()
     if not folder.is_dir():
         result.skip(str(folder), "folder", "control folder not found; no control images read from it")
@@ -207,17 +193,27 @@ def _read_controls(root: Path, control_dir: str, layout: QataLayout, result: Rea
     return samples
 
 
-def read_qata(root: str | os.PathLike, config: QataLayout | Mapping[str, Any] | None = None) -> ReadResult:
+@register_source(SOURCE, section="qata", config=QataConfig)
+def read(data_root: str | os.PathLike, config: QataConfig | Mapping[str, Any] | None = None) -> ReadResult:
+    """QaTa-COV19 COVID-19 images with their infection masks, and control images (no mask)."""
+    config = coerce_config(QataConfig, config, "qata")
+    return read_qata(resolve_root(data_root, config.root), config)
+
+
+def read_qata(root: str | os.PathLike, config: QataConfig | Mapping[str, Any] | None = None) -> ReadResult:
     """Read the COVID-19 images with their masks and the control images under ``root``.
 
     Args:
-        root: the folder holding the sets (``QaTa-COV19-v2`` with the default layout).
-        config: a `QataLayout` or a mapping of its fields.
+        root: the folder holding the sets itself (``QaTa-COV19-v2`` with the default layout;
+            ``config.root`` is not used here).
+        config: a `QataConfig`, a mapping of its fields (missing keys take the defaults) or
+            None for the defaults.
 
     Raises:
         SchemaError: ``root`` holds none of the configured images or control folders.
+        ConfigError: an unknown key or a bad value.
     """
-    layout = QataLayout.from_config(config)
+    layout = coerce_config(QataConfig, config, "qata")
     root = Path(root).resolve()
     present = [root / s / layout.images_dir for s in layout.covid_sets] + [root / c for c in layout.control_dirs]
     if not any(path.is_dir() for path in present):

@@ -1,4 +1,4 @@
-"""COVID-CTset reader (Rahimzadeh et al. 2021): 16-bit TIFF CT slices of 377 persons.
+"""The ``covid-ctset`` source (Rahimzadeh et al. 2021): 16-bit TIFF CT slices of 377 persons.
 
 Layouts (see docs/ct.md for what the public repositories show):
 
@@ -37,10 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from caaxr_tf.config import deep_merge
 from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE
-from caaxr_tf.data.ct_series import SERIES_FOLDER, TIFF_SUFFIXES, check_ct_tiff, natural_key
+from caaxr_tf.data.ct_series import SERIES_FOLDER, check_ct_tiff, natural_key
+from caaxr_tf.data.formats import TIFF_SUFFIXES
 from caaxr_tf.data.records import InputError, ReadResult, Sample, check_unique_ids, read_csv_table
+from caaxr_tf.data.sources import coerce_config, register_source, resolve_root
 
 SOURCE = "covid-ctset"
 PATIENT_LABEL = "patient_covid"
@@ -48,13 +49,6 @@ SLICE_LABEL = "slice_covid"
 CSV_COLUMNS = ("filename", "class")
 CLASSES = {"covid": 1.0, "normal": 0.0}
 
-# Defaults of the reader's config section; a data.yaml ``covid_ctset`` section overrides them.
-DEFAULT_CONFIG: dict[str, Any] = {
-    "root": "covid-ctset",
-    "labels_csv": "all.csv",  # relative to the root; null: no slice labels
-    "series": [],             # series folders to read, e.g. [SR_2]; empty: all
-    "check_headers": True,    # check every TIFF header (16-bit, 512x512, complete) while reading
-}
 
 FLAT_NAME = re.compile(
     r"^(?P<group>[^_/\\]+)_(?P<patient>[^_/\\]+)_(?P<series>SR_\d+)_(?P<slice>[^_/\\]+?)\.tiff?$",
@@ -81,9 +75,23 @@ class SliceKey:
         return f"{self.patient}/{self.series}"
 
 
-def covid_ctset_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The reader defaults with ``config`` applied on top."""
-    return deep_merge(DEFAULT_CONFIG, dict(config or {}))
+@dataclass(frozen=True)
+class CovidCtsetConfig:
+    """The ``covid_ctset`` section of configs/data.yaml.
+
+    Attributes:
+        root: the COVID-CTset folder (group folders or the training part's flat folder),
+            relative to the data root unless absolute.
+        labels_csv: the labelled-slice CSV (``filename,class``), relative to ``root`` unless
+            absolute; null: no slice labels.
+        series: series folders to read, e.g. ``[SR_2]``; empty: all.
+        check_headers: check every TIFF header (16-bit, 512x512, complete) while reading.
+    """
+
+    root: str = "."
+    labels_csv: str | None = "all.csv"
+    series: tuple[str, ...] = ()
+    check_headers: bool = True
 
 
 def group_label(group: str) -> float | None:
@@ -123,15 +131,25 @@ def _locate(path: Path, root: Path) -> _SliceFile | None:
     return None
 
 
-def read_covid_ctset(root: str | os.PathLike, config: Mapping[str, Any] | None = None) -> ReadResult:
+@register_source(SOURCE, section="covid_ctset", config=CovidCtsetConfig)
+def read(data_root: str | os.PathLike, config: CovidCtsetConfig | Mapping[str, Any] | None = None) -> ReadResult:
+    """COVID-CTset 16-bit CT slices with patient, series, slice index and slice/patient labels."""
+    config = coerce_config(CovidCtsetConfig, config, "covid_ctset")
+    return read_covid_ctset(resolve_root(data_root, config.root), config)
+
+
+def read_covid_ctset(root: str | os.PathLike, config: CovidCtsetConfig | Mapping[str, Any] | None = None) -> ReadResult:
     """Read the COVID-CTset slices under ``root`` (either layout) and the labelled-slice CSV.
+
+    ``root`` is the set's folder itself (``config.root`` is not used here); ``config`` is a
+    `CovidCtsetConfig`, a mapping of its fields or None for the defaults.
 
     Raises:
         SchemaError: the labels CSV exists but lacks ``filename``/``class``.
     """
-    config = covid_ctset_config(config)
+    config = coerce_config(CovidCtsetConfig, config, "covid_ctset")
     root = Path(root).resolve()
-    wanted_series = {str(name).upper() for name in config.get("series") or []}
+    wanted_series = {str(name).upper() for name in config.series}
     result = ReadResult()
     if not root.is_dir():
         result.skip(str(root), "root", "no such folder")
@@ -153,7 +171,7 @@ def read_covid_ctset(root: str | os.PathLike, config: Mapping[str, Any] | None =
             if wanted_series and located.key.series not in wanted_series:
                 result.exclude(EXCLUDED_SERIES)
                 continue
-            if config.get("check_headers", True):
+            if config.check_headers:
                 try:
                     check_ct_tiff(located.path, SLICE_SHAPE)
                 except InputError as error:
@@ -168,8 +186,8 @@ def read_covid_ctset(root: str | os.PathLike, config: Mapping[str, Any] | None =
         series[(item.key.patient, item.key.series)].append(item)
 
     slice_labels = {}
-    if config.get("labels_csv"):
-        csv_path = Path(config["labels_csv"])
+    if config.labels_csv:
+        csv_path = Path(config.labels_csv)
         csv_path = csv_path if csv_path.is_absolute() else root / csv_path
         present = {item.key for item in files}
         slice_labels = read_slice_labels(csv_path, present, bad_keys, files, result)

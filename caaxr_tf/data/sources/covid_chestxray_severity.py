@@ -1,4 +1,5 @@
-"""Pneumonia severity scores of the covid-chestxray collection (Cohen et al. 2020).
+"""The ``covid-chestxray-severity`` source: pneumonia severity scores of the covid-chestxray
+collection (Cohen et al. 2020).
 
 ``annotations/covid-severity-scores.csv`` starts with ``##`` comment lines, then::
 
@@ -8,7 +9,9 @@
 Each score is the mean of three radiologists: geographic extent (0-4 per lung, 0-8 in all)
 and opacity (0-3 per lung, 0-6 in all). Rows are joined with metadata.csv by file name
 (patient id, view, modality, through `read_metadata_rows`) and with the images folder.
-Samples carry ``labels={"geographic_extent": x, "opacity": y}``.
+Samples carry ``labels={"geographic_extent": x, "opacity": y}``. The scores file comes from the
+``covid_chestxray_severity`` section of configs/data.yaml, the collection's layout from its
+``covid_chestxray`` section (`SeveritySourceConfig` holds both).
 """
 
 from __future__ import annotations
@@ -17,20 +20,22 @@ import csv
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from caaxr_tf.data.covid_chestxray import (
+from caaxr_tf.data.records import ReadResult, Sample, SchemaError
+from caaxr_tf.data.sources import coerce_sections, register_source, resolve_root
+from caaxr_tf.data.sources.covid_chestxray import (
+    CovidChestxrayConfig,
     MetadataRow,
     collection_paths,
-    covid_chestxray_config,
     read_metadata_rows,
 )
-from caaxr_tf.data.records import ReadResult, Sample, SchemaError
 
+SOURCE = "covid-chestxray-severity"
 SCORES_FILE = "annotations/covid-severity-scores.csv"
 COMMENT_PREFIX = "##"
 FILENAME_COLUMN = "filename"
@@ -53,6 +58,25 @@ TARGETS: tuple[SeverityTarget, ...] = (
 TARGET_NAMES: tuple[str, ...] = tuple(target.name for target in TARGETS)
 TARGET_RANGES: dict[str, tuple[float, float]] = {t.name: (t.low, t.high) for t in TARGETS}
 SCORE_COLUMNS: tuple[str, ...] = (FILENAME_COLUMN, *(target.column for target in TARGETS))
+
+
+@dataclass(frozen=True)
+class SeverityConfig:
+    """The ``covid_chestxray_severity`` section of configs/data.yaml.
+
+    Attributes:
+        scores: the scores file, relative to the collection folder (``covid_chestxray.root``).
+    """
+
+    scores: str = SCORES_FILE
+
+
+@dataclass(frozen=True)
+class SeveritySourceConfig:
+    """What the ``covid-chestxray-severity`` source reads: its own section and the collection's."""
+
+    covid_chestxray_severity: SeverityConfig = field(default_factory=SeverityConfig)
+    covid_chestxray: CovidChestxrayConfig = field(default_factory=CovidChestxrayConfig)
 
 
 def _decode(raw: bytes) -> str:
@@ -129,15 +153,22 @@ def _metadata_by_filename(rows: Sequence[MetadataRow]) -> dict[str, MetadataRow]
     return chosen
 
 
+@register_source(SOURCE, section=("covid_chestxray_severity", "covid_chestxray"), config=SeveritySourceConfig)
+def read(data_root: str | os.PathLike, config: SeveritySourceConfig | Mapping[str, Any] | None = None) -> ReadResult:
+    """The scored frontal images of covid-chestxray, labels geographic_extent (0-8) and opacity (0-6)."""
+    config = coerce_sections(SeveritySourceConfig, config)
+    return read_severity_scores(resolve_root(data_root, config.covid_chestxray.root), config)
+
+
 def read_severity_scores(
-    root: str | os.PathLike, config: Mapping[str, Any] | None = None
+    root: str | os.PathLike, config: SeveritySourceConfig | Mapping[str, Any] | None = None
 ) -> ReadResult:
     """Read the scored images of the collection under ``root``.
 
     Args:
-        root: the collection folder (metadata.csv, images/, annotations/).
-        config: the ``covid_chestxray`` section of configs/data.yaml (defaults fill missing
-            keys); ``severity_scores`` overrides the scores file (default ``SCORES_FILE``).
+        root: the collection folder itself (metadata.csv, images/, annotations/).
+        config: a `SeveritySourceConfig`, a mapping with its two sections, or None for the
+            defaults.
 
     Returns:
         One sample per valid row, in file order: source ``covid-chestxray``, ``patient_id``
@@ -150,11 +181,12 @@ def read_severity_scores(
     Raises:
         SchemaError: the scores file or metadata.csv is missing or lacks a required column.
     """
-    config = covid_chestxray_config(config)
-    scores_path = Path(root).resolve() / config.get("severity_scores", SCORES_FILE)
+    config = coerce_sections(SeveritySourceConfig, config)
+    collection = config.covid_chestxray
+    scores_path = Path(root).resolve() / config.covid_chestxray_severity.scores
     score_rows = read_score_rows(scores_path)
-    metadata_path, images_dir = collection_paths(root, config)
-    metadata = _metadata_by_filename(read_metadata_rows(metadata_path, images_dir, config))
+    metadata_path, images_dir = collection_paths(root, collection)
+    metadata = _metadata_by_filename(read_metadata_rows(metadata_path, images_dir, collection))
 
     result = ReadResult()
     path = str(scores_path)

@@ -1,4 +1,4 @@
-"""CheXpert (small) reader: ``train.csv`` / ``valid.csv`` with 14 observations per image.
+"""The ``chexpert`` source: CheXpert (small) ``train.csv`` / ``valid.csv``, 14 observations per image.
 
 Labels are ``1.0`` (positive), ``0.0`` (negative), ``-1.0`` (uncertain) or blank (not
 mentioned, read as 0.0). The uncertain policy comes from the config: ``positive`` (U-Ones),
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
-from caaxr_tf.config import deep_merge, load_config
 from caaxr_tf.data.records import ReadResult, Sample, check_unique_ids, read_csv_table, resolve_inside
+from caaxr_tf.data.sources import coerce_config, register_source, resolve_root
 
 SOURCE = "chexpert"
 OBSERVATIONS = (
@@ -44,9 +45,24 @@ _PATIENT = re.compile(r"^patient\d+$")
 _STUDY = re.compile(r"^study\d+$")
 
 
-def chexpert_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``chexpert`` section of configs/data.yaml with ``config`` applied on top."""
-    return deep_merge(load_config("data")["chexpert"], config or {})
+@dataclass(frozen=True)
+class ChexpertConfig:
+    """The ``chexpert`` section of configs/data.yaml.
+
+    Attributes:
+        root: the CheXpert folder, relative to the data root unless absolute; the CSVs'
+            ``Path`` values are relative to it.
+        csv_files: the CSVs to read, relative to ``root``.
+        frontal_only: lateral views are left out (counted under ``excluded``).
+        uncertain: the -1 policy: ``exclude`` (keep -1; the protocols leave such images out of
+            the classes an uncertain observation decides), ``positive`` (U-Ones) or
+            ``negative`` (U-Zeros).
+    """
+
+    root: str = "chexpert"
+    csv_files: tuple[str, ...] = ("CheXpert-v1.0-small/train.csv", "CheXpert-v1.0-small/valid.csv")
+    frontal_only: bool = True
+    uncertain: Literal["exclude", "positive", "negative"] = "exclude"
 
 
 def label_values(uncertain: str) -> dict[str, float]:
@@ -73,25 +89,35 @@ def image_id_from_path(relative: str) -> str:
     return str(PurePosixPath(*parts).with_suffix("")) if parts else ""
 
 
-def read_chexpert(root: str | os.PathLike, config: Mapping[str, Any] | None = None) -> ReadResult:
+@register_source(SOURCE, section="chexpert", config=ChexpertConfig)
+def read(data_root: str | os.PathLike, config: ChexpertConfig | Mapping[str, Any] | None = None) -> ReadResult:
+    """CheXpert frontal images with their 14 observations (uncertain labels by the config's policy)."""
+    config = coerce_config(ChexpertConfig, config, "chexpert")
+    return read_chexpert(resolve_root(data_root, config.root), config)
+
+
+def read_chexpert(root: str | os.PathLike, config: ChexpertConfig | Mapping[str, Any] | None = None) -> ReadResult:
     """Read the CheXpert CSVs listed in ``config`` (paths relative to ``root``).
 
     Args:
-        root: the ``chexpert`` folder; ``Path`` values in the CSVs are relative to it.
-        config: the ``chexpert`` section of configs/data.yaml (defaults fill missing keys).
+        root: the ``chexpert`` folder itself (``config.root`` is not used here); ``Path`` values
+            in the CSVs are relative to it.
+        config: a `ChexpertConfig`, a mapping of its fields (missing keys take the defaults) or
+            None for the defaults.
 
     Raises:
         SchemaError: a CSV is missing or lacks ``Path``, ``Frontal/Lateral`` or an observation.
+        ConfigError: an unknown key or a bad value (e.g. ``uncertain: maybe``).
     """
-    config = chexpert_config(config)
-    values = label_values(str(config.get("uncertain", "exclude")).lower())
-    frontal_only = bool(config.get("frontal_only", True))
+    config = coerce_config(ChexpertConfig, config, "chexpert")
+    values = label_values(config.uncertain)
+    frontal_only = config.frontal_only
     root = Path(root).resolve()
     result = ReadResult()
     # Every schema is checked before any row is read.
     tables = [
         (str(root / name), read_csv_table(root / name, REQUIRED_COLUMNS))
-        for name in config["csv_files"]
+        for name in config.csv_files
     ]
 
     candidates: list[Sample] = []
