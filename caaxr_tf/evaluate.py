@@ -85,9 +85,9 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def run_task(config: dict[str, Any], summary: dict[str, Any]):
     """The Task object of a run folder's config (class names from the run, else the protocol)."""
-    from caaxr_tf.tasks import get_task
+    from caaxr_tf.tasks import task_of_run
 
-    task_class = get_task(config.get("task") or summary["task"])
+    task_class = task_of_run(config.get("task") or summary["task"], config.get("model"))
     return task_class([str(c) for c in (config.get("class_names") or summary["classes"])])
 
 

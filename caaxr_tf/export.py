@@ -486,8 +486,11 @@ def export_run(
     if version is not None and version < 0:
         raise ValueError(f"version must be a non-negative integer, got {version}")
     config = load_run_config(run_dir)
+    from caaxr_tf.tasks import task_of_run
+
     try:
-        task = resolve_export_task(str(config.get("task")), [str(name) for name in config.get("class_names") or []])
+        task = task_of_run(str(config.get("task")), config.get("model"))(
+            [str(name) for name in config.get("class_names") or []])
     except ValueError as error:
         raise ValueError(f"{run_dir}/config.yaml: {error}") from None
     class_names = [str(name) for name in config.get("class_names") or []]

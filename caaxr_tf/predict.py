@@ -38,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from caaxr_tf.data.images import (  # noqa: E402
+from caaxr_tf.data.formats import (  # noqa: E402
     DICOM_SUFFIXES,
     JPEG_SOI,
     PNG_SIGNATURE,

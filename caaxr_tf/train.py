@@ -67,10 +67,9 @@ TRAINING_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
 
 def protocol_names() -> list[str]:
     """Every protocol that configs/protocols.yaml defines, over all source sets."""
-    from caaxr_tf.config import load_config
+    from caaxr_tf.data.protocols import available_protocols
 
-    sets = {key: value for key, value in load_config("protocols").items() if key != "splits"}
-    return sorted({name for protocols in sets.values() for name in protocols})
+    return sorted({name for names in available_protocols().values() for name in names})
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:

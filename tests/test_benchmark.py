@@ -1,5 +1,5 @@
-"""tools/benchmark.py: a --quick run's JSON structure (not its speed), the target arithmetic,
-the training-step replica against train.py's pieces, and the PyTorch peer's clean skip."""
+"""caaxr_tf.benchmark (tools/benchmark.py): a --quick run's JSON structure (not its speed), the
+target arithmetic, the training step against the trainer's, and the PyTorch peer's clean skip."""
 
 from __future__ import annotations
 
@@ -23,12 +23,10 @@ TARGET_KEYS = {"section", "name", "figure", "reference", "op", "threshold", "des
 
 @pytest.fixture(scope="module")
 def bench():
-    """The tool as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("caaxr_benchmark_tool", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark module (tools/benchmark.py is a thin wrapper around it)."""
+    import caaxr_tf.benchmark
+
+    return caaxr_tf.benchmark
 
 
 def torch_installed() -> bool:

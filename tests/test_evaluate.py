@@ -16,6 +16,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from caaxr_tf import evaluate
 from caaxr_tf.data.pipeline import make_dataset, read_summary
 from caaxr_tf.evaluate import classification_metrics, covid_index, evaluate_run, output_tag
+from caaxr_tf.tasks.classification import class_scores
 from caaxr_tf.models import build_model
 from caaxr_tf.runs import load_run_model
 
@@ -250,7 +251,7 @@ def test_covid_class_choice_and_single_column_scores():
     fpr, tpr, _ = roc_curve(labels == 1, scores, drop_intermediate=False)
     assert result["covid_class"] == "covid"
     assert result["sensitivity_at_90_specificity"] == pytest.approx(tpr[1 - fpr >= 0.9 - 1e-12].max())
-    assert evaluate._class_scores(scores[:, None], 2) == pytest.approx(two)
+    assert class_scores(scores[:, None], 2) == pytest.approx(two)
     matrix = np.array(result["confusion_matrix"]["matrix"])
     assert matrix.sum() == 200 and matrix[1].sum() == labels.sum()
 

@@ -597,7 +597,7 @@ def test_served_model_resolves_the_latest_version(tiny_run, tmp_path):
     (base / "notes").mkdir()  # not a version
     assert list_versions(base) == [2, 10] and sorted(p.name for p in base.iterdir())[-1] == "notes"
     model = ServedModel(base)
-    assert model.path == base / "10" and model.task == "segmentation" and model.image_size == 224
+    assert model.path == base / "10" and model.task.name == "segmentation" and model.image_size == 224
     metadata = json.loads((model.path / "assets.extra" / "caaxr_export.json").read_text())
     assert metadata["version"] == 10
     assert ServedModel(base / "2").path == base / "2"  # a version folder is taken as given

@@ -329,9 +329,10 @@ def test_box_mask_targets_are_the_filled_box_seen_through_the_roi():
 # --------------------------------------------------------------------------- the model
 
 
-def test_registered_as_segmentation_model_with_checked_arguments():
-    assert "maskrcnn" in available_models("segmentation")
-    assert model_task("maskrcnn") == "segmentation"
+def test_registered_as_detection_model_with_checked_arguments():
+    # a detection model: on a segmentation protocol it runs the detection task
+    assert available_models("detection") == ["maskrcnn"]
+    assert model_task("maskrcnn") == "detection"
     with pytest.raises(ValueError, match="multiples of 32"):
         build_model("maskrcnn", input_shape=(100, 100, 1), **SMALL)
     with pytest.raises(ValueError, match="unknown Mask R-CNN backbone 'vgg19'"):

@@ -69,8 +69,9 @@ def small_resnet18() -> keras.Model:
 
 def test_registry_lists_models_and_tasks():
     assert available_models() == ALL_MODELS
+    assert available_models("detection") == ["maskrcnn"]
     assert available_models("segmentation") == [
-        "maskrcnn", "segnet", "unet", "unet_densenet121", "unet_resnet50", "unetpp"
+        "segnet", "unet", "unet_densenet121", "unet_resnet50", "unetpp"
     ]
     assert available_models("classification") == [
         "densenet121", "fpn_resnet50v2", "mobilenetv2", "resnet18", "resnet50v2", "vgg19", "xception"]

@@ -135,7 +135,8 @@ def test_suffix_less_dicom_files_are_found_in_folders(export, tmp_path, capsys):
 
 
 def test_outputs_with_more_than_two_dimensions_per_image_stay_out_of_the_json(tmp_path, capsys):
-    """Mask R-CNN's ``instance_masks`` [N, D, h, w] is exported but not printed."""
+    """Mask R-CNN's ``instance_masks`` [N, D, h, w] is exported but not printed; the detections are cut
+    to ``num_detections``."""
     ops = keras.ops
     inputs = keras.Input((224, 224, 1), name="image")
     scaled = keras.layers.Rescaling(1 / 255)(inputs)
@@ -150,7 +151,7 @@ def test_outputs_with_more_than_two_dimensions_per_image_stay_out_of_the_json(tm
     }
     model = keras.Model(inputs, outputs)
     base = tmp_path / "saved_models" / "detector"
-    export_model(model, base / "1", task="segmentation")
+    export_model(model, base / "1", task="detection")
     served = ServedModel(base)
     assert "instance_masks" in served.outputs
     image = tmp_path / "image.png"

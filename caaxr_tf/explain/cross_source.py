@@ -207,7 +207,7 @@ def external_metrics(labels, scores, match: ClassMatch) -> dict[str, Any]:
         labels: [N] data class indices of the other shards.
         scores: [N, run classes] the run's probabilities on those images.
     """
-    from caaxr_tf.evaluate import classification_metrics
+    from caaxr_tf.metrics import classification_metrics
 
     result = classification_metrics(match.map_labels(labels), match.map_scores(scores), match.class_names)
     result["class_match"] = match.as_dict()
@@ -219,7 +219,7 @@ def covid_auc(labels, scores, class_names: Sequence[str]) -> float:
     classes among the labels."""
     from sklearn.metrics import roc_auc_score
 
-    from caaxr_tf.evaluate import covid_index
+    from caaxr_tf.metrics import covid_index
 
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     index = covid_index(class_names)

@@ -125,11 +125,9 @@ def render_cam_overlay(
 
 
 def _write_bytes(path: str | Path, data: bytes) -> Path:
-    from caaxr_tf.evaluate import _atomic_write  # the project's one temporary-name writer
+    from caaxr_tf.io import write_bytes_atomic
 
-    path = Path(path)
-    _atomic_write(path, lambda tmp: tmp.write_bytes(data))
-    return path
+    return write_bytes_atomic(path, data)
 
 
 def save_cam_overlay(
@@ -170,7 +168,7 @@ def plot_cam_grid(
     """
     from matplotlib.patches import Rectangle
 
-    from caaxr_tf.evaluate import _new_figure
+    from caaxr_tf.plots import new_figure
 
     cams = np.asarray(cams)
     count = len(images)
@@ -179,7 +177,7 @@ def plot_cam_grid(
             f"cams must be [N={count}, K={len(map_names)}, h, w], got shape {cams.shape}"
         )
     columns = 1 + cams.shape[1]
-    figure = _new_figure(2.2 * columns, 2.3 * count + 0.4)
+    figure = new_figure(2.2 * columns, 2.3 * count + 0.4)
     grid = figure.subplots(count, columns, squeeze=False)
     for row in range(count):
         grey = _grey(images[row])

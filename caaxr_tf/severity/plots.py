@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from caaxr_tf.data.sources.covid_chestxray_severity import TARGET_RANGES
-from caaxr_tf.evaluate import _new_figure, _save_figure
+from caaxr_tf.plots import new_figure, save_figure
 from caaxr_tf.metrics.regression import METRIC_NAMES, regression_scores
 from caaxr_tf.severity.protocol import METRIC_TITLES, MeanStd
 
@@ -54,7 +54,7 @@ def plot_predicted_vs_true(
         raise ValueError(f"y_true {y_true.shape}, y_pred {y_pred.shape} and {len(target_names)} targets disagree")
     ranges = dict(TARGET_RANGES if ranges is None else ranges)
 
-    figure = _new_figure(4.6 * len(target_names), 4.9)
+    figure = new_figure(4.6 * len(target_names), 4.9)
     for column, target in enumerate(target_names):
         axes = figure.add_subplot(1, len(target_names), column + 1)
         keep = np.isfinite(y_true[:, column]) & np.isfinite(y_pred[:, column])
@@ -82,4 +82,4 @@ def plot_predicted_vs_true(
         axes.grid(alpha=0.3)
     if title:
         figure.suptitle(title, fontsize=10)
-    _save_figure(figure, Path(path))
+    save_figure(figure, Path(path))

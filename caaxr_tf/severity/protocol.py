@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_protocol_table([baseline], markdown=args.markdown))
     if args.json:
-        from caaxr_tf.evaluate import write_json_atomic
+        from caaxr_tf.io import write_json_atomic
 
         write_json_atomic(args.json, baseline.as_dict())
     if args.plot:

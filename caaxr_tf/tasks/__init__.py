@@ -16,6 +16,7 @@ from caaxr_tf.tasks.base import (
     get_task,
     register_task,
     task_for,
+    task_of_run,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "get_task",
     "register_task",
     "task_for",
+    "task_of_run",
 ]

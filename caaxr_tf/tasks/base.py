@@ -89,6 +89,22 @@ def task_for(protocol_task: str, model_task: str) -> type["Task"]:
                            f"(it takes {' or '.join(kinds)} models)")
 
 
+def task_of_run(task: str, model: str | None = None) -> type["Task"]:
+    """The task class of a run folder's ``task`` and ``model``. Run folders written before the
+    detection task existed name the protocol's task (``segmentation``) for Mask R-CNN: a
+    registered model of another kind picks the task that runs that kind on the protocol."""
+    cls = get_task(task)
+    if not model:
+        return cls
+    from caaxr_tf.models import model_task
+
+    try:
+        kind = model_task(model)
+    except ValueError:  # not a registered model (e.g. a hand-made run): the named task
+        return cls
+    return cls if kind == cls.model_task else task_for(cls.protocol_task, kind)
+
+
 @dataclass
 class EvalContext:
     """What a task's ``evaluate`` needs besides the predictions: where its files go and how
