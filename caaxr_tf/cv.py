@@ -91,11 +91,11 @@ class TrainingOptions:
 # --------------------------------------------------------------------------- #
 
 
-def protocol_task(task: str, class_names: Sequence[str] = ()):
+def protocol_task(task: str, class_names: Sequence[str] = (), target_names: Sequence[str] = ()):
     """The Task object whose tables a protocol's CV writes."""
     from caaxr_tf.tasks import get_task
 
-    return get_task(task)(list(class_names))
+    return get_task(task)(list(class_names), target_names=list(target_names))
 
 
 def metric_columns(task: str, class_names: Sequence[str] = (), subsets: Sequence[str] = ()) -> list[str]:
@@ -237,7 +237,7 @@ def render_table(header: Sequence[str], body: Sequence[Sequence[str]], *, markdo
 def results_markdown(
     rows: Sequence[Mapping[str, Any]],
     protocol: str,
-    task: str,
+    task: Any,
     class_names: Sequence[str],
     subsets: Sequence[str],
     folds: Sequence[int],
@@ -245,8 +245,8 @@ def results_markdown(
     baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> str:
     """results.md: a title, what the numbers are, the table, the constant-prediction
-    baselines and the failed runs."""
-    task_object = protocol_task(task, class_names)
+    baselines and the failed runs. ``task``: the protocol's Task object or task name."""
+    task_object = protocol_task(task, class_names) if isinstance(task, str) else task
     columns = task_object.paper_columns(list(subsets))
     sizes = sorted({int(n) for n in (_number(r.get("num_images")) for r in rows if r.get("status") == "ok") if n})
     images = f" ({' / '.join(map(str, sizes))} images)" if sizes else ""
@@ -365,7 +365,7 @@ def run_cv(
         raise FileNotFoundError(f"{protocol_dir / 'summary.json'} not found: --tfrecords must hold the {protocol}/ protocol folder")
     summary = read_summary(protocol_dir)
     class_names = [str(c) for c in summary["classes"]]
-    task = protocol_task(summary["task"], class_names)
+    task = protocol_task(summary["task"], class_names, summary.get("target_names") or ())
     subsets = sorted(summary.get("subsets") or {})
     available = int(summary["folds"])
     folds = list(folds) if folds else list(range(1, available + 1))
@@ -394,7 +394,7 @@ def run_cv(
     def write_results() -> None:
         write_text_atomic(out / RESULTS_CSV, results_csv_text(rows, columns))
         write_text_atomic(
-            out / RESULTS_MD, results_markdown(rows, protocol, task.name, class_names, subsets, folds, protocol_dir,
+            out / RESULTS_MD, results_markdown(rows, protocol, task, class_names, subsets, folds, protocol_dir,
                                                baselines)
         )
 

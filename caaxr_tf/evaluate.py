@@ -88,7 +88,8 @@ def run_task(config: dict[str, Any], summary: dict[str, Any]):
     from caaxr_tf.tasks import task_of_run
 
     task_class = task_of_run(config.get("task") or summary["task"], config.get("model"))
-    return task_class([str(c) for c in (config.get("class_names") or summary["classes"])])
+    return task_class([str(c) for c in (config.get("class_names") or summary["classes"])],
+                      target_names=config.get("target_names") or summary.get("target_names") or ())
 
 
 def _check_inputs(run_dir: Path, split: str, subset: str | None, which: str) -> tuple[dict[str, Any], Path, dict[str, Any]]:

@@ -274,21 +274,20 @@ def make_export_archive(
     return archive
 
 
-def verify_export(model, export_dir: str | Path, image_size: int, seed: int = 0) -> float:
-    """Largest absolute difference between the Keras model and the reloaded export on random
-    images (``predict_preprocessed``); raises ``RuntimeError`` above ``VERIFY_TOLERANCE``."""
+def verify_export(model, export_dir: str | Path, image_size: int, task: "str | Task",
+                  seed: int = 0) -> float:
+    """Largest absolute difference between the Keras model's outputs, named by the task, and the
+    reloaded export on random images (``predict_preprocessed``); raises ``RuntimeError`` above
+    ``VERIFY_TOLERANCE``."""
+    task = resolve_export_task(task)
     images = np.random.default_rng(seed).uniform(0, 255, (2, image_size, image_size, 1)).astype(np.float32)
-    expected = model(images, training=False)
-    if not isinstance(expected, Mapping):
-        expected = {None: expected}
+    expected = {key: np.asarray(value) for key, value in task.serving_outputs(model(images, training=False)).items()}
     loaded = tf.saved_model.load(str(export_dir))
     got = loaded.signatures[PREPROCESSED_SIGNATURE](images=tf.constant(images))
     worst = 0.0
-    for key, value in expected.items():
-        value = np.asarray(value)
+    for name, value in expected.items():
         if not np.issubdtype(value.dtype, np.floating):
             continue
-        name = key if key is not None else ("mask" if "mask" in got else "probabilities")
         exported = got[name].numpy()
         # max() with a NaN would pass silently: a model with NaN weights must not be exported
         for which, array in (("Keras model", value), ("export", exported)):
@@ -400,11 +399,12 @@ def export_model(
     archive = make_export_archive(model, task=task, class_names=class_names, image_size=image_size)
     archive.write_out(str(export_dir), verbose=False)
     if verify:
-        verify_export(model, export_dir, image_size)
+        verify_export(model, export_dir, image_size, task)
     info = {
         "format": METADATA_FORMAT,
         "task": task.name,
         "class_names": list(class_names),
+        "target_names": list(task.target_names),
         "image_size": image_size,
         "signatures": {
             SERVING_SIGNATURE: {"inputs": ["images", "invert", "bit_depth"]},
@@ -490,7 +490,7 @@ def export_run(
 
     try:
         task = task_of_run(str(config.get("task")), config.get("model"))(
-            [str(name) for name in config.get("class_names") or []])
+            [str(name) for name in config.get("class_names") or []], target_names=config.get("target_names") or ())
     except ValueError as error:
         raise ValueError(f"{run_dir}/config.yaml: {error}") from None
     class_names = [str(name) for name in config.get("class_names") or []]

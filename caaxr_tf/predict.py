@@ -179,7 +179,7 @@ class ServedModel:
                     in self.outputs else "segmentation" if "mask" in self.outputs else None)
         if name is None:
             raise ValueError(f"{self.path}: outputs {sorted(self.outputs)} have neither probabilities nor mask")
-        task = get_task(name)(metadata.get("class_names") or [])
+        task = get_task(name)(metadata.get("class_names") or [], target_names=metadata.get("target_names") or ())
         task.check_outputs(self.outputs)
         return task
 

@@ -206,7 +206,7 @@ def resolve_task(task: "str | Task | None", summary: dict[str, Any], tfrecord_di
         raise ValueError(f"{tfrecord_dir} holds a {summary['task']} protocol; it has no masks or targets "
                          f"for task {task_class.name!r}")
     options = {"max_boxes": max_boxes} if max_boxes is not None else {}
-    return task_class(summary["classes"], **options)
+    return task_class(summary["classes"], target_names=summary.get("target_names") or (), **options)
 
 
 def make_dataset(

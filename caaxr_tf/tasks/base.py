@@ -152,8 +152,9 @@ class Task:
     reported_outputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, class_names: Sequence[str], *, loss: str | None = None,
-                 loss_kwargs: Mapping[str, Any] | None = None):
+                 loss_kwargs: Mapping[str, Any] | None = None, target_names: Sequence[str] = ()):
         self.class_names = [str(name) for name in class_names]
+        self.target_names = [str(name) for name in target_names]  # float targets (regression)
         if loss is not None and loss not in self.losses:
             raise ValueError(f"unknown loss {loss!r} for the {self.name} task; expected one of {', '.join(self.losses)}")
         self.loss = loss or (self.losses[0] if self.losses else None)
@@ -185,7 +186,8 @@ class Task:
     @classmethod
     def from_config(cls, config: Any, summary: Mapping[str, Any] | None = None) -> "Task":
         """The task of a resolved run config (``caaxr_tf.training.config.RunConfig``)."""
-        return cls(config.class_names, loss=config.loss, loss_kwargs=config.loss_kwargs)
+        return cls(config.class_names, loss=config.loss, loss_kwargs=config.loss_kwargs,
+                   target_names=config.target_names)
 
     # ------------------------------------------------------------------ inputs (tf.data)
 
@@ -243,6 +245,17 @@ class Task:
             else:
                 values[f"{prefix}{metric.name}"] = float(array)
         return values
+
+    def metric_value_names(self, metrics: Sequence["keras.metrics.Metric"], prefix: str = "") -> list[str]:
+        """The names ``metric_values`` will log, known before any update (a per-class metric
+        carries ``class_names``)."""
+        names: list[str] = []
+        for metric in metrics:
+            if getattr(metric, "class_names", None):
+                names += [f"{prefix}{metric.name}_{name}" for name in metric.class_names] + [f"{prefix}{metric.name}_mean"]
+            else:
+                names.append(f"{prefix}{metric.name}")
+        return names
 
     # ------------------------------------------------------------------ evaluation
 

@@ -54,8 +54,9 @@ class ClassificationTask(Task):
     supports_class_balance = True
 
     def __init__(self, class_names: Sequence[str], *, loss: str | None = None,
-                 loss_kwargs: Mapping[str, Any] | None = None, class_weights: Sequence[float] | None = None):
-        super().__init__(class_names, loss=loss, loss_kwargs=loss_kwargs)
+                 loss_kwargs: Mapping[str, Any] | None = None, target_names: Sequence[str] = (),
+                 class_weights: Sequence[float] | None = None):
+        super().__init__(class_names, loss=loss, loss_kwargs=loss_kwargs, target_names=target_names)
         if class_weights is not None and len(class_weights) != len(self.class_names):
             raise ValueError(f"{len(class_weights)} class weights for {len(self.class_names)} classes")
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]

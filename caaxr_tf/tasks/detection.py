@@ -35,8 +35,9 @@ class DetectionTask(SegmentationTask):
         return ("segmentation", "detection")
 
     def __init__(self, class_names: Sequence[str], *, loss: str | None = None,
-                 loss_kwargs: Mapping[str, Any] | None = None, max_boxes: int = 32):
-        super().__init__(class_names, loss=loss, loss_kwargs=loss_kwargs)
+                 loss_kwargs: Mapping[str, Any] | None = None, target_names: Sequence[str] = (),
+                 max_boxes: int = 32):
+        super().__init__(class_names, loss=loss, loss_kwargs=loss_kwargs, target_names=target_names)
         self.max_boxes = int(max_boxes)
 
     def decode(self, record: Mapping[str, tf.Tensor], image_size: int) -> dict[str, tf.Tensor]:

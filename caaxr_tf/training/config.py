@@ -57,7 +57,7 @@ class OptimizerConfig:
                    "adamw": keras.optimizers.AdamW, "rmsprop": keras.optimizers.RMSprop}
         try:
             optimizer = classes[self.name](**self.settings())
-        except TypeError as error:  # a setting this optimizer does not have (e.g. momentum for adam)
+        except (TypeError, ValueError) as error:  # a setting this optimizer does not have (e.g. momentum for adam)
             raise ConfigError(f"optimizer {self.name}: {error}") from None
         return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
 
@@ -95,6 +95,7 @@ class RunConfig:
     class_balance: Literal["none", "weights", "sampling"] = "none"
     model_kwargs: dict = field(default_factory=dict)
     loss_kwargs: dict = field(default_factory=dict)
+    target_names: list[str] = field(default_factory=list)  # float targets (regression protocols)
 
     def to_mapping(self) -> dict[str, Any]:
         """Plain data, keys sorted (what config.yaml holds)."""
@@ -233,6 +234,8 @@ def resolve_run_config(
         config["optimizer"] = {**(config.get("optimizer") or {}), "learning_rate": learning_rate}
     config.update(protocol=protocol, task=task.name, model=model, fold=fold, tfrecords=str(protocol_dir),
                   class_names=[str(c) for c in summary["classes"]])
+    if summary.get("target_names"):
+        config["target_names"] = [str(t) for t in summary["target_names"]]
     try:
         config = apply_overrides(config, overrides)
     except ValueError as error:

@@ -117,8 +117,8 @@ class Trainer:
     def logged_keys(self) -> list[str]:
         """The values each epoch logs (history.csv columns)."""
         keys = ["loss", *(tracker.name for tracker in self.component_trackers.values())]
-        keys += list(self.task.metric_values(self.train_metrics))
-        keys += ["val_loss", *self.task.metric_values(self.val_metrics, prefix="val_"), "seconds"]
+        keys += self.task.metric_value_names(self.train_metrics)
+        keys += ["val_loss", *self.task.metric_value_names(self.val_metrics, prefix="val_"), "seconds"]
         return keys
 
     def _check_monitor(self) -> None:

@@ -1,0 +1,133 @@
+"""Every registered model through the one shared path: resolve → Trainer (one short epoch) →
+save/load → evaluate → export → predict, on a tiny protocol of its task.
+
+The models come from the registry and their tasks from the task registry, so a new model or
+task is checked without editing this file; a model kind that no protocol below can train fails
+here, naming what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caaxr_tf import runs
+from caaxr_tf.config import ConfigError
+from caaxr_tf.models import available_models, model_task
+from caaxr_tf.tasks import UnknownTaskError, available_tasks, get_task, task_for
+
+# Tiny protocols to train on, by the task named in their summary.json: (source set, protocol, data fixture).
+PROTOCOLS = {
+    "classification": ("caaxr", "2class", "tiny_data_root"),
+    "segmentation": ("caaxr", "seg", "tiny_data_root"),
+    "regression": ("covid-chestxray", "severity", "covid_chestxray_root"),
+}
+IMAGE_SIZES = (32, 64, 96, 128)  # the smallest input each model builds with is used
+
+
+def protocol_for(kind: str) -> str:
+    """The protocol task (a key of PROTOCOLS) whose protocols a ``kind`` model runs on."""
+    for protocol_task in PROTOCOLS:
+        try:
+            task_for(protocol_task, kind)
+            return protocol_task
+        except UnknownTaskError:
+            continue
+    pytest.fail(f"no tiny protocol in PROTOCOLS trains a {kind} model: add one for its task")
+
+
+@pytest.fixture(scope="module")
+def tfrecords(request, tmp_path_factory):
+    """Builds each tiny protocol once, on first use: protocol task -> protocol folder."""
+    from caaxr_tf.data.tfrecords import build_tfrecords
+
+    built: dict[str, Path] = {}
+
+    def get(protocol_task: str) -> Path:
+        if protocol_task not in built:
+            source, protocol, data_fixture = PROTOCOLS[protocol_task]
+            data_root = request.getfixturevalue(data_fixture)
+            out = tmp_path_factory.mktemp(f"every_model_{protocol}")
+            build_tfrecords(data_root, out, source=source, protocols=[protocol], workers=1, progress=False,
+                            log=lambda line: None)
+            built[protocol_task] = out / protocol
+        return built[protocol_task]
+
+    return get
+
+
+def test_every_task_is_trained_by_some_registered_model():
+    kinds = {model_task(name) for name in available_models()}
+    for name in available_tasks():
+        task = get_task(name)
+        assert task.model_task in kinds, f"task {name}: no registered {task.model_task} model"
+
+
+def train_tiny(model: str, protocol_dir: Path, run_dir: Path):
+    """One epoch of one step at the smallest input size the model builds with."""
+    from caaxr_tf.train import run_training
+    from caaxr_tf.training import resolve_run_config
+
+    flags = {"epochs": 1, "steps_per_epoch": 1, "validation_steps": 1, "batch_size": 2, "strategy": "one",
+             "weights": "none"}
+    for size in IMAGE_SIZES:
+        config = resolve_run_config(protocol_dir, protocol_dir.name, model, 1, flags=flags,
+                                    overrides=[f"image_size={size}", "bn_recompute_images=0"])
+        try:
+            run_training(config, run_dir / f"{size}px", verbose=False)
+            return config, run_dir / f"{size}px"
+        except ConfigError as error:  # the model needs a larger input
+            last = error
+    pytest.fail(f"{model} did not build at {IMAGE_SIZES}: {last}")
+
+
+def one_test_image(protocol_dir: Path, folder: Path) -> Path:
+    """The encoded bytes of the first test record, as a file predict can read."""
+    import tensorflow as tf
+
+    from caaxr_tf.data.pipeline import parse_record, shard_files
+
+    record = next(iter(tf.data.TFRecordDataset(shard_files(protocol_dir, "test")).map(parse_record)))
+    suffix = ".jpg" if record["image/format"].numpy() == b"jpeg" else ".png"
+    path = folder / f"image{suffix}"
+    path.write_bytes(record["image/encoded"].numpy())
+    return path
+
+
+@pytest.mark.parametrize("model", available_models())
+def test_model_trains_saves_evaluates_exports_and_predicts(model, tfrecords, tmp_path):
+    import keras
+
+    from caaxr_tf.evaluate import evaluate_run
+    from caaxr_tf.export import export_run
+    from caaxr_tf.predict import ServedModel, predict_files, prepare_image
+
+    protocol_dir = tfrecords(protocol_for(model_task(model)))
+    config, run_dir = train_tiny(model, protocol_dir, tmp_path / "run")
+    task = get_task(config.task)
+    assert task.protocol_task == json.loads((protocol_dir / "summary.json").read_text())["task"]
+    history = (run_dir / runs.HISTORY_FILE).read_text().splitlines()
+    assert len(history) == 2 and np.isfinite(float(history[1].split(",")[1]))  # header + epoch 1; loss
+
+    best = runs.load_run_model(run_dir, "best")
+    final = runs.load_run_model(run_dir, "final")
+    assert len(best.get_weights()) == len(final.get_weights()) > 0
+    keras.backend.clear_session(free_memory=False)
+
+    metrics = evaluate_run(run_dir, batch_size=4, plots=False, log=None)
+    summary = json.loads((protocol_dir / "summary.json").read_text())
+    assert metrics["task"] == config.task and metrics["num_images"] == sum(summary["counts"]["test"].values())
+    assert (run_dir / "eval" / "metrics.json").exists() and (run_dir / "eval" / "predictions.csv").exists()
+
+    export = export_run(run_dir, tmp_path / "saved_models" / "model")  # verified against the Keras model
+    image = one_test_image(protocol_dir, tmp_path)
+    (record,) = predict_files(export, [image])
+    assert "error" not in record, record
+    served = ServedModel(export)
+    assert served.task.name == config.task
+    outputs = served([prepare_image(image)])
+    expected = served.task.prediction_record(outputs, 0)
+    assert expected and {key: record[key] for key in expected} == expected
