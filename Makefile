@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m caaxr_tf.demo --out demo_output
 
+# Two test processes: most of the suite's time is single-threaded graph tracing and saving.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -122,3 +122,21 @@ def plot_segmentation_examples(
     save_figure(figure, path)
 
 
+
+
+def mask_outline(inside: np.ndarray) -> np.ndarray:
+    """Pixels of ``inside`` with a 4-neighbour outside it (the mask's one-pixel outline)."""
+    padded = np.pad(inside, 1, constant_values=False)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return inside & ~interior
+
+
+def mask_overlay(pixels: np.ndarray, mask: np.ndarray, threshold: float = 0.5, alpha: float = 0.4) -> np.ndarray:
+    """The grey image (uint8 [H, W]) as RGB uint8 with the thresholded mask tinted red and outlined."""
+    inside = np.asarray(mask).reshape(pixels.shape) >= threshold
+    base = np.repeat(pixels[:, :, None].astype(np.float32), 3, axis=2)
+    red = np.array([255.0, 0.0, 0.0], np.float32)
+    base[inside] = (1.0 - alpha) * base[inside] + alpha * red
+    overlay = np.clip(np.rint(base), 0, 255).astype(np.uint8)
+    overlay[mask_outline(inside)] = (255, 0, 0)
+    return overlay

@@ -59,8 +59,6 @@ from caaxr_tf.export import (  # noqa: E402
 from caaxr_tf.io import write_bytes_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MASK_THRESHOLD = 0.5
-OVERLAY_ALPHA = 0.4
 
 
 @dataclass
@@ -218,22 +216,9 @@ def _record(model: ServedModel, image: PreparedImage, outputs: dict[str, np.ndar
     return record
 
 
-def mask_outline(inside: np.ndarray) -> np.ndarray:
-    """Pixels of ``inside`` with a 4-neighbour outside it (the mask's one-pixel outline)."""
-    padded = np.pad(inside, 1, constant_values=False)
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return inside & ~interior
-
-
-def write_overlay(pixels: np.ndarray, mask: np.ndarray, path: Path) -> Path:
-    """The image in grey with the thresholded mask tinted red and outlined, as a PNG."""
-    inside = mask >= MASK_THRESHOLD
-    base = np.repeat(pixels[:, :, None].astype(np.float32), 3, axis=2)
-    red = np.array([255.0, 0.0, 0.0], np.float32)
-    base[inside] = (1.0 - OVERLAY_ALPHA) * base[inside] + OVERLAY_ALPHA * red
-    overlay = np.clip(np.rint(base), 0, 255).astype(np.uint8)
-    overlay[mask_outline(inside)] = (255, 0, 0)
-    write_bytes_atomic(path, tf.io.encode_png(overlay).numpy())
+def write_overlay(image: np.ndarray, path: Path) -> Path:
+    """An RGB uint8 overlay (a task's ``overlay``) as a PNG, written atomically."""
+    write_bytes_atomic(path, tf.io.encode_png(image).numpy())
     return path
 
 
@@ -285,13 +270,16 @@ def _stream(model: ServedModel, files: list[Path], overlay_dir: Path | None, bat
                 ready.append((position, prepare_image(file, **options)))
             except (InputError, OSError) as error:
                 results[position] = {"file": str(file), "error": error_message(error)}
-        masks = _predict_batch(model, ready, results)
+        per_image = _predict_batch(model, ready, results)
         for position, image in ready:
-            if position not in masks or overlay_dir is None:
+            if position not in per_image or overlay_dir is None:
+                continue
+            picture = model.task.overlay(model.preprocess(image), per_image[position])
+            if picture is None:
                 continue
             target = _overlay_path(overlay_dir, image.path, taken)
             try:
-                results[position]["overlay"] = str(write_overlay(model.preprocess(image), masks[position], target))
+                results[position]["overlay"] = str(write_overlay(picture, target))
             except OSError as error:
                 results[position]["error"] = f"overlay not written: {error}"
         yield from (record for record in results if record is not None)
@@ -301,8 +289,8 @@ def _predict_batch(
     model: ServedModel, items: list[tuple[int, PreparedImage]], results: list[dict[str, Any] | None]
 ) -> dict[int, np.ndarray]:
     """Fill ``results`` for ``items``; a failing batch is retried image by image to find the
-    file(s) at fault. Returns the masks of segmentation outputs by position."""
-    masks: dict[int, np.ndarray] = {}
+    file(s) at fault. Returns each predicted image's outputs by position (for overlays)."""
+    masks: dict[int, dict[str, np.ndarray]] = {}
     if not items:
         return masks
     try:
@@ -323,8 +311,7 @@ def _predict_batch(
                                  f"(NaN or Inf): the model is broken (e.g. trained with a non-finite loss)"}
             continue
         results[position] = _record(model, image, outputs, index)
-        if "mask" in outputs:
-            masks[position] = outputs["mask"][index, :, :, 0]
+        masks[position] = {key: value[index] for key, value in outputs.items()}
     return masks
 
 

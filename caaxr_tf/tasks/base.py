@@ -292,6 +292,21 @@ class Task:
 
     # ------------------------------------------------------------------ serving
 
+    def serving_inputs(self, images: "tf.Tensor", invert: "tf.Tensor", bit_depth: "tf.Tensor",
+                       image_size: int) -> "tf.Tensor":
+        """``serving_default``: a batch of encoded images → the model's input batch, exactly as
+        the tf.data pipeline prepares it (default: ``caaxr_tf.export.decode_images``)."""
+        from caaxr_tf.export import decode_images
+
+        return decode_images(images, invert, bit_depth, image_size)
+
+    def check_preprocessed(self, images: "tf.Tensor", image_size: int) -> "tf.Tensor":
+        """``predict_preprocessed``: ``images`` after the checks of a client's own preprocessing
+        (default: shape [N, S, S, 1] and values in 0..255)."""
+        from caaxr_tf.export import check_preprocessed
+
+        return check_preprocessed(images, image_size)
+
     def serving_outputs(self, outputs: Any) -> dict[str, "tf.Tensor"]:
         """Named outputs of the exported signatures from the model's outputs; every output has
         the batch as its first dimension (TF Serving's REST row format needs it)."""
@@ -310,6 +325,11 @@ class Task:
     def prediction_record(self, outputs: Mapping[str, "np.ndarray"], index: int) -> dict[str, Any]:
         """The JSON fields that ``caaxr_tf.predict`` prints for image ``index`` of a batch."""
         return {}
+
+    def overlay(self, pixels: "np.ndarray", outputs: Mapping[str, "np.ndarray"]) -> "np.ndarray | None":
+        """``caaxr_tf.predict --overlay``: an RGB uint8 picture of one image's prediction over its
+        model input ``pixels`` (uint8 [S, S]), or None when the task has none."""
+        return None
 
     def check_model(self, model: "keras.Model", image_size: int) -> None:
         """Raise ValueError when ``model`` does not fit this task (checked before an export)."""

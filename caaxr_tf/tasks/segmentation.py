@@ -222,6 +222,12 @@ class SegmentationTask(Task):
         mask = outputs["mask"][index]
         return {"mask_area_fraction": round(float(np.mean(mask >= THRESHOLD)), 6), "mask_threshold": THRESHOLD}
 
+    def overlay(self, pixels: np.ndarray, outputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The mask tinted red and outlined over the model's input."""
+        from caaxr_tf.plots import mask_overlay
+
+        return mask_overlay(pixels, outputs["mask"][..., 0], THRESHOLD)
+
     def check_outputs(self, outputs: Mapping[str, Any]) -> None:
         if "mask" not in outputs:
             raise ValueError("a segmentation export must output `mask`")
