@@ -318,3 +318,15 @@ def test_bimcv_broken_link_and_size_disagreeing_with_its_sidecar(tiny_data_root,
         stem = path.stem
         assert sum(stem in s.path or stem in s.reason for s in caaxr.skipped) == 1, [str(s) for s in caaxr.skipped]
     assert {s.image_id for s in caaxr.samples}.isdisjoint({linked.stem, resized.stem})
+
+
+def test_fifo_sidecar_is_one_skipped_input_not_a_hang(tiny_data_root, tmp_path):
+    root = copy_caaxr(tiny_data_root, tmp_path)
+    sidecar = (root / boxed_entries(root)[0]["path"]).with_suffix(".json")
+    sidecar.unlink()
+    os.mkfifo(sidecar)
+    with released_if_opened(sidecar):
+        summaries = build(root, tmp_path / "out", protocols="seg", storage_size=32)
+    reports = [s for s in summaries["seg"]["skipped"] if s["path"] == str(sidecar)]
+    assert [(r["field"], r["reason"]) for r in reports] == [("file", "sidecar is not a regular file")]
+    assert summaries["seg"]["counts"]["total"] == {"lesion": 29}

@@ -139,6 +139,9 @@ def _as_int(value: Any, low: int, high: int) -> int:
 def read_sidecar(path: str | os.PathLike) -> Sidecar:
     """Read and check one sidecar; raises ``InputError(path, tag, reason)`` on bad input."""
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        # Opening a FIFO or a device would block or read without end.
+        raise InputError(path, "file", "sidecar is not a regular file")
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
