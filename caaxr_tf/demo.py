@@ -8,6 +8,7 @@
 5. a classifier and a U-Net exported for TF Serving, then predictions on a few source files.
 
     python -m caaxr_tf.demo --out demo_output [--scale small] [--seed 0] [--steps-scale 1.0]
+        [--protocols seg,2class,3class,4class]
 """
 
 from __future__ import annotations
@@ -31,8 +32,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every model's training steps (e.g. 0.1 for a smoke test)")
+    parser.add_argument("--protocols", default=",".join(DEMO_RUNS),
+                        help="comma-separated subset of the demo's protocols (default: all of them)")
     parser.add_argument("--skip-training", action="store_true", help="stop after the pipeline check")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.protocols = [name.strip() for name in args.protocols.split(",") if name.strip()]
+    unknown = [name for name in args.protocols if name not in DEMO_RUNS]
+    if unknown or not args.protocols:
+        parser.error(f"--protocols: {', '.join(unknown) or 'none given'}; choose from {', '.join(DEMO_RUNS)}")
+    return args
 
 
 def ensure_synthetic(data_root: Path, scale: str, seed: int, workers: int) -> None:
@@ -88,13 +96,15 @@ DEMO_RUNS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
 DEMO_RUNS["3class"] = DEMO_RUNS["4class"] = DEMO_RUNS["2class"]
 
 
-def train_and_evaluate(tfrecord_root: Path, cv_root: Path, steps_scale: float) -> dict[str, list[dict]]:
+def train_and_evaluate(tfrecord_root: Path, cv_root: Path, steps_scale: float,
+                       protocols: list[str]) -> dict[str, list[dict]]:
     from caaxr_tf.cv import TrainingOptions, run_cv
 
     print("[4/5] training one model per protocol (fold 1, from scratch) and evaluating it on the test split ...",
           flush=True)
     results = {}
-    for protocol, (model, flags, overrides) in DEMO_RUNS.items():
+    for protocol in protocols:
+        model, flags, overrides = DEMO_RUNS[protocol]
         flags = {**flags, "steps_per_epoch": max(1, round(flags["steps_per_epoch"] * steps_scale))}
         started = time.perf_counter()
         results[protocol] = run_cv(protocol, [model], tfrecord_root, cv_root / protocol, folds=[1],
@@ -135,14 +145,15 @@ def print_tables(tfrecord_root: Path, cv_root: Path, results: dict[str, list[dic
         print(format_baselines_table(baselines, columns, task, markdown=False))
 
 
-def export_and_predict(out: Path, data_root: Path) -> None:
+def export_and_predict(out: Path, data_root: Path, protocols: list[str]) -> None:
     from caaxr_tf.export import export_run
     from caaxr_tf.predict import predict_files
 
     print("[5/5] exporting one classifier and one segmentation model for TF Serving, then predicting:", flush=True)
     files = sorted((data_root / "bimcv").rglob("*_vp-pa_*.png"))[:2] + sorted((data_root / "chexpert").rglob("view1_frontal.jpg"))[:2]
-    for run_dir, name in ((out / "cv" / "2class" / "resnet18" / "fold1", "caaxr_2class_resnet18"),
-                          (out / "cv" / "seg" / "unet" / "fold1", "caaxr_seg_unet")):
+    for protocol in [name for name in ("2class", "seg") if name in protocols]:
+        model = DEMO_RUNS[protocol][0]
+        run_dir, name = out / "cv" / protocol / model / "fold1", f"caaxr_{protocol}_{model}"
         export_dir = export_run(run_dir, out / "saved_models" / name, overwrite=True, version=1)
         print(f"      exported {run_dir} -> {export_dir}")
         for result in predict_files(export_dir, [str(f) for f in files], overlay_dir=out / "overlays"):
@@ -162,18 +173,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from caaxr_tf.data.tfrecords import build_tfrecords
 
-    print(f"[2/5] writing TFRecords for the paper's protocols ({', '.join(DEMO_RUNS)}) to {tfrecord_root} ...", flush=True)
+    print(f"[2/5] writing TFRecords for the paper's protocols ({', '.join(args.protocols)}) to {tfrecord_root} ...",
+          flush=True)
     started = time.perf_counter()
     summaries = build_tfrecords(
-        data_root, tfrecord_root, source="caaxr", protocols=list(DEMO_RUNS), seed=args.seed, workers=args.workers,
+        data_root, tfrecord_root, source="caaxr", protocols=args.protocols, seed=args.seed, workers=args.workers,
         progress=sys.stderr.isatty(), log=lambda line: print("      " + line.replace("\n", "\n      ")),
     )
     print(f"      done in {time.perf_counter() - started:.1f} s")
     show_batches(tfrecord_root, list(summaries))
     if not args.skip_training:
-        results = train_and_evaluate(tfrecord_root, out / "cv", args.steps_scale)
+        results = train_and_evaluate(tfrecord_root, out / "cv", args.steps_scale, args.protocols)
         print_tables(tfrecord_root, out / "cv", results)
-        export_and_predict(out, data_root)
+        export_and_predict(out, data_root, args.protocols)
     print(f"demo finished in {time.perf_counter() - demo_started:.0f} s: outputs in {out}/")
     return 0
 
