@@ -113,7 +113,14 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, chief: bool) -> bool:
     mapping = config.to_mapping()
     config_path = Path(run_dir) / runs.CONFIG_FILE
     if config_path.exists():
-        previous = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        try:
+            previous = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(f"{config_path}: cannot be read as the run's configuration ({error}); "
+                              "use another --out or delete it") from None
+        if not isinstance(previous, dict):
+            raise ConfigError(f"{config_path}: expected a mapping of settings, found {type(previous).__name__}; "
+                              "use another --out or delete it")
         differing = sorted(k for k in set(previous) | set(mapping)
                            if k not in RESUMABLE_KEYS and previous.get(k) != mapping.get(k))
         if differing:
@@ -177,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (NonFiniteLossError, tf.errors.DataLossError) as error:
         print(f"error: {getattr(error, 'message', None) or error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # e.g. an --out that cannot be created or written
+        print(f"error: {error}", file=sys.stderr)
         return 1
     if result is None:
         print(f"{run_dir}: already trained for {config.epochs} epochs; nothing to do")

@@ -131,6 +131,18 @@ def test_out_file_bad_config_yaml_and_corrupt_summary_are_named(seg_records, tmp
     assert f"error: {summary}: cannot be read as JSON" in err and "Traceback" not in err, err
     assert evaluate_main(["--run", str(tmp_path / "missing_run")]) == 2  # unchanged: still one line
 
+    # A run folder whose config.yaml is damaged, and an --out under a file: one line each, no traceback.
+    damaged = tmp_path / "damaged_run"
+    damaged.mkdir()
+    (damaged / runs.CONFIG_FILE).write_text("epochs: [1, 2\n")
+    assert train_lib.main(seg_argv(seg_records, damaged)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {damaged / runs.CONFIG_FILE}: cannot be read as the run's configuration" in err, err
+    assert "Traceback" not in err
+    assert train_lib.main(seg_argv(seg_records, a_file / "run")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(a_file) in err and "Traceback" not in err, err
+
 
 # --------------------------------------------------------------------------- case 7
 
