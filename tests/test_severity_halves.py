@@ -237,3 +237,97 @@ def test_exported_regressor_clamps_each_target_to_its_range(protocol_dir, tmp_pa
     assert predict_main(["--model", str(export), str(files[2])]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["geographic_extent"] == 8.0 and record["opacity"] == 0.0
+
+
+# --------------------------------------------------------------------------- #
+# approach (a): features of a run + least squares on the protocol folder's splits
+# --------------------------------------------------------------------------- #
+
+
+def write_feature_run(run_dir, protocol_dir):
+    """A hand-made classification run: 32 px images -> Dense(3, relu) 'head_dense2' -> softmax."""
+    import keras
+    import yaml
+
+    from caaxr_tf import runs
+
+    run_dir.mkdir()
+    config = {"task": "classification", "model": "tiny", "protocol": "severity", "fold": 1, "image_size": 32,
+              "tfrecords": str(protocol_dir), "class_names": ["a", "b"]}
+    (run_dir / runs.CONFIG_FILE).write_text(yaml.safe_dump(config))
+    inputs = keras.Input((32, 32, 1), name="image")
+    x = keras.layers.AveragePooling2D(8, name="pool")(keras.layers.Rescaling(1 / 255, name="scale")(inputs))
+    x = keras.layers.Flatten(name="flat")(x)
+    hidden = keras.layers.Dense(3, activation="relu", name="head_dense2",
+                                kernel_initializer=keras.initializers.RandomNormal(seed=1),
+                                bias_initializer=keras.initializers.Constant(0.5))(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(hidden)
+    model = keras.Model(inputs, outputs)
+    model.save(run_dir / runs.BEST_MODEL)
+    return model
+
+
+def test_run_features_and_least_squares_on_the_protocol_splits(protocol_dir, tmp_path, capsys):
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import mean_absolute_error
+
+    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.severity import run_features as rf
+
+    model = write_feature_run(tmp_path / "run", protocol_dir)
+    scored, results = rf.evaluate_run_features(protocol_dir, [(tmp_path / "run", None)], num_splits=3)
+    assert [r.name for r in results] == ["intercept only (no data)", "tiny (severity fold 1) penultimate [3]"]
+    assert sorted(scored.image_ids) == sorted(name for name, _, _, _ in SCORED)
+
+    # the images are the pipeline's; the features the Dense(3) activations computed by hand
+    images = rf.protocol_images(protocol_dir, scored.image_ids, 32)
+    pipeline = {i.decode(): im for batch_images, _, ids in make_dataset(
+        protocol_dir, "test", fold=1, batch_size=16, image_size=32, with_ids=True, cache=False)
+        for i, im in zip(ids.numpy(), batch_images.numpy())}
+    for image_id, image in pipeline.items():
+        np.testing.assert_array_equal(images[scored.image_ids.index(image_id)], image)
+    pooled = images[..., 0].reshape(len(images), 4, 8, 4, 8).mean(axis=(2, 4)).reshape(len(images), 16) / 255.0
+    kernel, bias = model.get_layer("head_dense2").get_weights()
+    features = np.maximum(pooled @ kernel + bias, 0.0)
+
+    # least squares per split, on the splits GroupShuffleSplit draws, scored against scikit-learn
+    patients = [int(p) for p in scored.patient_ids]
+    for split, seed in zip(results[1].splits, range(3)):
+        test = sorted(sklearn_test_half(patients, seed))
+        train = sorted(set(range(len(patients))) - set(test))
+        assert split.test.tolist() == test and split.train.tolist() == train
+        fit = LinearRegression().fit(features[train], scored.targets[train])
+        predicted = fit.predict(features[test])
+        for column, target in enumerate(scored.target_names):
+            (score,) = [s for s in results[1].scores if s.seed == seed and s.target == target]
+            assert score.mae == pytest.approx(mean_absolute_error(scored.targets[test, column], predicted[:, column]),
+                                              rel=1e-4)
+            (base,) = [s for s in results[0].scores if s.seed == seed and s.target == target]
+            mean = scored.targets[train, column].mean()
+            assert base.mae == pytest.approx(np.abs(scored.targets[test, column] - mean).mean(), rel=1e-12)
+
+    # the command prints both rows; an unknown feature kind is named
+    assert rf.main(["--tfrecords", str(protocol_dir), "--run", f"{tmp_path / 'run'}:outputs", "--splits", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "intercept only (no data)" in printed and "tiny (severity fold 1) outputs [2]" in printed
+    assert rf.parse_run("/runs/x:nope") == ("/runs/x:nope", None)
+    with pytest.raises(ValueError, match="no feature kind for runs of the 'detection' task"):
+        rf.default_feature_kind("detection")
+
+
+def test_masked_intensity_features_by_hand():
+    from caaxr_tf.severity.run_features import masked_intensity_features
+
+    class Threshold:  # a "segmentation model": probability 1 where the pixel is above 100
+        def predict_on_batch(self, batch):
+            return (np.asarray(batch) > 100).astype(np.float32)
+
+    images = np.zeros((3, 4, 4, 1), np.float32)
+    images[0, :2] = 200.0  # half the image at 200, half at 0
+    images[1, 0, 0] = 255.0
+    images[1, 1:, :] = 51.0  # one pixel inside; the rest dark
+    features, names = masked_intensity_features(Threshold(), images)  # image 2: nothing inside
+    assert names == ["area_fraction", "mean_inside", "std_inside", "mean_outside"]
+    outside_1 = np.r_[np.zeros(3), np.full(12, 0.2)]
+    np.testing.assert_allclose(features, [[0.5, 200 / 255, 0.0, 0.0], [1 / 16, 1.0, 0.0, outside_1.mean()],
+                                          [0.0, 0.0, 0.0, 0.0]], atol=1e-12)

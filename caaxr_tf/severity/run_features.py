@@ -11,7 +11,8 @@ covid-chestxray --protocol severity``): its records are the scored images, its s
 lists each fold's halves (fold k = the split with seed k - 1; the training half is the fold's
 train and val). Every run gives one feature matrix of a registered feature kind
 (`FEATURE_KINDS`; by default the one for the run's task: ``penultimate`` for classifier runs,
-``mask_fractions`` for segmentation runs); ``--combined`` also scores all of them side by side.
+``mask_fractions`` for segmentation runs; also ``outputs``: a classifier's probabilities,
+``masked_intensity``: image brightness inside and outside a segmentation run's predicted mask); ``--combined`` also scores all of them side by side.
 
 Adding a feature kind (e.g. per-lung infected fractions of an infection-map run): a function
 ``(model, images [N, S, S, 1] float32 0..255) -> (features [N, F], column names)`` registered
@@ -97,6 +98,26 @@ def mask_fraction_features(model: Any, images: np.ndarray) -> tuple[np.ndarray, 
     from caaxr_tf.severity.features import SEGMENTATION_FEATURE_NAMES, segmentation_features
 
     return segmentation_features(model, images), list(SEGMENTATION_FEATURE_NAMES)
+
+
+MASKED_INTENSITY_NAMES = ("area_fraction", "mean_inside", "std_inside", "mean_outside")
+
+
+@register_feature_kind("masked_intensity", tasks=("segmentation", "infection"))
+def masked_intensity_features(model: Any, images: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Per image: the predicted foreground fraction (probability >= 0.5) and the image's mean and
+    std inside the predicted mask and its mean outside, in 0..1 (opacities brighten the lungs;
+    an empty mask gives 0 inside)."""
+    rows = []
+    for start in range(0, len(images), 8):
+        batch = images[start : start + 8]
+        masks = np.asarray(model.predict_on_batch(batch), np.float64).reshape(batch.shape[:3]) >= 0.5
+        pixels = np.asarray(batch, np.float64)[..., 0] / 255.0
+        for mask, image in zip(masks, pixels):
+            inside, outside = image[mask], image[~mask]
+            rows.append([mask.mean(), inside.mean() if inside.size else 0.0, inside.std() if inside.size else 0.0,
+                         outside.mean() if outside.size else 0.0])
+    return np.array(rows, np.float64).reshape(len(images), len(MASKED_INTENSITY_NAMES)), list(MASKED_INTENSITY_NAMES)
 
 
 # --------------------------------------------------------------------------- #
