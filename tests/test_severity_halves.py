@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.model_selection import GroupShuffleSplit
@@ -33,12 +35,20 @@ def write_scored_collection(root):
     for name, patient, _, _ in SCORED:
         cv2.imwrite(str(root / "images" / name), rng.integers(0, 256, (40, 36), dtype=np.uint8))
         rows.append([patient, 0, "Pneumonia/Viral/COVID-19", "PA", "X-ray", "images", name])
+    # bad inputs, reported and left out: a corrupt image, a score out of range, a non-numeric one,
+    # a file with no metadata row
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for name in ("corrupt.png", "high.png", "text.png"):
+        rows.append([20, 0, "COVID-19", "PA", "X-ray", "images", name])
+        if name != "corrupt.png":
+            cv2.imwrite(str(root / "images" / name), np.zeros((8, 8), np.uint8))
     with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["patientid", "offset", "finding", "view", "modality", "folder", "filename"])
         writer.writerows(rows)
     lines = ["## scores,,", "filename,geographic_mean,opacity_mean"]
     lines += [f"{name},{geographic},{opacity}" for name, _, geographic, opacity in SCORED]
+    lines += ["corrupt.png,1,1", "high.png,1,6.5", "text.png,one,1", "nowhere.png,1,1"]
     (root / "annotations" / "covid-severity-scores.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
@@ -126,6 +136,12 @@ def test_records_are_written_once_and_folds_are_selected_by_id(protocol_dir):
 
     summary = json.loads((protocol_dir / "summary.json").read_text())
     assert summary["split_scheme"] == "grouped_halves" and summary["folds"] == FOLDS
+    skipped = {(Path(s["path"]).name, s["field"]): s["reason"] for s in summary["skipped"]}
+    assert skipped[("covid-severity-scores.csv", "row 18: opacity_mean")] == "6.5 is outside 0..6"
+    assert skipped[("covid-severity-scores.csv", "row 19: geographic_mean")] == "not a number: 'one'"
+    assert skipped[("covid-severity-scores.csv", "row 20: filename")] == "'nowhere.png' has no row in metadata.csv"
+    assert [key for key in skipped if key[0] == "corrupt.png"], skipped  # the image that does not decode
+    assert len(skipped) == 4
     assert summary["target_ranges"] == {"geographic_extent": [0.0, 8.0], "opacity": [0.0, 6.0]}
     assert list(summary["shards"]) == ["all"] and len(summary["shards"]["all"]) == 3  # 14 records, 5 a shard
     records = list(tf.data.TFRecordDataset(shard_files(protocol_dir, "test", 2)).map(parse_record))
@@ -136,6 +152,10 @@ def test_records_are_written_once_and_folds_are_selected_by_id(protocol_dir):
     patients = [p for _, p, _, _ in SCORED]
     names = [name for name, _, _, _ in SCORED]
     for fold in range(1, FOLDS + 1):
+        expected_test = {names[i] for i in sklearn_test_half(patients, fold - 1)}
+        assert set(summary["split_members"][f"fold{fold}/test"]) == expected_test
+        if fold not in (1, FOLDS):
+            continue  # the pipeline is read for two folds (seconds each)
         seen = {}
         for split in ("train", "val", "test"):
             got = []
@@ -150,7 +170,6 @@ def test_records_are_written_once_and_folds_are_selected_by_id(protocol_dir):
             seen[split] = set(got)
         assert not (seen["train"] & seen["val"]) and not (seen["train"] | seen["val"]) & seen["test"]
         assert len(seen["train"] | seen["val"] | seen["test"]) == len(SCORED)
-        expected_test = {names[i] for i in sklearn_test_half(patients, fold - 1)}
         assert seen["test"] == expected_test
     with pytest.raises(ValueError, match=f"folds 1..{FOLDS}"):
         shard_files(protocol_dir, "test", FOLDS + 1)
