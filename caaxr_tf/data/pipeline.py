@@ -252,7 +252,9 @@ def make_dataset(
     the task supports it) applies the task's augmentation (see ``augment_batch``: random
     rotation, shift, zoom, contrast and brightness; geometric changes move image and mask
     together). ``subset`` keeps only records of a summary subset (e.g. ``consolidation``).
-    ``with_ids`` adds the image ids as a third element. ``class_repeats`` (one factor per
+    On a ``grouped_halves`` protocol (severity) every fold reads the same shards and keeps the
+    records its summary.json ``split_members`` list for (split, fold). ``with_ids`` adds the
+    image ids as a third element. ``class_repeats`` (one factor per
     class, see ``repeat_by_class``) oversamples classes after the cache: balanced sampling for
     imbalanced training splits.
     """
