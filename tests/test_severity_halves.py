@@ -326,9 +326,17 @@ def test_run_features_and_least_squares_on_the_protocol_splits(protocol_dir, tmp
             assert base.mae == pytest.approx(np.abs(scored.targets[test, column] - mean).mean(), rel=1e-12)
 
     # the command prints both rows; an unknown feature kind is named
-    assert rf.main(["--tfrecords", str(protocol_dir), "--run", f"{tmp_path / 'run'}:outputs", "--splits", "2"]) == 0
+    run = str(tmp_path / "run")
+    assert rf.main(["--tfrecords", str(protocol_dir), "--run", run, "--run", f"{run}:outputs", "--combined",
+                    "--splits", "2", "--json", str(tmp_path / "a.json")]) == 0
     printed = capsys.readouterr().out
-    assert "intercept only (no data)" in printed and "tiny (severity fold 1) outputs [2]" in printed
+    for name in ("intercept only (no data)", "tiny (severity fold 1) penultimate [3]",
+                 "tiny (severity fold 1) outputs [2]", "all of the above [5]"):
+        assert name in printed
+    written = json.loads((tmp_path / "a.json").read_text())["results"]
+    assert [r["num_splits"] for r in written] == [2, 2, 2, 2] and written[3]["num_features"] == 5
+    first = written[1]["summary"]["geographic_extent"]["mae"]["mean"]
+    assert first == pytest.approx(np.mean([s.mae for s in results[1].scores[:4] if s.target == "geographic_extent"]))
     assert rf.parse_run("/runs/x:nope") == ("/runs/x:nope", None)
     with pytest.raises(ValueError, match="no feature kind for runs of the 'detection' task"):
         rf.default_feature_kind("detection")
