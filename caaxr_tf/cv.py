@@ -295,6 +295,8 @@ def format_baselines_table(
 
 
 def _baseline_cell(value: Any) -> str:
+    if isinstance(value, str):  # already formatted (e.g. "2.10 ± 0.15" over half splits)
+        return value
     number = _number(value)
     return "–" if number is None else f"{number:.3f}"
 
@@ -388,7 +390,9 @@ def run_cv(
     columns = task.metric_columns(subsets)
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
-    baselines = task.baselines(protocol_dir, "test", folds[0], subsets)
+    # half-split protocols score the baseline over the run's folds (one test half per fold)
+    over_folds = {"folds": folds} if summary.get("split_scheme") == "grouped_halves" else {}
+    baselines = task.baselines(protocol_dir, "test", folds[0], subsets, **over_folds)
     write_text_atomic(out / BASELINES_JSON, json.dumps(baselines, indent=2) + "\n")
 
     def write_results() -> None:

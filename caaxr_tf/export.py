@@ -408,6 +408,7 @@ def export_model(
         "task": task.name,
         "class_names": list(class_names),
         "target_names": list(task.target_names),
+        **({"target_ranges": dict(task.target_ranges)} if getattr(task, "target_ranges", None) else {}),
         "image_size": image_size,
         "signatures": {
             SERVING_SIGNATURE: {"inputs": ["images", "invert", "bit_depth"]},
@@ -492,8 +493,10 @@ def export_run(
     from caaxr_tf.tasks import task_of_run
 
     try:
+        ranges = {"target_ranges": config["target_ranges"]} if config.get("target_ranges") else {}
         task = task_of_run(str(config.get("task")), config.get("model"))(
-            [str(name) for name in config.get("class_names") or []], target_names=config.get("target_names") or ())
+            [str(name) for name in config.get("class_names") or []], target_names=config.get("target_names") or (),
+            **ranges)
     except ValueError as error:
         raise ValueError(f"{run_dir}/config.yaml: {error}") from None
     class_names = [str(name) for name in config.get("class_names") or []]

@@ -177,7 +177,9 @@ class ServedModel:
                     in self.outputs else "segmentation" if "mask" in self.outputs else None)
         if name is None:
             raise ValueError(f"{self.path}: outputs {sorted(self.outputs)} have neither probabilities nor mask")
-        task = get_task(name)(metadata.get("class_names") or [], target_names=metadata.get("target_names") or ())
+        ranges = {"target_ranges": metadata["target_ranges"]} if metadata.get("target_ranges") else {}
+        task = get_task(name)(metadata.get("class_names") or [], target_names=metadata.get("target_names") or (),
+                              **ranges)
         task.check_outputs(self.outputs)
         return task
 

@@ -45,8 +45,12 @@ def records(protocol_dir: Path) -> dict[str, dict[str, tf.train.Example]]:
 
 
 def all_records(protocol_dir: Path) -> dict[str, tf.train.Example]:
-    """image id -> Example over the test split and fold 1 (every record once)."""
+    """image id -> Example over the test split and fold 1 (every record once); a grouped-halves
+    protocol writes every record once in its ``all`` shards."""
     found = records(protocol_dir)
+    if "all" in found:
+        assert list(found) == ["all"]
+        return found["all"]
     merged = {**found["test"], **found["fold1/train"], **found["fold1/val"]}
     assert len(merged) == len(found["test"]) + len(found["fold1/train"]) + len(found["fold1/val"])
     return merged
@@ -263,7 +267,8 @@ def test_severity_and_lungs_on_the_real_collection(covid_chestxray_root, tmp_pat
     rows = manifest_rows(out / "severity")
     assert {r["image_id"]: (float(r["target_geographic_extent"]), float(r["target_opacity"])) for r in rows} == \
         {name: scores[name] for name in examples}
-    assert_grouped(out / "severity", 2)
+    assert severity["split_scheme"] == "grouped_halves" and severity["folds"] == 50
+    assert_grouped(out / "severity", 50)
 
     lungs = summaries["lungs"]
     reading = read_source("covid-chestxray-lungs", covid_chestxray_root)

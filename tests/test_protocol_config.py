@@ -26,7 +26,7 @@ def test_the_new_protocols():
     sets = P.load_protocol_sets()
     severity = sets["covid-chestxray"]["severity"]
     assert (severity.task, severity.targets, severity.sources, severity.folds) == (
-        "regression", ("geographic_extent", "opacity"), ["covid-chestxray-severity"], 2)
+        "regression", ("geographic_extent", "opacity"), ["covid-chestxray-severity"], 50)
     lungs = sets["covid-chestxray"]["lungs"]
     assert (lungs.task, lungs.sources, lungs.targets) == ("segmentation", ["covid-chestxray-lungs"], ())
     qata = sets["qata"]["infection"]
@@ -43,11 +43,11 @@ def test_the_new_protocols():
     "override, message",
     [
         ("caaxr.seg.clases={}", "unknown key 'clases' in caaxr.seg (did you mean 'classes'?); valid keys: box_findings, "
-                                "classes, splits, storage_size, subsets, targets, task"),
+                                "classes, splits, storage_size, subsets, target_ranges, targets, task"),
         ("caaxr.2class.classes.covid.cuont=3", "unknown key 'cuont' in caaxr.2class.classes.covid (did you mean 'count'?); "
                                                "valid keys: count, findings, label, rule, source, value"),
-        ("splits.fold=3", "unknown key 'fold' in splits (did you mean 'folds'?); valid keys: folds, test_fraction, "
-                          "val_fraction"),
+        ("splits.fold=3", "unknown key 'fold' in splits (did you mean 'folds'?); valid keys: folds, scheme, "
+                          "test_fraction, val_fraction"),
         ("qata.infection.splits.val=0.2", "unknown key 'val' in qata.infection.splits"),
         ("caaxr.seg.subsets.consolidation.finding=[x]", "unknown key 'finding' in caaxr.seg.subsets.consolidation"),
         ("caaxr.2class.classes.covid.source=nih", "caaxr.2class.classes.covid.source: unknown source 'nih'; known "

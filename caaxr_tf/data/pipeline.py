@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import tensorflow as tf
 
-from caaxr_tf.data.schema import SPLITS, feature_spec, read_summary, shard_files  # noqa: F401  (re-exported)
+from caaxr_tf.data.schema import SPLITS, feature_spec, read_summary, shard_files, split_members  # noqa: F401  (re-exported)
 from caaxr_tf.tasks.base import get_task
 
 if TYPE_CHECKING:
@@ -209,6 +209,17 @@ def resolve_task(task: "str | Task | None", summary: dict[str, Any], tfrecord_di
     return task_class(summary["classes"], target_names=summary.get("target_names") or (), **options)
 
 
+def member_filter(image_ids: Sequence[str]):
+    """A ``Dataset.filter`` predicate keeping parsed records whose ``image/id`` is in ``image_ids``
+    (the folds of ``grouped_halves`` protocols share one set of shards)."""
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(list(image_ids) or [""], tf.string),
+                                            tf.ones([max(len(image_ids), 1)], tf.int64)), default_value=0)
+    if not image_ids:
+        return lambda record: tf.constant(False)
+    return lambda record: tf.equal(table.lookup(record["image/id"]), 1)
+
+
 def make_dataset(
     tfrecord_dir: str | Path,
     split: str,
@@ -241,7 +252,9 @@ def make_dataset(
     the task supports it) applies the task's augmentation (see ``augment_batch``: random
     rotation, shift, zoom, contrast and brightness; geometric changes move image and mask
     together). ``subset`` keeps only records of a summary subset (e.g. ``consolidation``).
-    ``with_ids`` adds the image ids as a third element. ``class_repeats`` (one factor per
+    On a ``grouped_halves`` protocol (severity) every fold reads the same shards and keeps the
+    records its summary.json ``split_members`` list for (split, fold). ``with_ids`` adds the
+    image ids as a third element. ``class_repeats`` (one factor per
     class, see ``repeat_by_class``) oversamples classes after the cache: balanced sampling for
     imbalanced training splits.
     """
@@ -269,6 +282,9 @@ def make_dataset(
         deterministic=deterministic,
     )
     dataset = dataset.map(parse_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    members = split_members(summary, split, fold)
+    if members is not None:
+        dataset = dataset.filter(member_filter(members))
     if subset_findings:
         wanted = tf.constant(subset_findings)
 

@@ -19,7 +19,7 @@ import math
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -33,13 +33,25 @@ SPLITS_KEY = "splits"
 CHEXPERT_PATHOLOGIES = tuple(o for o in CHEXPERT_OBSERVATIONS if o not in ("No Finding", "Support Devices"))
 
 
+PARTS = "parts"
+GROUPED_HALVES = "grouped_halves"
+SPLIT_SCHEMES = (PARTS, GROUPED_HALVES)
+
+
 @dataclass(frozen=True)
 class SplitsConfig:
-    """The ``splits`` block (global, or a protocol's override of some of its keys)."""
+    """The ``splits`` block (global, or a protocol's override of some of its keys).
+
+    ``scheme``: ``parts`` (a fixed test set, folds over validation-sized parts of the rest) or
+    ``grouped_halves`` (Cohen et al. 2020: fold k is the random half split by patient with
+    seed k - 1; the test half holds ceil(G / 2) of the G patients; ``val_fraction`` of the
+    training half's patients validate; ``test_fraction`` is not used).
+    """
 
     test_fraction: float = field(default=0.5, metadata={"gt": 0.0, "finite": True})
     val_fraction: float = field(default=0.1, metadata={"gt": 0.0, "finite": True})
     folds: int = field(default=2, metadata={"min": 1})
+    scheme: Literal["parts", "grouped_halves"] = PARTS
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ class ProtocolConfig:
     task: str = "classification"
     subsets: dict = field(default_factory=dict)
     targets: tuple[str, ...] = ()
+    target_ranges: dict = field(default_factory=dict)
     box_findings: tuple[str, ...] = ()
     storage_size: int | None = field(default=None, metadata={"min": 0})
     splits: dict | None = None
@@ -102,6 +115,9 @@ class ProtocolSpec:
             class rules and in the records; empty: every box.
         storage_size: the records' longest side for this protocol (0: the original size),
             overriding ``--storage-size``; None: ``--storage-size``.
+        target_ranges: ``{target: (low, high)}``, the valid range of some ``targets``
+            (summary.json ``target_ranges``; exported regression models clamp to it).
+        split_scheme: ``parts`` or ``grouped_halves`` (see `SplitsConfig`).
     """
 
     name: str
@@ -115,6 +131,8 @@ class ProtocolSpec:
     targets: tuple[str, ...] = ()
     box_findings: tuple[str, ...] = ()
     storage_size: int | None = None
+    target_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    split_scheme: str = PARTS
 
     @property
     def class_names(self) -> list[str]:
@@ -134,12 +152,13 @@ class ProtocolSpec:
         ones at their defaults (so a protocol that does not use them fingerprints as before)."""
         data = dataclasses.asdict(self)
         for item in dataclasses.fields(self):
-            if item.name in _OPTIONAL_FIELDS and data[item.name] == item.default:
+            default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+            if item.name in _OPTIONAL_FIELDS and data[item.name] == default:
                 del data[item.name]
         return data
 
 
-_OPTIONAL_FIELDS = ("targets", "box_findings", "storage_size")
+_OPTIONAL_FIELDS = ("targets", "box_findings", "storage_size", "target_ranges", "split_scheme")
 
 
 def _splits(global_splits: SplitsConfig, override: Mapping[str, Any] | None, where: str) -> SplitsConfig:
@@ -191,8 +210,14 @@ def _protocol_spec(source_set: str, name: str, body: Any, global_splits: SplitsC
         subsets[str(subset_name)] = {"findings": list(subset.findings)}
     if len(set(config.targets)) != len(config.targets) or not all(config.targets):
         raise ConfigError(f"{where}.targets: expected distinct, non-empty names, got {list(config.targets)}")
+    target_ranges = _target_ranges(config.target_ranges, config.targets, f"{where}.target_ranges")
     splits = _splits(global_splits, config.splits, f"{where}.splits")
-    _check_fractions(splits.test_fraction, splits.val_fraction)
+    if splits.scheme == GROUPED_HALVES:
+        if not 0.0 < splits.val_fraction < 1.0:
+            raise ConfigError(f"{where}.splits.val_fraction: the share of the training half that validates "
+                              f"must lie strictly between 0 and 1, got {splits.val_fraction}")
+    else:
+        _check_fractions(splits.test_fraction, splits.val_fraction)
     spec = ProtocolSpec(
         name=str(name),
         source=source_set,
@@ -205,8 +230,26 @@ def _protocol_spec(source_set: str, name: str, body: Any, global_splits: SplitsC
         targets=tuple(config.targets),
         box_findings=tuple(str(f).strip().lower() for f in config.box_findings),
         storage_size=config.storage_size,
+        target_ranges=target_ranges,
+        split_scheme=splits.scheme,
     )
     return with_folds(spec, spec.folds)
+
+
+def _target_ranges(body: Any, targets: Sequence[str], where: str) -> dict[str, tuple[float, float]]:
+    """``{target: [low, high]}`` checked: known targets, finite numbers, low < high."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, bounds in _mapping(body, where).items():
+        if name not in targets:
+            raise ConfigError(f"{where}.{name}: not one of the protocol's targets {list(targets)}")
+        if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+            raise ConfigError(f"{where}.{name}: expected [low, high], got {bounds!r}")
+        low, high = float(bounds[0]), float(bounds[1])
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ConfigError(f"{where}.{name}: expected finite low < high, got {bounds!r}")
+        ranges[str(name)] = (low, high)
+    return ranges
 
 
 def _check_fractions(test_fraction: float, val_fraction: float) -> None:
@@ -215,9 +258,11 @@ def _check_fractions(test_fraction: float, val_fraction: float) -> None:
 
 
 def with_folds(spec: ProtocolSpec, folds: int) -> ProtocolSpec:
-    """``spec`` with ``folds`` folds (e.g. ``--folds``); between 1 and its number of parts."""
-    if isinstance(folds, bool) or not isinstance(folds, int) or not 1 <= folds <= spec.num_parts:
-        raise ConfigError(f"folds must be between 1 and {spec.num_parts}, got {folds}")
+    """``spec`` with ``folds`` folds (e.g. ``--folds``); between 1 and its number of parts
+    (any number >= 1 for grouped half splits: fold k is the split with seed k - 1)."""
+    most = 1_000_000 if spec.split_scheme == GROUPED_HALVES else spec.num_parts
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 1 <= folds <= most:
+        raise ConfigError(f"folds must be between 1 and {most}, got {folds}")
     return dataclasses.replace(spec, folds=folds)
 
 
@@ -471,3 +516,31 @@ def in_subset(box_findings: Iterable[str], subset: Mapping[str, Any]) -> bool:
     ``consolidation``."""
     wanted = {str(f).strip().lower() for f in subset.get("findings", [])}
     return bool({name.strip().lower() for name in box_findings} & wanted)
+
+
+def assign_half_splits(
+    items: Sequence[tuple[str, str, str]], folds: int, val_fraction: float, seed: int, *scope: str
+) -> dict[str, list[str]]:
+    """The ``grouped_halves`` scheme: per (image_id, patient_id, class), its split in each fold.
+
+    Fold k is `caaxr_tf.severity.splits.grouped_half_split` with seed k - 1 (the published
+    evaluation's GroupShuffleSplit halves by patient); of its training half, ``val_fraction``
+    of the patients (at least one, drawn with ``stable_seed(seed, *scope, "val", k)``) form the
+    validation split. Returns ``{image_id: [split of fold 1, split of fold 2, ...]}``.
+    """
+    from caaxr_tf.severity.splits import grouped_half_split
+
+    image_ids = [image_id for image_id, _, _ in items]
+    patients = [patient_id for _, patient_id, _ in items]
+    splits: dict[str, list[str]] = {image_id: [] for image_id in image_ids}
+    for fold in range(1, folds + 1):
+        half = grouped_half_split(patients, seed=fold - 1)
+        train_patients = sorted({patients[i] for i in half.train})
+        rng = np.random.default_rng(stable_seed(seed, *scope, "val", fold))
+        num_val = min(len(train_patients) - 1, max(1, round(val_fraction * len(train_patients))))
+        val_patients = {train_patients[i] for i in rng.permutation(len(train_patients))[:num_val]}
+        for i in half.test:
+            splits[image_ids[i]].append("test")
+        for i in half.train:
+            splits[image_ids[i]].append("val" if patients[i] in val_patients else "train")
+    return splits

@@ -17,6 +17,8 @@ from typing import Any
 SUMMARY_FILE = "summary.json"
 MANIFEST_FILE = "manifest.csv"
 SPLITS = ("train", "val", "test")
+GROUPED_HALVES = "grouped_halves"  # summary.json split_scheme of protocols with half splits
+ALL_SHARDS = "all"  # their one set of shards, holding every record once
 
 
 def feature_spec() -> dict:
@@ -96,9 +98,29 @@ def shard_files(tfrecord_dir: str | os.PathLike, split: str, fold: int = 1) -> l
         raise ValueError(f"fold {fold} does not exist in {tfrecord_dir}: it has folds 1..{summary['folds']}")
     key = split_key(split, fold)
     names = summary["shards"].get(key, [])
+    if summary.get("split_scheme") == GROUPED_HALVES:
+        if split == "test" and not 1 <= fold <= int(summary["folds"]):
+            raise ValueError(f"fold {fold} does not exist in {tfrecord_dir}: it has folds 1..{summary['folds']}")
+        key, names = f"fold{fold}/{split}", summary["shards"].get(ALL_SHARDS, [])
     files = [str(tfrecord_dir / name) for name in names]
     missing = [f for f in files if not Path(f).exists()]
     if not files or missing:
         what = "no shards" if not files else f"missing shard {missing[0]}"
         raise FileNotFoundError(f"{tfrecord_dir}: {what} for split {key}")
     return files
+
+
+def split_members(summary: dict[str, Any], split: str, fold: int = 1) -> list[str] | None:
+    """The image ids of a split of a ``grouped_halves`` protocol (whose shards hold every record
+    once; fold k's train, val and test are chosen by id), None for other protocols.
+
+    Fold k of such a protocol is the grouped random half split with seed k - 1: ``test`` is
+    its test half, ``train`` and ``val`` share its training half.
+    """
+    if summary.get("split_scheme") != GROUPED_HALVES:
+        return None
+    key = f"fold{fold}/{split}"
+    members = (summary.get("split_members") or {}).get(key)
+    if members is None:
+        raise ValueError(f"summary.json of protocol {summary.get('protocol')!r} lists no members for {key}")
+    return [str(image_id) for image_id in members]

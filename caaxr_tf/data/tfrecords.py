@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from caaxr_tf.config import load_config
 from caaxr_tf.data import protocols as protocols_lib
 from caaxr_tf.data.records import ReadResult, Sample, SchemaError, Skipped
-from caaxr_tf.data.schema import MANIFEST_FILE, SUMMARY_FILE, read_summary_file
+from caaxr_tf.data.schema import ALL_SHARDS, MANIFEST_FILE, SUMMARY_FILE, read_summary_file
 from caaxr_tf.data.shards import ShardProblem, shard_info, verify_protocol
 from caaxr_tf.data.sources import check_data_config, read_source
 from caaxr_tf.data.staging import StagedImage, stage_task, staging_id
@@ -528,19 +528,26 @@ def write_protocol(
     """
     class_names = spec.class_names
     items = [(s.image_id, s.patient_id, c) for c in class_names for s in chosen[c]]
-    parts = protocols_lib.assign_parts(items, class_names, spec.test_fraction, spec.num_parts, seed)
+    halves = spec.split_scheme == protocols_lib.GROUPED_HALVES
+    if halves:  # every record written once; the summary lists each fold's members
+        half_splits = protocols_lib.assign_half_splits(items, spec.folds, spec.val_fraction, seed, spec.source, spec.name)
+        parts = {}
+    else:
+        parts = protocols_lib.assign_parts(items, class_names, spec.test_fraction, spec.num_parts, seed)
     samples = [s for c in class_names for s in chosen[c]]
     with_masks = any(s.mask_path for s in samples)
     with_series = any(s.series_id for s in samples)
 
     rows: list[dict[str, str]] = []
-    by_split: dict[str, list[tuple[Sample, int, str]]] = {"test": []}
-    for fold in range(1, spec.folds + 1):
+    by_split: dict[str, list[tuple[Sample, int, str]]] = {"test": []} if not halves else {ALL_SHARDS: []}
+    for fold in range(1, spec.folds + 1 if not halves else 1):
         by_split[f"fold{fold}/train"] = []
         by_split[f"fold{fold}/val"] = []
     for label, class_name in enumerate(class_names):
         for sample in chosen[class_name]:
-            part = parts[sample.image_id]
+            part = parts.get(sample.image_id)
+            if halves:
+                by_split[ALL_SHARDS].append((sample, label, class_name))
             row = {
                 "image_id": sample.image_id,
                 "patient_id": sample.patient_id,
@@ -549,8 +556,10 @@ def write_protocol(
                 "label_index": str(label),
             }
             for fold in range(1, spec.folds + 1):
-                split = protocols_lib.split_of(part, fold)
+                split = half_splits[sample.image_id][fold - 1] if halves else protocols_lib.split_of(part, fold)
                 row[f"split_fold{fold}"] = split
+                if halves:
+                    continue
                 key = "test" if split == "test" else f"fold{fold}/{split}"
                 if split != "test" or fold == 1:
                     by_split[key].append((sample, label, class_name))
@@ -623,6 +632,8 @@ def write_protocol(
         shard_files[str(final.relative_to(protocol_dir))] = shard_info(final, len(chunk))
     bar.close()
 
+    if halves:
+        return shards, half_split_counts(rows, spec.folds), rows, shard_files
     counts: dict[str, Any] = {"total": dict(Counter(r["label"] for r in rows))}
     counts["test"] = dict(Counter(c for _, _, c in by_split["test"]))
     for fold in range(1, spec.folds + 1):
@@ -636,6 +647,24 @@ def write_protocol(
             "all": sum(1 for r in rows if r[column] == "1"),
         }
     return shards, counts, rows, shard_files
+
+
+def half_split_counts(rows: Sequence[Mapping[str, str]], folds: int) -> dict[str, Any]:
+    """The summary's ``counts`` of a ``grouped_halves`` protocol: per fold, the class counts of
+    train, val and test (``test`` at the top level: fold 1's)."""
+    counts: dict[str, Any] = {"total": dict(Counter(r["label"] for r in rows))}
+    for fold in range(1, folds + 1):
+        counts[f"fold{fold}"] = {split: dict(Counter(r["label"] for r in rows if r[f"split_fold{fold}"] == split))
+                                 for split in ("train", "val", "test")}
+    counts["test"] = counts["fold1"]["test"]
+    return counts
+
+
+def half_split_members(rows: Sequence[Mapping[str, str]], folds: int) -> dict[str, list[str]]:
+    """``{"fold<k>/<split>": [image ids]}`` of a ``grouped_halves`` protocol (summary.json
+    ``split_members``: the pipeline selects a fold's records from the shared shards by id)."""
+    return {f"fold{fold}/{split}": [r["image_id"] for r in rows if r[f"split_fold{fold}"] == split]
+            for fold in range(1, folds + 1) for split in ("train", "val", "test")}
 
 
 def _write_and_summarize(
@@ -659,8 +688,10 @@ def _write_and_summarize(
         remove_outputs(protocol_dir)
     building = {"fingerprint": summary["fingerprint"], "build": summary.get("build"), "pid": os.getpid()}
     write_text_atomic(protocol_dir / BUILDING_FILE, json.dumps(building, indent=2) + "\n")
-    shards, counts, _, shard_files = write_protocol(spec, chosen, stager, protocol_dir, seed, records_per_shard, progress)
+    shards, counts, rows, shard_files = write_protocol(spec, chosen, stager, protocol_dir, seed, records_per_shard, progress)
     summary.update(counts=counts, shards=shards, shard_files=shard_files)
+    if spec.split_scheme == protocols_lib.GROUPED_HALVES:
+        summary.update(split_scheme=spec.split_scheme, split_members=half_split_members(rows, spec.folds))
     write_text_atomic(protocol_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
     (protocol_dir / BUILDING_FILE).unlink(missing_ok=True)
 
@@ -817,6 +848,7 @@ def build_tfrecords(
                 "classes": spec.class_names,
                 "targets": {c.name: c.count for c in spec.classes},
                 **({"target_names": list(spec.targets)} if spec.targets else {}),
+                **({"target_ranges": {k: list(v) for k, v in spec.target_ranges.items()}} if spec.target_ranges else {}),
                 "folds": spec.folds,
                 "seed": seed,
                 "storage_size": sizes[name],

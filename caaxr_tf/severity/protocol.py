@@ -212,6 +212,7 @@ def evaluate_least_squares(
     num_splits: int = DEFAULT_NUM_SPLITS,
     first_seed: int = 0,
     name: str = "least squares",
+    splits: Sequence[HalfSplit] | None = None,
 ) -> ProtocolResult:
     """Fit least squares on each split's training half, score it on the test half.
 
@@ -222,6 +223,8 @@ def evaluate_least_squares(
         target_names: names of the ``T`` target columns.
         num_splits: number of splits (seeds ``first_seed ..``).
         name: the row label in tables.
+        splits: the splits to use (e.g. a protocol folder's, `caaxr_tf.severity.run_features.
+            protocol_splits`); by default ``grouped_half_splits(groups, num_splits, first_seed)``.
     """
     features = np.asarray(features, dtype=np.float64)
     targets = _as_matrix(np.asarray(targets, dtype=np.float64))
@@ -238,7 +241,7 @@ def evaluate_least_squares(
     if not np.isfinite(targets).all():
         raise ValueError("targets hold NaN or infinite values")
 
-    splits = grouped_half_splits(groups, num_splits, first_seed)
+    splits = list(splits) if splits is not None else grouped_half_splits(groups, num_splits, first_seed)
     predictions = np.full((len(splits),) + targets.shape, np.nan)
     scores: list[SplitScore] = []
     fits: list[LeastSquaresFit] = []
@@ -269,6 +272,7 @@ def intercept_only_baseline(
     target_names: Sequence[str],
     num_splits: int = DEFAULT_NUM_SPLITS,
     first_seed: int = 0,
+    splits: Sequence[HalfSplit] | None = None,
 ) -> ProtocolResult:
     """The "no data" baseline: each test half is predicted by its training half's mean."""
     targets = _as_matrix(np.asarray(targets, dtype=np.float64))
@@ -280,6 +284,7 @@ def intercept_only_baseline(
         num_splits=num_splits,
         first_seed=first_seed,
         name=BASELINE_NAME,
+        splits=splits,
     )
 
 

@@ -1,6 +1,7 @@
 """Regression of float scores per image (the ``severity`` protocol: geographic extent and opacity,
 Cohen et al. 2020): the record's ``targets``, a squared-error loss, per-target MAE, MSE, R² and
-Pearson r."""
+Pearson r. Training and evaluation use the raw outputs; exported models clamp each target to
+its range from the protocol (summary.json ``target_ranges``, carried in the run config)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def manifest_targets(protocol_dir: Path, split: str, fold: int, target_names: Se
         -1, len(target_names))
 
 
+def check_target_ranges(ranges: Mapping[str, Sequence[float]], target_names: Sequence[str]
+                        ) -> dict[str, tuple[float, float]]:
+    """``{target: (low, high)}`` for targets among ``target_names`` (others: ValueError)."""
+    checked = {}
+    for name, bounds in ranges.items():
+        if name not in target_names:
+            raise ValueError(f"target_ranges names {name!r}, not one of the targets {list(target_names)}")
+        low, high = (float(b) for b in bounds)
+        if not low <= high:
+            raise ValueError(f"target_ranges[{name!r}]: low {low} > high {high}")
+        checked[str(name)] = (low, high)
+    return checked
+
+
 @register_task
 class RegressionTask(Task):
     """Float targets named by the protocol's ``target_names``; ``output_bias`` starts the model at
@@ -38,10 +53,12 @@ class RegressionTask(Task):
 
     def __init__(self, class_names: Sequence[str], *, loss: str | None = None,
                  loss_kwargs: Mapping[str, Any] | None = None, target_names: Sequence[str] = (),
-                 training_means: Sequence[float] | None = None):
+                 training_means: Sequence[float] | None = None,
+                 target_ranges: Mapping[str, Sequence[float]] | None = None):
         super().__init__(class_names, loss=loss, loss_kwargs=loss_kwargs, target_names=target_names)
         self.reported_outputs = ("scores", *self.target_names)
         self.training_means = None if training_means is None else [float(m) for m in training_means]
+        self.target_ranges = check_target_ranges(target_ranges or {}, self.target_names)
 
     @classmethod
     def from_config(cls, config: Any, summary: Mapping[str, Any] | None = None) -> "RegressionTask":
@@ -51,7 +68,8 @@ class RegressionTask(Task):
             raise ConfigError(f"{config.tfrecords}: a regression protocol names its targets (summary.json target_names)")
         means = manifest_targets(Path(config.tfrecords), "train", config.fold, config.target_names).mean(axis=0)
         return cls(config.class_names, loss=config.loss, loss_kwargs=config.loss_kwargs,
-                   target_names=config.target_names, training_means=means.tolist())
+                   target_names=config.target_names, training_means=means.tolist(),
+                   target_ranges=config.target_ranges)
 
     # inputs -----------------------------------------------------------------------
 
@@ -134,9 +152,24 @@ class RegressionTask(Task):
             lines.append(f"  {name:<20}" + "".join(f"{format_value(metrics.get(f'{name}_{m}')):>11}" for m in METRIC_NAMES))
         return lines
 
-    def baselines(self, protocol_dir: Path, split: str, fold: int, subsets: Sequence[str]
-                  ) -> dict[str, dict[str, dict[str, Any]]]:
-        """The intercept-only predictor: every image gets the training split's mean targets."""
+    def baselines(self, protocol_dir: Path, split: str, fold: int, subsets: Sequence[str],
+                  folds: Sequence[int] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """The intercept-only predictor: every image gets the training split's mean targets.
+
+        On a ``grouped_halves`` protocol it is the published "no data" baseline: the test half
+        gets the mean of the whole training half (train and val), as mean ± std over ``folds``
+        (the CV run's) and over all the protocol's folds.
+        """
+        from caaxr_tf.data.schema import GROUPED_HALVES, read_summary
+
+        summary = read_summary(protocol_dir)
+        if summary.get("split_scheme") == GROUPED_HALVES:
+            every = list(range(1, int(summary["folds"]) + 1))
+            rows = {}
+            for chosen in dict.fromkeys([tuple(folds or [fold]), tuple(every)]):
+                label = f"training-half mean (intercept only), {len(chosen)} split{'s' if len(chosen) > 1 else ''}"
+                rows[label] = self.half_split_baseline(protocol_dir, chosen)
+            return {"": rows}
         training = manifest_targets(protocol_dir, "train", fold, self.target_names)
         truth = manifest_targets(protocol_dir, split, fold, self.target_names)
         if not len(truth):
@@ -146,6 +179,25 @@ class RegressionTask(Task):
 
         return {"": {"training mean (intercept only)": json_safe({"num_images": len(truth),
                                                                    **self.scores(truth, predicted)})}}
+
+    def half_split_baseline(self, protocol_dir: Path, folds: Sequence[int]) -> dict[str, Any]:
+        """Mean ± std (n - 1) over ``folds`` of the intercept-only scores: ``{column: "m ± s"}``
+        for the table, with ``<column>_mean``/``<column>_std`` numbers beside them."""
+        from caaxr_tf.io import json_safe
+        from caaxr_tf.severity.protocol import MeanStd
+
+        per_fold = []
+        for fold in folds:
+            training = np.concatenate([manifest_targets(protocol_dir, part, fold, self.target_names)
+                                       for part in ("train", "val")])
+            truth = manifest_targets(protocol_dir, "test", fold, self.target_names)
+            per_fold.append(self.scores(truth, np.tile(training.mean(axis=0), (len(truth), 1))))
+        result: dict[str, Any] = {"num_splits": len(per_fold), "folds": list(folds)}
+        for column in self.metric_columns()[1:]:
+            value = MeanStd.of([float(scores[column]) for scores in per_fold])
+            result[column] = str(value)
+            result[f"{column}_mean"], result[f"{column}_std"] = value.mean, value.std
+        return json_safe(result)
 
     def metric_columns(self, subsets: Sequence[str] = ()) -> list[str]:
         return ["num_images", *(f"{name}_{m}" for name in self.target_names for m in METRIC_NAMES)]
@@ -163,10 +215,16 @@ class RegressionTask(Task):
     # serving ----------------------------------------------------------------------
 
     def serving_outputs(self, outputs: Any) -> dict[str, tf.Tensor]:
-        """``scores`` [N, T] and one output per target [N]."""
+        """``scores`` [N, T] and one output per target [N], each target clamped to its range
+        (``target_ranges``; targets without one are left as they are)."""
         if isinstance(outputs, Mapping):
             return super().serving_outputs(outputs)
         scores = tf.cast(tf.convert_to_tensor(outputs), tf.float32)
+        if self.target_ranges:
+            infinite = float("inf")
+            lower = [self.target_ranges.get(name, (-infinite, infinite))[0] for name in self.target_names]
+            upper = [self.target_ranges.get(name, (-infinite, infinite))[1] for name in self.target_names]
+            scores = tf.clip_by_value(scores, tf.constant(lower, tf.float32), tf.constant(upper, tf.float32))
         return {"scores": scores, **{name: scores[:, j] for j, name in enumerate(self.target_names)}}
 
     def prediction_record(self, outputs: Mapping[str, np.ndarray], index: int) -> dict[str, Any]:

@@ -96,6 +96,7 @@ class RunConfig:
     model_kwargs: dict = field(default_factory=dict)
     loss_kwargs: dict = field(default_factory=dict)
     target_names: list[str] = field(default_factory=list)  # float targets (regression protocols)
+    target_ranges: dict = field(default_factory=dict)  # {target: [low, high]} from summary.json
 
     def to_mapping(self) -> dict[str, Any]:
         """Plain data, keys sorted (what config.yaml holds)."""
@@ -236,6 +237,8 @@ def resolve_run_config(
                   class_names=[str(c) for c in summary["classes"]])
     if summary.get("target_names"):
         config["target_names"] = [str(t) for t in summary["target_names"]]
+    if summary.get("target_ranges"):
+        config["target_ranges"] = {str(k): [float(b) for b in v] for k, v in summary["target_ranges"].items()}
     try:
         config = apply_overrides(config, overrides)
     except ValueError as error:
