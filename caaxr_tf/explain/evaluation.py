@@ -94,7 +94,7 @@ def write_cam_grid(
     if not chosen:
         raise ValueError("no images to draw the CAM grid from")
     images = np.stack([image for image, _ in chosen])
-    explainer = GradCam(model)
+    explainer = GradCam(model, run_eagerly=True)  # a handful of images: tracing would cost more
     results = [explainer(images, class_index=k) for k in range(len(class_names))]
     cams = np.stack([r.cam for r in results], axis=1)  # [N, K, H, W]
     return plot_cam_grid(images, cams, path, list(class_names), scores=results[0].predictions,
@@ -176,8 +176,8 @@ def evaluate_localization(
             row += ["" if math.isnan(v) else f"{v:.6f}" for v in scores[name][i].as_dict().values()]
         rows.append(row)
     info = {"explained_class": class_names[index], "layer": explainer.layer_name, "threshold": threshold,
-            "protocol_dir": str(protocol_dir), "protocol": summary.get("protocol"), "source": summary.get("source"),
-            "split": split, "num_images": len(ids)}
+            "boxes_tfrecords": str(protocol_dir), "boxes_protocol": summary.get("protocol"),
+            "boxes_source": summary.get("source"), "split": split, "num_images": len(ids)}
     return LocalizationResult(table, header, rows, class_names[index], info)
 
 
