@@ -216,13 +216,22 @@ def test_cross_source_matched_mapped_and_unmatched(classifier_run, tmp_path):
 FRESH_PROCESS = """
 import json, sys
 import numpy as np, tensorflow as tf
-loaded = tf.saved_model.load(sys.argv[1])
-images = np.load(sys.argv[2])
-out = loaded.signatures["predict_preprocessed"](images=tf.constant(images))
-np.save(sys.argv[3], out["cam"].numpy())
-served = loaded.signatures["serving_default"](images=tf.constant([open(sys.argv[4], "rb").read()]),
-                                              invert=tf.constant([False]), bit_depth=tf.constant([0]))
-print(json.dumps({"outputs": sorted(out), "served_cam_shape": list(served["cam"].shape)}))
+from caaxr_tf import predict
+export, work, image = sys.argv[1:4]
+served = predict.ServedModel(export)  # the one SavedModel load of this test
+out = served.loaded.signatures["predict_preprocessed"](images=tf.constant(np.load(work + "/images.npy")))
+np.save(work + "/cam.npy", out["cam"].numpy())
+prepared = predict.prepare_image(image)
+np.save(work + "/served_cam.npy", served([prepared])["cam"])
+np.save(work + "/pixels.npy", served.preprocess(prepared))
+records = predict.predict_files(export, [image], model=served, cam_dir=work + "/cams")
+served.has_cam = False  # as an export without the output
+try:
+    predict.predict_files(export, [image], model=served, cam_dir=work + "/none")
+    refused = ""
+except ValueError as error:
+    refused = str(error)
+print(json.dumps({"outputs": sorted(out), "records": records, "refused": refused}))
 """
 
 
@@ -230,7 +239,6 @@ print(json.dumps({"outputs": sorted(out), "served_cam_shape": list(served["cam"]
 def test_cam_serving_output_round_trip_and_predict_cam(classifier_run, tmp_path):
     import tensorflow as tf
 
-    from caaxr_tf import predict
     from caaxr_tf.explain.gradcam import GradCam
     from caaxr_tf.export import export_run
     from caaxr_tf.runs import load_run_model
@@ -246,29 +254,24 @@ def test_cam_serving_output_round_trip_and_predict_cam(classifier_run, tmp_path)
     image_path.write_bytes(record["image/encoded"])
     images = np.random.default_rng(1).uniform(0, 255, (3, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
-    done = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(export), str(tmp_path / "images.npy"), str(tmp_path / "cam.npy"),
-         str(image_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(export), str(tmp_path), str(image_path)],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert "cam" in info["outputs"] and "probabilities" in info["outputs"]
-    assert info["served_cam_shape"] == [1, IMAGE_SIZE, IMAGE_SIZE]
-    expected = GradCam(load_run_model(run_dir), output_size=(IMAGE_SIZE, IMAGE_SIZE), run_eagerly=True)(images).cam
+    model = load_run_model(run_dir)
+    expected = GradCam(model, output_size=(IMAGE_SIZE, IMAGE_SIZE), run_eagerly=True)(images).cam
     np.testing.assert_allclose(np.load(tmp_path / "cam.npy"), expected, atol=1e-4)
 
     # predict --cam: the peak in the JSON, one overlay PNG drawn from the served map
-    cam_dir = tmp_path / "cams"
-    served = predict.ServedModel(export)
-    (result,) = predict.predict_files(export, [image_path], model=served, cam_dir=cam_dir)
-    json.dumps(result)  # what the CLI prints
-    prepared = predict.prepare_image(image_path)
-    outputs = served([prepared])
-    assert "cam" not in result and result["cam_peak"] == peak_location(outputs["cam"][0])
-    assert result["cam_overlay"] == str(cam_dir / "image_cam.png")
+    (result,) = info["records"]
+    served_cam = np.load(tmp_path / "served_cam.npy")
+    assert served_cam.shape == (1, IMAGE_SIZE, IMAGE_SIZE)
+    assert "cam" not in result and result["cam_peak"] == peak_location(served_cam[0])
+    assert result["cam_overlay"] == str(tmp_path / "cams" / "image_cam.png")
+    pixels = np.load(tmp_path / "pixels.npy")
+    assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE)
     written = tf.io.decode_png(Path(result["cam_overlay"]).read_bytes()).numpy()
-    np.testing.assert_array_equal(written, cam_overlay_rgb(served.preprocess(prepared), outputs["cam"][0]))
-
-    served.has_cam = False  # an export without the output: a clear error, nothing written
-    with pytest.raises(ValueError, match="export --cam"):
-        predict.predict_files(export, [image_path], model=served, cam_dir=tmp_path / "none")
-    assert not (tmp_path / "none").exists()
+    np.testing.assert_array_equal(written, cam_overlay_rgb(pixels, served_cam[0]))
+    # an export without the output: a clear error, nothing written
+    assert "export --cam" in info["refused"] and not (tmp_path / "none").exists()
