@@ -76,6 +76,28 @@ def test_cam_export_needs_a_classifier():
         check_cam_export(get_task("segmentation")(["lesion"]))
 
 
+def test_export_model_verifies_the_cam_output(tmp_path):
+    """The export check compares the served ``cam`` with ``GradCam(model)`` (a tiny conv net)."""
+    import keras
+
+    from caaxr_tf.export import PREPROCESSED_SIGNATURE, export_model
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 1))
+    features = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="features")(inputs / 255.0)
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(features))
+    model = keras.Model(inputs, outputs)
+    export = export_model(model, tmp_path / "1", task="classification", class_names=["covid", "non_covid"],
+                          image_size=16, cam=True)  # verify=True: raises if the cam differs
+    metadata = json.loads((export / "assets.extra" / "caaxr_export.json").read_text())
+    assert metadata["cam"] == {"output": "cam", "class": "predicted", "score": "logit", "layer": "features",
+                               "size": [16, 16]}
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(export)).signatures[PREPROCESSED_SIGNATURE]
+    assert signature.structured_outputs["cam"].shape.as_list() == [None, 16, 16]
+
+
 # --------------------------------------------------------------------------- one tiny run
 
 
