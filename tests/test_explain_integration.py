@@ -299,3 +299,48 @@ def test_cam_serving_output_round_trip_and_predict_cam(classifier_run, tmp_path)
     np.testing.assert_array_equal(written, cam_overlay_rgb(pixels, served_cam[0]))
     # an export without the output: a clear error, nothing written
     assert "export --cam" in info["refused"] and not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_cv_adds_shortcut_and_localization_columns(classifier_run, tmp_path):
+    """``cv --external/--localization`` columns, from the runs' explain files (evaluated ones
+    are read back, as a resumed CV does); an unmatched class stops the CV before any run."""
+    from caaxr_tf.cv import ExplainOptions, run_cv
+    from caaxr_tf.explain.cross_source import ClassMatchError
+    from caaxr_tf.explain.evaluation import data_tag
+
+    tfrecords, run_dir = classifier_run
+    fold_dir = tmp_path / "cv" / "resnet18" / "fold1"
+    (fold_dir / "eval").mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", fold_dir / "config.yaml")
+    (fold_dir / "best.keras").write_bytes(b"")  # never loaded: everything below is already evaluated
+    metrics = {"task": "classification", "class_names": ["covid", "non_covid"], "num_images": 48, "accuracy": 0.5,
+               "auc_per_class": {"covid": 0.9, "non_covid": 0.9}, "auc_macro": 0.9, "covid_class": "covid",
+               "sensitivity_at_99_specificity": 0.1, "sensitivity_at_90_specificity": 0.4}
+    (fold_dir / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    external = tfrecords / "2class"
+    (fold_dir / "eval" / f"external_{data_tag(external)}_all.json").write_text(
+        json.dumps({"shortcut": {"internal_auc": 0.9, "external_auc": 0.65, "gap": 0.25}}))
+    (fold_dir / "eval" / f"localization_{data_tag(tfrecords / 'seg')}.json").write_text(
+        json.dumps({"table": {"cam": {"hit_rate": 0.125, "energy": 0.25, "iou": 0.0625}}}))
+
+    rows = run_cv("2class", ["resnet18"], tfrecords, tmp_path / "cv", folds=[1], eval_only=True, plots=False,
+                  log=lambda line: None, explain=ExplainOptions(external=str(external), localization=str(tfrecords)))
+    assert rows[0]["status"] == "ok"
+    assert {k: rows[0][k] for k in ("internal_auc", "external_auc", "shortcut_gap", "cam_hit_rate", "cam_energy",
+                                    "cam_iou")} == {"internal_auc": 0.9, "external_auc": 0.65, "shortcut_gap": 0.25,
+                                                    "cam_hit_rate": 0.125, "cam_energy": 0.25, "cam_iou": 0.0625}
+    (mean,) = [r for r in _read_csv(tmp_path / "cv" / "results.csv") if r["fold"] == "mean"]
+    assert float(mean["shortcut_gap"]) == 0.25 and float(mean["cam_iou"]) == 0.0625
+    markdown = (tmp_path / "cv" / "results.md").read_text()
+    assert "Shortcut gap" in markdown and "CAM pointing game" in markdown
+
+    other = tmp_path / "renamed" / "2class"
+    shutil.copytree(tfrecords / "2class", other)
+    summary = json.loads((other / "summary.json").read_text())
+    summary["classes"] = ["covid", "healthy"]
+    (other / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ClassMatchError, match="healthy"):
+        run_cv("2class", ["resnet18"], tfrecords, tmp_path / "cv2", folds=[1], eval_only=True, log=lambda line: None,
+               explain=ExplainOptions(external=str(other)))
+    assert not (tmp_path / "cv2").exists()
