@@ -5,7 +5,15 @@
         [--epochs N] [--steps-per-epoch N] [--validation-steps N] [--batch-size N] [--lr X] \
         [--weights none|imagenet|PATH] [--strategy auto|one|mirrored|multiworker] \
         [--mixed-precision] [--jit] [--seed N] [--class-balance none|weights|sampling] [--config FILE] [--set key=value ...] \
-        [--eval-batch-size N] [--no-plots] [--quiet]
+        [--eval-batch-size N] [--no-plots] [--quiet] \
+        [--external OTHER_TFRECORDS[/PROTOCOL] [--class-map old=new,...]] [--localization TFRECORDS[/seg]]
+
+Classifiers only: ``--external`` also evaluates every run on another source's shards (all
+their images; ``caaxr_tf.evaluate --tfrecords ... --split all``) and adds the columns
+``internal_auc`` (the COVID AUC on the run's own test split), ``external_auc`` and
+``shortcut_gap`` (their difference); ``--localization`` scores every run's COVID Grad-CAM
+against a segmentation protocol's test boxes (``caaxr_tf.evaluate --localization``) and adds
+``cam_hit_rate``, ``cam_energy``, ``cam_iou``.
 
 ``--tfrecords`` is the folder holding the protocol folders (``TFRECORDS/<protocol>/summary.json``).
 Each (model, fold) gets the run folder ``OUT/<model>/fold<k>``: its configuration is resolved
@@ -243,11 +251,13 @@ def results_markdown(
     folds: Sequence[int],
     tfrecords: str | Path,
     baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    extra_columns: Sequence[tuple[str, str]] = (),
 ) -> str:
     """results.md: a title, what the numbers are, the table, the constant-prediction
-    baselines and the failed runs. ``task``: the protocol's Task object or task name."""
+    baselines and the failed runs. ``task``: the protocol's Task object or task name;
+    ``extra_columns``: (column, header) pairs after the task's (e.g. the shortcut gap)."""
     task_object = protocol_task(task, class_names) if isinstance(task, str) else task
-    columns = task_object.paper_columns(list(subsets))
+    columns = task_object.paper_columns(list(subsets)) + list(extra_columns)
     sizes = sorted({int(n) for n in (_number(r.get("num_images")) for r in rows if r.get("status") == "ok") if n})
     images = f" ({' / '.join(map(str, sizes))} images)" if sizes else ""
     lines = [
@@ -264,7 +274,7 @@ def results_markdown(
             "Constant predictions on the same test images, scored the same way (a model that learnt "
             "nothing scores about this):",
             "",
-            format_baselines_table(baselines, columns, task_object),
+            format_baselines_table(baselines, columns[: len(columns) - len(extra_columns)], task_object),
             "",
         ]
     failed = [r for r in rows if str(r.get("fold")) not in AGGREGATES and r.get("status") != "ok"]
@@ -331,6 +341,49 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+SHORTCUT_COLUMNS = (("internal_auc", "COVID AUC internal"), ("external_auc", "COVID AUC external"),
+                    ("shortcut_gap", "Shortcut gap"))
+LOCALIZATION_COLUMNS = (("cam_hit_rate", "CAM pointing game"), ("cam_energy", "CAM energy inside"),
+                        ("cam_iou", "CAM IoU"))
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """Extra evaluations of every classifier run (see the module docstring)."""
+
+    external: str | None = None  # OTHER_TFRECORDS[/PROTOCOL]
+    class_map: str | None = None
+    localization: str | None = None  # TFRECORDS[/PROTOCOL]
+
+    def columns(self) -> list[tuple[str, str]]:
+        return ([*SHORTCUT_COLUMNS] if self.external else []) + ([*LOCALIZATION_COLUMNS] if self.localization else [])
+
+
+def explain_columns(run_dir: Path, options: ExplainOptions, batch_size: int | None, plots: bool, force: bool,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """The explain columns of one run, evaluating what is missing (or everything with ``force``)."""
+    from caaxr_tf.evaluate import evaluate_external_run, evaluate_localization_run
+    from caaxr_tf.explain.evaluation import ALL_SPLITS, data_tag, resolve_protocol_dir
+    from caaxr_tf.runs import EVAL_DIR, load_run_config
+
+    row: dict[str, Any] = {}
+    if options.external:
+        protocol = str(load_run_config(run_dir).get("protocol") or "")
+        path = run_dir / EVAL_DIR / f"external_{data_tag(resolve_protocol_dir(options.external, protocol))}_{ALL_SPLITS}.json"
+        result = _read_json(path) if path.exists() and not force else evaluate_external_run(
+            run_dir, options.external, class_map=options.class_map, split=ALL_SPLITS, batch_size=batch_size,
+            plots=plots, log=log)
+        gap = result["shortcut"]
+        row.update(internal_auc=gap["internal_auc"], external_auc=gap["external_auc"], shortcut_gap=gap["gap"])
+    if options.localization:
+        path = run_dir / EVAL_DIR / f"localization_{data_tag(resolve_protocol_dir(options.localization, 'seg'))}.json"
+        result = _read_json(path) if path.exists() and not force else evaluate_localization_run(
+            run_dir, options.localization, batch_size=batch_size, plots=plots, log=log)
+        cam = result["table"]["cam"]
+        row.update(cam_hit_rate=cam["hit_rate"], cam_energy=cam["energy"], cam_iou=cam["iou"])
+    return row
+
+
 def run_cv(
     protocol: str,
     models: Sequence[str],
@@ -346,11 +399,13 @@ def run_cv(
     trainer: Trainer | None = None,
     evaluator: Evaluator | None = None,
     log: Callable[[str], None] = print,
+    explain: ExplainOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``models`` × ``folds``; write OUT/results.csv and OUT/results.md.
 
     ``trainer(config, run_dir)`` defaults to ``caaxr_tf.train.run_training`` and ``evaluator``
-    to ``caaxr_tf.evaluate.evaluate_run`` (both injectable for tests). Returns the fold rows.
+    to ``caaxr_tf.evaluate.evaluate_run`` (both injectable for tests). ``explain`` adds the
+    cross-source and localization columns (classifiers). Returns the fold rows.
     Raises ValueError / FileNotFoundError (ConfigError for training settings) for bad
     arguments before anything runs.
     """
@@ -387,7 +442,16 @@ def run_cv(
                                                  flags=training.flags, overrides=training.overrides)
                for model in models for fold in folds}
 
-    columns = task.metric_columns(subsets)
+    explain = explain or ExplainOptions()
+    if explain.columns():
+        from caaxr_tf.explain.evaluation import check_explainable, match_run_classes, resolve_protocol_dir
+
+        check_explainable(task, "--external/--localization")
+        if explain.external:  # unmatched classes stop the CV before any training
+            match_run_classes(class_names, resolve_protocol_dir(explain.external, protocol), explain.class_map)
+        if explain.localization:
+            resolve_protocol_dir(explain.localization, "seg")
+    columns = task.metric_columns(subsets) + [key for key, _ in explain.columns()]
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     # half-split protocols score the baseline over the run's folds (one test half per fold)
@@ -399,7 +463,7 @@ def run_cv(
         write_text_atomic(out / RESULTS_CSV, results_csv_text(rows, columns))
         write_text_atomic(
             out / RESULTS_MD, results_markdown(rows, protocol, task, class_names, subsets, folds, protocol_dir,
-                                               baselines)
+                                               baselines, extra_columns=explain.columns())
         )
 
     total = len(models) * len(folds)
@@ -430,23 +494,31 @@ def run_cv(
                 except Exception as error:  # noqa: BLE001 — record it and go on with the next run
                     traceback.print_exc()
                     failure = f"evaluation raised {type(error).__name__}: {error}"
-            _reset_keras()
+        extra: dict[str, Any] = {}
+        if failure is None and explain.columns():
+            try:
+                extra = explain_columns(run_dir, explain, eval_batch_size, plots, force, log)
+            except Exception as error:  # noqa: BLE001 — record it and go on with the next run
+                traceback.print_exc()
+                failure = f"explain evaluation raised {type(error).__name__}: {error}"
+        _reset_keras()
         if failure is None:
             subset_metrics = {s: _read_json(metrics_path(run_dir, subset=s)) for s in subsets}
-            rows.append(row_from_metrics(model, fold, run_dir, _read_json(metrics_path(run_dir)), subset_metrics, task))
+            rows.append({**row_from_metrics(model, fold, run_dir, _read_json(metrics_path(run_dir)), subset_metrics, task),
+                         **extra})
             log(f"{prefix}: ok ({time.perf_counter() - started:.0f} s)")
         else:
             rows.append({"model": model, "fold": fold, "status": f"failed: {failure}", "run_dir": str(run_dir)})
             log(f"{prefix}: FAILED: {failure}")
         write_results()
 
-    paper = task.paper_columns(subsets)
+    paper = task.paper_columns(subsets) + explain.columns()
     log("")
     log(f"{protocol}: mean ± std over fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}")
     log(format_results_table(rows, paper, markdown=False))
     if baselines:
         log("constant predictions on the same test images:")
-        log(format_baselines_table(baselines, paper, task, markdown=False))
+        log(format_baselines_table(baselines, task.paper_columns(subsets), task, markdown=False))
     log(f"wrote {out / RESULTS_CSV} and {out / RESULTS_MD}")
     return rows
 
@@ -485,6 +557,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=None)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--external", default=None, metavar="OTHER_TFRECORDS[/PROTOCOL]",
+                        help="classifiers: also evaluate on another source (columns internal_auc, external_auc, "
+                             "shortcut_gap)")
+    parser.add_argument("--class-map", default=None, metavar="OLD=NEW,...", help="with --external: class renames")
+    parser.add_argument("--localization", default=None, metavar="TFRECORDS[/PROTOCOL]",
+                        help="classifiers: score the COVID Grad-CAM against a segmentation protocol's boxes "
+                             "(columns cam_hit_rate, cam_energy, cam_iou)")
     add_training_arguments(parser)
     return parser.parse_args(argv)
 
@@ -505,6 +584,7 @@ def main(argv: list[str] | None = None, trainer: Trainer | None = None) -> int:
             args.protocol, models, args.tfrecords, args.out, folds=args.folds, training=training_options(args),
             force=args.force, eval_only=args.eval_only, eval_batch_size=args.eval_batch_size,
             plots=not args.no_plots, trainer=trainer,
+            explain=ExplainOptions(args.external, args.class_map, args.localization),
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,7 +1,10 @@
 """Evaluate a trained run on its protocol's test (or validation) split.
 
     python -m caaxr_tf.evaluate --run RUN_DIR [--split test|val] [--subset consolidation]
-                                [--batch-size N] [--model best|final] [--no-plots]
+                                [--batch-size N] [--model best|final] [--no-plots] [--cam]
+    python -m caaxr_tf.evaluate --run RUN_DIR --localization TFRECORDS[/seg]     (classifiers)
+    python -m caaxr_tf.evaluate --run RUN_DIR --tfrecords OTHER_TFRECORDS[/PROTOCOL]
+                                [--class-map old=new,...] [--split test|val|all] [--cam]
 
 The run folder (see docs/run_dir.md) gives the model, the protocol folder and the fold.
 Results go to ``RUN_DIR/eval/`` and are written atomically (temporary name, then rename):
@@ -32,6 +35,22 @@ metrics.json, common keys: ``run_dir``, ``model``, ``model_file``, ``protocol``,
   columns = predicted class, in ``classes`` order.
 
 Values that are undefined (e.g. the AUC of a class absent from the split) are ``null``.
+
+Explainability (classifier runs; ``caaxr_tf.explain``, docs/explainability.md):
+
+* ``--cam`` adds ``cam_grid<tag>.png``: two images of every true class, each with the
+  Grad-CAM of every class (default target layer, logit scores) and its probabilities.
+* ``--localization TFRECORDS[/PROTOCOL]`` (protocol default ``seg``) scores the Grad-CAM of
+  the COVID class on that segmentation protocol's split against its boxes (or masks):
+  pointing game, energy inside, IoU of ``cam >= 0.5 * max``, beside a centre-Gaussian and a
+  uniform map. Writes ``localization_<folder>_<protocol><tag>.json`` (the table),
+  ``.csv`` (per image) and ``.png`` (bars); the usual evaluation is not run.
+* ``--tfrecords OTHER[/PROTOCOL]`` (protocol default: the run's) evaluates the run on another
+  source's shards, classes matched by name (``--class-map old=new,...`` where they differ; a
+  class that cannot be matched is an error naming it). ``--split all`` takes every image of
+  that protocol. Writes ``external_<folder>_<protocol><tag>.json`` with the metrics, the class
+  match and, when the run's own ``metrics.json`` exists, ``shortcut``: internal and external
+  COVID AUC and their difference; ``.csv`` per image, ``_roc.png``.
 Models may output a tensor (U-Net, SegNet, classifiers) or a dict whose ``mask`` entry is
 the mask probabilities (Mask R-CNN).
 
@@ -45,6 +64,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import sys
 import time
@@ -53,7 +73,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
+
 from caaxr_tf.io import json_safe, write_json_atomic, write_text_atomic  # noqa: E402
+from caaxr_tf.tasks.base import format_value  # noqa: E402
 from caaxr_tf.metrics.classification import classification_metrics, covid_index  # noqa: E402,F401  (re-exported)
 
 SPLITS = ("test", "val")
@@ -130,13 +153,15 @@ def evaluate_run(
     plots: bool = True,
     num_examples: int = NUM_EXAMPLES,
     log: Callable[[str], None] | None = print,
+    cam: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the ``which`` model of a run on ``split`` (optionally one subset of it).
 
     Writes ``RUN_DIR/eval/metrics.json`` for the default (test split, no subset, best model)
     and ``RUN_DIR/eval/metrics_<split>[_<subset>][_final].json`` otherwise, plus the per-image
     CSV and the task's plots (see the module docstring), and returns the metrics dict. ``log``
-    receives the printed summary table (None: silent).
+    receives the printed summary table (None: silent). ``cam`` also draws the Grad-CAM grid
+    (classifiers only; ``ValueError`` otherwise, before anything is read).
 
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
@@ -147,9 +172,14 @@ def evaluate_run(
 
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    config, tfrecords, _ = _check_inputs(Path(run_dir).resolve(), split, subset, which)
+    config, tfrecords, summary = _check_inputs(Path(run_dir).resolve(), split, subset, which)
+    if cam:
+        from caaxr_tf.explain.evaluation import check_explainable
+
+        check_explainable(run_task(config, summary), "--cam")
     with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
-        return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log)
+        return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
+                             cam=cam)
 
 
 def _evaluate_run(
@@ -162,6 +192,7 @@ def _evaluate_run(
     plots: bool,
     num_examples: int,
     log: Callable[[str], None] | None,
+    cam: bool = False,
 ) -> dict[str, Any]:
     from caaxr_tf.data.pipeline import make_dataset
     from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
@@ -203,6 +234,10 @@ def _evaluate_run(
         "tfrecords": str(tfrecords),
         **result.metrics,
     }
+    if cam:
+        from caaxr_tf.explain.evaluation import write_cam_grid
+
+        write_cam_grid(model, dataset, task.class_names, context.path("cam_grid", "png"), f"Grad-CAM: {context.title}")
     files = dict(context.files)
     files["predictions"] = f"predictions{tag}.csv"
     write_text_atomic(eval_dir / files["predictions"], csv_text(result.header, result.rows))
@@ -214,6 +249,147 @@ def _evaluate_run(
         log(format_metrics(metrics, task))
         log(f"wrote {eval_dir / f'metrics{tag}.json'}")
     return metrics
+
+
+def _explain_inputs(run_dir: str | Path, which: str, what: str):
+    """Run folder, config, summary and Task of a classifier run, checked (``what`` names the
+    option in errors)."""
+    from caaxr_tf.explain.evaluation import check_explainable
+
+    run_dir = Path(run_dir).resolve()
+    config, _, summary = _check_inputs(run_dir, "test", None, which)
+    task = run_task(config, summary)
+    check_explainable(task, what)
+    return run_dir, config, task
+
+
+def evaluate_localization_run(
+    run_dir: str | Path,
+    protocol: str | Path,
+    *,
+    split: str = "test",
+    which: str = "best",
+    batch_size: int | None = None,
+    plots: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Score a classifier run's COVID-class Grad-CAM against the boxes (masks) of a
+    segmentation protocol (``protocol``: ``TFRECORDS/PROTOCOL`` or ``TFRECORDS``, then ``seg``).
+
+    Writes ``RUN_DIR/eval/localization_<folder>_<protocol><tag>.json`` (the table of the CAM
+    and the baselines), ``.csv`` (per image) and ``.png``; returns the JSON dict.
+    """
+    from caaxr_tf.explain.evaluation import data_tag, evaluate_localization, plot_localization, resolve_protocol_dir
+    from caaxr_tf.explain.localization import format_table
+    from caaxr_tf.runs import EVAL_DIR, load_run_model
+
+    started = time.perf_counter()
+    run_dir, config, task = _explain_inputs(run_dir, which, "--localization")
+    protocol_dir = resolve_protocol_dir(protocol, "seg")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    model = load_run_model(run_dir, which)
+    result = evaluate_localization(
+        model, task.class_names, protocol_dir, split=split, image_size=int(config.get("image_size") or 224),
+        batch_size=int(batch_size or config.get("batch_size") or 16),
+    )
+    name = f"localization_{data_tag(protocol_dir)}{output_tag(split, None, which)}"
+    eval_dir = run_dir / EVAL_DIR
+    files = {"scores": f"{name}.csv"}
+    write_text_atomic(eval_dir / files["scores"], csv_text(result.header, result.rows))
+    title = f"{config.get('model')} ({config.get('protocol')}) {result.class_name} CAM vs {protocol_dir.name} boxes"
+    if plots:
+        files["plot"] = f"{name}.png"
+        plot_localization(result.table, eval_dir / files["plot"], title)
+    output = json_safe({"run_dir": str(run_dir), "model": config.get("model"), "protocol": config.get("protocol"),
+                        "fold": int(config.get("fold") or 1), "model_file": which, **result.info,
+                        "table": result.table, "files": files, "seconds": round(time.perf_counter() - started, 2)})
+    write_json_atomic(eval_dir / f"{name}.json", output)
+    if log is not None:
+        log(f"{title}, {split} split:")
+        log(format_table(result.table))
+        log(f"wrote {eval_dir / f'{name}.json'}")
+    return output
+
+
+def evaluate_external_run(
+    run_dir: str | Path,
+    tfrecords: str | Path,
+    *,
+    class_map: str | None = None,
+    split: str = "test",
+    which: str = "best",
+    batch_size: int | None = None,
+    plots: bool = True,
+    cam: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Evaluate a classifier run on another source's shards (``TFRECORDS/PROTOCOL``, or
+    ``TFRECORDS`` and the run's protocol), classes matched by name and ``class_map``.
+
+    Writes ``RUN_DIR/eval/external_<folder>_<protocol><tag>.json`` (metrics, class match,
+    shortcut gap when the run's own metrics.json exists), ``.csv`` and plots; returns the dict.
+    Raises ``ClassMatchError`` naming the unmatched classes before any image is read.
+    """
+    from caaxr_tf.explain.evaluation import (
+        ALL_SPLITS,
+        data_tag,
+        evaluate_external,
+        match_run_classes,
+        resolve_protocol_dir,
+        shortcut_summary,
+        write_cam_grid,
+    )
+    from caaxr_tf.runs import EVAL_DIR, load_run_model
+
+    started = time.perf_counter()
+    run_dir, config, task = _explain_inputs(run_dir, which, "--tfrecords")
+    if split not in (*SPLITS, ALL_SPLITS):
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join((*SPLITS, ALL_SPLITS))}")
+    protocol_dir = resolve_protocol_dir(tfrecords, str(config.get("protocol") or ""))
+    match, _ = match_run_classes(task.class_names, protocol_dir, class_map)  # errors before the model loads
+    model = load_run_model(run_dir, which)
+    image_size = int(config.get("image_size") or 224)
+    result = evaluate_external(predict_function(model), task.class_names, protocol_dir, class_map=class_map,
+                               split=split, image_size=image_size,
+                               batch_size=int(batch_size or config.get("batch_size") or 32))
+    name = f"external_{data_tag(protocol_dir)}{output_tag(split, None, which) if split != ALL_SPLITS else '_all'}"
+    eval_dir = run_dir / EVAL_DIR
+    files = {"predictions": f"{name}.csv"}
+    write_text_atomic(eval_dir / files["predictions"], csv_text(result.header, result.rows))
+    title = f"{config.get('model')} ({config.get('protocol')}) on {protocol_dir.parent.name}/{protocol_dir.name}, {split}"
+    if plots:
+        from caaxr_tf.plots import plot_roc
+
+        labels = np.array([match.class_names.index(row[3]) for row in result.rows])
+        scores = np.array([[float(v) for v in row[5:]] for row in result.rows])
+        files["roc"] = f"{name}_roc.png"
+        plot_roc(labels, scores, match.class_names, eval_dir / files["roc"], f"ROC: {title}")
+    if cam:
+        from caaxr_tf.data.pipeline import make_dataset
+        from caaxr_tf.tasks import get_task
+
+        files["cam_grid"] = f"{name}_cam_grid.png"
+        grid_split = "test" if split == ALL_SPLITS else split
+        dataset = make_dataset(protocol_dir, grid_split, fold=1, batch_size=16, image_size=image_size, training=False,
+                               augment=False, cache=False, with_ids=True,
+                               task=get_task("classification")(match.data_classes))
+        write_cam_grid(model, dataset, match.data_classes, eval_dir / files["cam_grid"], f"Grad-CAM: {title}")
+    internal_path = metrics_path(run_dir, which=which)
+    internal = json.loads(internal_path.read_text(encoding="utf-8")) if internal_path.exists() else None
+    output = json_safe({"run_dir": str(run_dir), "model": config.get("model"), "protocol": config.get("protocol"),
+                        "fold": int(config.get("fold") or 1), "model_file": which, **result.metrics,
+                        "shortcut": shortcut_summary(internal, result.metrics), "files": files,
+                        "seconds": round(time.perf_counter() - started, 2)})
+    write_json_atomic(eval_dir / f"{name}.json", output)
+    if log is not None:
+        log(f"{title}: {output['num_images']} images")
+        log("\n".join(task.format_metrics(output)[:4 + len(match.class_names)]))
+        gap = output["shortcut"]
+        log(f"  COVID AUC internal {format_value(gap['internal_auc'])}, external {format_value(gap['external_auc'])}, "
+            f"gap {format_value(gap['gap'])}")
+        log(f"wrote {eval_dir / f'{name}.json'}")
+    return output
 
 
 def predict_function(model) -> Callable[[Any], Any]:
@@ -258,12 +434,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m caaxr_tf.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run", required=True, help="run folder written by caaxr_tf.train")
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--split", default="test", choices=(*SPLITS, "all"),
+                        help="all: every image of the --tfrecords protocol (only with --tfrecords)")
     parser.add_argument("--subset", default=None, help="a subset of the protocol, e.g. consolidation")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
     parser.add_argument("--model", default="best", choices=MODEL_FILES, help="best.keras or final.keras")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    return parser.parse_args(argv)
+    parser.add_argument("--cam", action="store_true", help="classifiers: a grid of images with their Grad-CAMs")
+    parser.add_argument("--localization", default=None, metavar="TFRECORDS[/PROTOCOL]",
+                        help="classifiers: score the COVID Grad-CAM against a segmentation protocol's boxes "
+                             "(default protocol seg)")
+    parser.add_argument("--tfrecords", default=None, metavar="OTHER[/PROTOCOL]",
+                        help="classifiers: evaluate on another source's shards (default protocol: the run's)")
+    parser.add_argument("--class-map", default=None, metavar="OLD=NEW,...",
+                        help="with --tfrecords: rename classes of the run or the data so that they match")
+    args = parser.parse_args(argv)
+    if args.split == "all" and args.tfrecords is None:
+        parser.error("--split all needs --tfrecords")
+    if args.class_map is not None and args.tfrecords is None:
+        parser.error("--class-map needs --tfrecords")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     try:
-        evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots)
+        if args.localization is None and args.tfrecords is None:
+            evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
+                         cam=args.cam)
+        if args.localization is not None:
+            evaluate_localization_run(args.run, args.localization, split="test" if args.split == "all" else args.split,
+                                      which=args.model, batch_size=args.batch_size, plots=not args.no_plots)
+        if args.tfrecords is not None:
+            evaluate_external_run(args.run, args.tfrecords, class_map=args.class_map, split=args.split,
+                                  which=args.model, batch_size=args.batch_size, plots=not args.no_plots, cam=args.cam)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -19,6 +19,11 @@ Signatures (see docs/serving.md):
 Both return ``probabilities`` [N, C], ``predicted_class`` [N] and ``class_names`` [N, C] for
 classifiers, ``mask`` [N, 224, 224, 1] for segmentation models, and every entry of a model that
 returns a dict (Mask R-CNN: ``mask``, ``boxes``, ``scores``, ``classes``, ``num_detections``).
+
+``--cam`` (classifiers only, off by default) adds the output ``cam`` [N, 224, 224] float32 in
+0..1: the Grad-CAM of each image's predicted class (``caaxr_tf.explain.gradcam``, default
+target layer, logit scores), with the gradients computed inside the serving graph. It costs a
+backward pass per request.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ HEADER_BYTES = 32
 
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERIFY_TOLERANCE = 1e-4
+# A CAM is divided by its maximum: float32 round-off in a map with a small peak shows more.
+CAM_VERIFY_TOLERANCE = 1e-3
 
 
 # --------------------------------------------------------------------------- in-graph input
@@ -228,22 +235,39 @@ def resolve_export_task(task: "str | Task", class_names: Sequence[str] = ()) -> 
     return task if not isinstance(task, str) else get_task(task)(list(class_names))
 
 
+def check_cam_export(task: "Task") -> None:
+    """A ``cam`` output needs a classifier (``Task.supports_cam``)."""
+    if not getattr(task, "supports_cam", False):
+        raise ValueError(f"--cam needs a classifier; this run's task is {task.name!r}")
+
+
 def make_export_archive(
-    model, *, task: "str | Task", class_names: Sequence[str] = (), image_size: int = IMAGE_SIZE
+    model, *, task: "str | Task", class_names: Sequence[str] = (), image_size: int = IMAGE_SIZE,
+    cam: bool = False,
 ):
     """A ``keras.export.ExportArchive`` with the ``serving_default`` and
     ``predict_preprocessed`` endpoints around ``model`` (called with ``training=False``); the
-    task names the outputs (``Task.serving_outputs``)."""
+    task names the outputs (``Task.serving_outputs``). ``cam`` adds the Grad-CAM output ``cam``
+    [N, S, S] of the predicted class (classifiers only)."""
     import keras
 
     task = resolve_export_task(task, class_names)
     image_shape = [None, image_size, image_size, 1]
+    cam_function = None
+    if cam:
+        from caaxr_tf.explain.gradcam import make_cam_function
+
+        check_cam_export(task)
+        cam_function = make_cam_function(model, output_size=(image_size, image_size))
 
     # One traced graph of the model, called by both signatures: tracing a large model (DenseNet)
     # twice doubled the export's time.
     @tf.function(input_signature=[tf.TensorSpec(image_shape, tf.float32)])
     def run_model(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        return task.serving_outputs(model(pixels, training=False))
+        outputs = task.serving_outputs(model(pixels, training=False))
+        if cam_function is not None:
+            outputs["cam"] = cam_function(pixels)["cam"]
+        return outputs
 
     # Empty tensors as defaults: TF Serving fills an input missing from a request with its
     # SignatureDef default, and a [0] tensor fits the [N] spec whatever N is.
@@ -278,15 +302,24 @@ def make_export_archive(
 
 
 def verify_export(model, export_dir: str | Path, image_size: int, task: "str | Task",
-                  seed: int = 0) -> float:
+                  seed: int = 0, cam: bool = False) -> float:
     """Largest absolute difference between the Keras model's outputs, named by the task, and the
     reloaded export on random images (``predict_preprocessed``); raises ``RuntimeError`` above
-    ``VERIFY_TOLERANCE``."""
+    ``VERIFY_TOLERANCE`` (``CAM_VERIFY_TOLERANCE`` for ``cam``, checked against
+    ``GradCam(model)`` when ``cam``)."""
     task = resolve_export_task(task)
     images = np.random.default_rng(seed).uniform(0, 255, (2, image_size, image_size, 1)).astype(np.float32)
     expected = {key: np.asarray(value) for key, value in task.serving_outputs(model(images, training=False)).items()}
     loaded = tf.saved_model.load(str(export_dir))
     got = loaded.signatures[PREPROCESSED_SIGNATURE](images=tf.constant(images))
+    if cam:
+        from caaxr_tf.explain.gradcam import GradCam
+
+        reference = GradCam(model, output_size=(image_size, image_size), run_eagerly=True)(images).cam
+        exported_cam = got["cam"].numpy()
+        cam_error = float(np.max(np.abs(exported_cam - reference))) if np.all(np.isfinite(exported_cam)) else np.inf
+        if cam_error > CAM_VERIFY_TOLERANCE:
+            raise RuntimeError(f"the exported cam at {export_dir} differs from Grad-CAM of the Keras model by {cam_error:g}")
     worst = 0.0
     for name, value in expected.items():
         if not np.issubdtype(value.dtype, np.floating):
@@ -394,15 +427,25 @@ def export_model(
     image_size: int = IMAGE_SIZE,
     metadata: Mapping[str, Any] | None = None,
     verify: bool = True,
+    cam: bool = False,
 ) -> Path:
-    """Write ``model`` as a SavedModel at ``export_dir`` (which must not exist)."""
+    """Write ``model`` as a SavedModel at ``export_dir`` (which must not exist); ``cam`` adds
+    the Grad-CAM output (classifiers only, see the module docstring)."""
     export_dir = Path(export_dir)
     task = resolve_export_task(task, class_names)
+    if cam:
+        check_cam_export(task)
     task.check_model(model, image_size)
-    archive = make_export_archive(model, task=task, class_names=class_names, image_size=image_size)
+    archive = make_export_archive(model, task=task, class_names=class_names, image_size=image_size, cam=cam)
     archive.write_out(str(export_dir), verbose=False)
     if verify:
-        verify_export(model, export_dir, image_size, task)
+        verify_export(model, export_dir, image_size, task, cam=cam)
+    if cam:
+        from caaxr_tf.explain.gradcam import resolve_layer_path
+
+        metadata = {**(metadata or {}), "cam": {"output": "cam", "class": "predicted", "score": "logit",
+                                                "layer": "/".join(resolve_layer_path(model)),
+                                                "size": [image_size, image_size]}}
     info = {
         "format": METADATA_FORMAT,
         "task": task.name,
@@ -472,11 +515,13 @@ def export_run(
     which: str = "best",
     serving_root: str | None = None,
     verify: bool = True,
+    cam: bool = False,
 ) -> Path:
     """Export ``RUN_DIR/best.keras`` to ``out/<version>`` and update ``out/../models.config``.
 
     Returns the version folder. ``version`` defaults to the next free one; an existing version
-    is a ``FileExistsError`` unless ``overwrite``.
+    is a ``FileExistsError`` unless ``overwrite``. ``cam`` adds the Grad-CAM output (a
+    ``ValueError`` for a run that is not a classifier, before anything is written).
     """
     import keras
 
@@ -499,6 +544,8 @@ def export_run(
             **ranges)
     except ValueError as error:
         raise ValueError(f"{run_dir}/config.yaml: {error}") from None
+    if cam:
+        check_cam_export(task)
     class_names = [str(name) for name in config.get("class_names") or []]
     image_size = int(config.get("image_size", IMAGE_SIZE))
     out.mkdir(parents=True, exist_ok=True)
@@ -524,7 +571,7 @@ def export_run(
     try:
         export_model(
             model, temporary, task=task, class_names=class_names, image_size=image_size,
-            metadata=metadata, verify=verify,
+            metadata=metadata, verify=verify, cam=cam,
         )
         for old in _version_dirs(out, version) if overwrite else []:
             retired.append((old, out / f".retired-{old.name}-{os.getpid()}.tmp"))
@@ -562,6 +609,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(default: as the existing models.config, else the absolute local path)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the check of the reloaded export")
+    parser.add_argument("--cam", action="store_true",
+                        help="add the Grad-CAM output `cam` [N, S, S] of the predicted class (classifiers only)")
     return parser.parse_args(argv)
 
 
@@ -570,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         target = export_run(
             args.run, args.out, args.version, args.overwrite,
-            which=args.which, serving_root=args.serving_root, verify=not args.no_verify,
+            which=args.which, serving_root=args.serving_root, verify=not args.no_verify, cam=args.cam,
         )
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

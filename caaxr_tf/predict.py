@@ -1,7 +1,7 @@
 """Predict with an exported model on PNG, JPEG and DICOM files.
 
-    python -m caaxr_tf.predict --model saved_models/NAME[/N] [--overlay DIR] [--batch-size 16]
-        [--bit-depth N] [--invert] [--no-sidecars] FILE_OR_DIR ...
+    python -m caaxr_tf.predict --model saved_models/NAME[/N] [--overlay DIR] [--cam DIR]
+        [--batch-size 16] [--bit-depth N] [--invert] [--no-sidecars] FILE_OR_DIR ...
 
 Prints one JSON line per image, in input order, as soon as its batch is done: the predicted
 class and the probability of every class for a classifier, the fraction of the image inside
@@ -11,6 +11,12 @@ over the image as a PNG). A file that cannot be read or predicted gives a line w
 file (a FIFO, socket or device is never opened; a broken symbolic link is named), an empty
 file, an image over the pixel limit and a model output that is not finite. The exit status
 is 1 if any file failed, 2 if nothing could be run.
+
+A classifier exported with ``caaxr_tf.export --cam`` also gives ``cam_peak``: where the
+Grad-CAM of the predicted class is largest, in pixels of the model's input (``x``, ``y``),
+normalised to 0..1 (``x_norm``, ``y_norm``) and its value; ``--cam DIR`` writes one overlay
+PNG per image (the CAM in jet colours over the model's input, the peak marked) and adds its
+path as ``cam_overlay``. ``--cam`` with an export without the ``cam`` output is an error.
 
 Inputs go through the export's ``serving_default`` signature, so they are preprocessed in the
 graph exactly as in training:
@@ -59,6 +65,7 @@ from caaxr_tf.export import (  # noqa: E402
 from caaxr_tf.io import write_bytes_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CAM_OUTPUT = "cam"  # the Grad-CAM output of ``caaxr_tf.export --cam``
 
 
 @dataclass
@@ -163,6 +170,7 @@ class ServedModel:
         spec = self.loaded.signatures[PREPROCESSED_SIGNATURE].structured_input_signature[1]["images"]
         self.image_size = int(spec.shape[1])
         self.task = self._task()
+        self.has_cam = CAM_OUTPUT in self.outputs
 
     def _task(self):
         """The export's task (from its metadata; an export without metadata is recognised by its
@@ -206,7 +214,11 @@ def _text(value: Any) -> str:
 def _record(model: ServedModel, image: PreparedImage, outputs: dict[str, np.ndarray], index: int) -> dict[str, Any]:
     """The task's fields, then every other output with at most two dimensions per image."""
     record: dict[str, Any] = {"file": image.path, **model.task.prediction_record(outputs, index)}
-    for key in sorted(set(outputs) - set(model.task.reported_outputs)):
+    if CAM_OUTPUT in outputs:
+        from caaxr_tf.explain.overlay import peak_location
+
+        record["cam_peak"] = peak_location(outputs[CAM_OUTPUT][index])
+    for key in sorted(set(outputs) - set(model.task.reported_outputs) - {CAM_OUTPUT}):
         value = np.asarray(outputs[key][index])
         if value.ndim > 2:  # per-image maps or per-detection images
             continue
@@ -224,13 +236,22 @@ def write_overlay(image: np.ndarray, path: Path) -> Path:
     return path
 
 
-def _overlay_path(overlay_dir: Path, source: str, taken: set[Path]) -> Path:
+def _overlay_path(overlay_dir: Path, source: str, taken: set[Path], kind: str = "overlay") -> Path:
     stem = Path(source).stem
-    path, number = overlay_dir / f"{stem}_overlay.png", 1
+    path, number = overlay_dir / f"{stem}_{kind}.png", 1
     while path in taken:
         number += 1
-        path = overlay_dir / f"{stem}_overlay-{number}.png"
+        path = overlay_dir / f"{stem}_{kind}-{number}.png"
     taken.add(path)
+    return path
+
+
+def write_cam_overlay(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
+    """The CAM over the model's input (uint8 [S, S]) as a PNG, written atomically (numpy
+    drawing and ``tf.io.encode_png``: no OpenCV on the reading side)."""
+    from caaxr_tf.explain.overlay import cam_overlay_rgb, encode_png
+
+    write_bytes_atomic(path, encode_png(cam_overlay_rgb(pixels, cam)))
     return path
 
 
@@ -244,6 +265,7 @@ def iter_predictions(
     bit_depth: int = 0,
     sidecars: bool = True,
     model: ServedModel | None = None,
+    cam_dir: str | Path | None = None,
 ) -> Iterator[dict[str, Any]]:
     """An iterator over one result dict per input file, in order, batch by batch as each is
     predicted (arguments are checked and the model loaded at the call).
@@ -255,13 +277,16 @@ def iter_predictions(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     model = model or ServedModel(model_dir)
+    if cam_dir is not None and not model.has_cam:
+        raise ValueError(f"{model.path} has no `cam` output: export the classifier with caaxr_tf.export --cam")
     overlay_dir = Path(overlay_dir) if overlay_dir is not None else None
     files = find_inputs(paths)
-    return _stream(model, files, overlay_dir, batch_size, dict(invert=invert, bit_depth=bit_depth, sidecars=sidecars))
+    return _stream(model, files, overlay_dir, batch_size, dict(invert=invert, bit_depth=bit_depth, sidecars=sidecars),
+                   Path(cam_dir) if cam_dir is not None else None)
 
 
 def _stream(model: ServedModel, files: list[Path], overlay_dir: Path | None, batch_size: int,
-            options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+            options: dict[str, Any], cam_dir: Path | None = None) -> Iterator[dict[str, Any]]:
     taken: set[Path] = set()
     for start in range(0, len(files), batch_size):
         batch = files[start : start + batch_size]
@@ -274,6 +299,13 @@ def _stream(model: ServedModel, files: list[Path], overlay_dir: Path | None, bat
                 results[position] = {"file": str(file), "error": error_message(error)}
         per_image = _predict_batch(model, ready, results)
         for position, image in ready:
+            if position in per_image and cam_dir is not None:
+                target = _overlay_path(cam_dir, image.path, taken, "cam")
+                try:
+                    results[position]["cam_overlay"] = str(
+                        write_cam_overlay(model.preprocess(image), per_image[position][CAM_OUTPUT], target))
+                except OSError as error:
+                    results[position]["error"] = f"CAM overlay not written: {error}"
             if position not in per_image or overlay_dir is None:
                 continue
             picture = model.task.overlay(model.preprocess(image), per_image[position])
@@ -327,16 +359,18 @@ def predict_files(
     bit_depth: int = 0,
     sidecars: bool = True,
     model: ServedModel | None = None,
+    cam_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """One result dict per input file, in order; failures are ``{"file", "error"}`` dicts.
 
     ``paths`` may name files and folders (searched recursively for PNG, JPEG and DICOM).
     ``overlay_dir`` writes mask overlays for segmentation models. ``model`` reuses an
-    already loaded ``ServedModel`` instead of loading ``model_dir``. ``iter_predictions``
+    already loaded ``ServedModel`` instead of loading ``model_dir``. ``cam_dir`` writes CAM
+    overlays (an export with the ``cam`` output, else ``ValueError``). ``iter_predictions``
     yields the same dicts batch by batch.
     """
     return list(iter_predictions(model_dir, paths, overlay_dir, batch_size=batch_size, invert=invert,
-                                 bit_depth=bit_depth, sidecars=sidecars, model=model))
+                                 bit_depth=bit_depth, sidecars=sidecars, model=model, cam_dir=cam_dir))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -351,6 +385,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--model", required=True, help="saved_models/NAME/N, or saved_models/NAME for its latest version"
     )
     parser.add_argument("--overlay", default=None, metavar="DIR", help="write mask overlays (segmentation models)")
+    parser.add_argument("--cam", default=None, metavar="DIR",
+                        help="write Grad-CAM overlays (a classifier exported with caaxr_tf.export --cam)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--bit-depth", type=int, default=0, help="significant bits of 16-bit PNGs without a sidecar (0: 16)"
@@ -373,10 +409,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as error:
         print(f"error: cannot load the model {args.model}: {error_message(error)}", file=sys.stderr)
         return 2
-    results = iter_predictions(
-        model.path, args.inputs, args.overlay, batch_size=args.batch_size, invert=args.invert,
-        bit_depth=args.bit_depth, sidecars=not args.no_sidecars, model=model,
-    )
+    try:
+        results = iter_predictions(
+            model.path, args.inputs, args.overlay, batch_size=args.batch_size, invert=args.invert,
+            bit_depth=args.bit_depth, sidecars=not args.no_sidecars, model=model, cam_dir=args.cam,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     count = failed = 0
     for record in results:  # printed as each batch finishes
         count += 1

@@ -138,6 +138,26 @@ def localization_scores(
     )
 
 
+def mask_scores(saliency, mask, threshold: float = DEFAULT_THRESHOLD) -> LocalizationScores:
+    """`localization_scores` against a pixel mask [H, W] (nonzero = inside) instead of boxes,
+    e.g. the boxes drawn by the tf.data pipeline or a lung mask; NaN for an empty mask."""
+    saliency = np.asarray(saliency)
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if saliency.ndim != 2 or mask.shape != saliency.shape:
+        raise ValueError(f"map {saliency.shape} and mask {mask.shape} must be the same [H, W]")
+    mask = mask > 0
+    if not mask.any():
+        _check_map(saliency)
+        return LocalizationScores(math.nan, math.nan, math.nan)
+    return LocalizationScores(
+        pointing=pointing_game(saliency, mask),
+        energy=energy_inside(saliency, mask),
+        iou=thresholded_iou(saliency, mask, threshold),
+    )
+
+
 # --------------------------------------------------------------------------- baselines
 
 
@@ -210,6 +230,27 @@ def score_with_baselines(
     for baseline, make in (BASELINES if baselines is None else baselines).items():
         template = make(height, width)
         scores[baseline] = [localization_scores(template, boxes, threshold) for boxes in boxes_per_image]
+    return scores
+
+
+def score_masks_with_baselines(
+    maps,
+    masks,
+    threshold: float = DEFAULT_THRESHOLD,
+    baselines: Mapping[str, Callable[[int, int], np.ndarray]] | None = None,
+    name: str = "cam",
+) -> dict[str, list[LocalizationScores]]:
+    """`score_with_baselines` against pixel masks [N, H, W] (or [N, H, W, 1]) instead of boxes."""
+    maps, masks = np.asarray(maps), np.asarray(masks)
+    if masks.ndim == 4 and masks.shape[-1] == 1:
+        masks = masks[..., 0]
+    if maps.ndim != 3 or masks.shape != maps.shape:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be [N, H, W]")
+    scores = {name: [mask_scores(m, k, threshold) for m, k in zip(maps, masks)]}
+    height, width = maps.shape[1:3]
+    for baseline, make in (BASELINES if baselines is None else baselines).items():
+        template = make(height, width)
+        scores[baseline] = [mask_scores(template, k, threshold) for k in masks]
     return scores
 
 

@@ -162,6 +162,9 @@ class Task:
 
     # Loss weights or oversampling by class (``class_balance``) make sense for this task.
     supports_class_balance: ClassVar[bool] = False
+    # The model outputs class scores that Grad-CAM can explain (``caaxr_tf.explain``):
+    # ``evaluate --cam/--localization/--tfrecords``, ``export --cam``, ``predict --cam``.
+    supports_cam: ClassVar[bool] = False
 
     @classmethod
     def config_sections(cls) -> tuple[str, ...]:

@@ -52,6 +52,7 @@ class ClassificationTask(Task):
     losses = ("categorical_crossentropy",)
     reported_outputs = ("probabilities", "predicted_class", "class_names")
     supports_class_balance = True
+    supports_cam = True
 
     def __init__(self, class_names: Sequence[str], *, loss: str | None = None,
                  loss_kwargs: Mapping[str, Any] | None = None, target_names: Sequence[str] = (),
