@@ -130,6 +130,7 @@ def evaluate_run(
     plots: bool = True,
     num_examples: int = NUM_EXAMPLES,
     log: Callable[[str], None] | None = print,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the ``which`` model of a run on ``split`` (optionally one subset of it).
 
@@ -137,6 +138,10 @@ def evaluate_run(
     and ``RUN_DIR/eval/metrics_<split>[_<subset>][_final].json`` otherwise, plus the per-image
     CSV and the task's plots (see the module docstring), and returns the metrics dict. ``log``
     receives the printed summary table (None: silent).
+
+    ``options`` are the task's settings of this evaluation (``EvalContext.options``; the
+    infection task: ``lung_run``, ``threshold``, ``min_pixels``); with a ``lung_run`` the
+    files' tag ends in ``_lungs``.
 
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
@@ -149,7 +154,8 @@ def evaluate_run(
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     config, tfrecords, _ = _check_inputs(Path(run_dir).resolve(), split, subset, which)
     with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
-        return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log)
+        return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
+                             options=options)
 
 
 def _evaluate_run(
@@ -162,6 +168,7 @@ def _evaluate_run(
     plots: bool,
     num_examples: int,
     log: Callable[[str], None] | None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from caaxr_tf.data.pipeline import make_dataset
     from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
@@ -179,11 +186,12 @@ def _evaluate_run(
         tfrecords, split, fold=fold, batch_size=batch_size, task=task, training=False, augment=False,
         cache=False, subset=subset, with_ids=True, image_size=int(config.get("image_size") or 224),
     )
-    tag = output_tag(split, subset, which)
+    options = {key: value for key, value in (options or {}).items() if value is not None}
+    tag = output_tag(split, subset, which) + ("_lungs" if options.get("lung_run") else "")
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
     context = EvalContext(eval_dir, tag, f"{config.get('model', '?')} — {config.get('protocol', '?')}, fold {fold}, {where}",
-                          plots=plots, num_examples=num_examples)
+                          plots=plots, num_examples=num_examples, options=options)
     try:
         result = task.evaluate(predict, dataset, context)
     except ValueError as error:
@@ -263,7 +271,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
     parser.add_argument("--model", default="best", choices=MODEL_FILES, help="best.keras or final.keras")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    add_infection_arguments(parser)
     return parser.parse_args(argv)
+
+
+def add_infection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The infection task's options (``--lung-run``, the detection rule)."""
+    group = parser.add_argument_group("infection maps")
+    group.add_argument("--lung-run", default=None, metavar="RUN",
+                       help="a lungs-protocol segmentation run: the infection map is restricted to its lungs "
+                            "and per-lung infected fractions are reported (files tagged _lungs)")
+    group.add_argument("--detection-threshold", type=float, default=None, metavar="T",
+                       help="a pixel is infected where the map is >= T (default 0.5, as published)")
+    group.add_argument("--min-pixels", type=int, default=None, metavar="A",
+                       help="an image is COVID-19 with at least A infected pixels (default 1, as published)")
+
+
+def infection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``EvalContext.options`` from the infection arguments (unset ones left out)."""
+    options = {"lung_run": args.lung_run, "threshold": args.detection_threshold, "min_pixels": args.min_pixels}
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     try:
-        evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots)
+        evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
+                     options=infection_options(args))
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
