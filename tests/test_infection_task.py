@@ -87,6 +87,9 @@ def test_evaluation_matches_numpy_and_sklearn(split, options, tmp_path):
     metrics = result.metrics
     assert metrics["num_images"] == 8 and metrics["num_covid"] == 4 and metrics["num_control"] == 4
     assert metrics["pixel_f1"] == pytest.approx(expected["pixel_f1"], abs=1e-12)
+    truth, predicted = split["truth"].ravel() > 0.5, split["maps"].ravel() >= threshold
+    assert metrics["pixel_tp"] == np.sum(truth & predicted) and metrics["pixel_fp"] == np.sum(~truth & predicted)
+    assert metrics["tp"] + metrics["fn"] == 4 and metrics["tn"] + metrics["fp"] == 4
     assert metrics["sensitivity"] == pytest.approx(expected["sensitivity"])
     assert metrics["specificity"] == pytest.approx(expected["specificity"])
     assert metrics["detection_auc"] == pytest.approx(expected["auc"])

@@ -128,7 +128,7 @@ class InfectionTask(SegmentationTask):
             "num_images": len(ids),
             "num_covid": int(is_covid.sum()),
             "num_control": int((~is_covid).sum()),
-            **counts.as_dict(),
+            **{(f"pixel_{key}" if key in ("tp", "fp", "fn") else key): value for key, value in counts.as_dict().items()},
             **segmentation_metrics(values["dice"], values["iou"]),
             "dice_covid": _mean(values["dice"][is_covid]),
             "iou_covid": _mean(values["iou"][is_covid]),
