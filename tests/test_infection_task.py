@@ -280,8 +280,8 @@ def test_export_with_a_lung_model_round_trips_through_predict(tmp_path):
 
 
 def test_lung_model_of_another_input_size():
-    infection = threshold_model(32, 0.5, -100.0, "infection")
-    combined = with_lung_model(infection, threshold_model(16, 0.5, -25.0, "lungs"), 32, 16)
+    infection = threshold_model(32, 0.5, -100.0, "unet")
+    combined = with_lung_model(infection, threshold_model(16, 0.5, -25.0, "unet"), 32, 16)  # same names
     images = np.full((2, 32, 32, 1), 120.0, np.float32)
     outputs = combined(images)
     assert outputs["mask"].shape == (2, 32, 32, 1) and outputs["lungs"].shape == (2, 32, 32, 1)

@@ -77,11 +77,14 @@ def resized_lung_probabilities(lung_model, images, lung_image_size: int):
 
 def with_lung_model(infection_model, lung_model, image_size: int, lung_image_size: int):
     """A functional Keras model ``images [N, S, S, 1] -> {"mask", "lungs"}`` running both models
-    (the lung model at its own input size)."""
+    (the lung model at its own input size). A lung model named like the infection model is
+    renamed ``lungs_<name>``."""
     import keras
 
     from caaxr_tf.tasks.segmentation import mask_output
 
+    if lung_model.name == infection_model.name:  # e.g. two "unet"s: a functional model needs unique names
+        lung_model.name = f"lungs_{lung_model.name}"  # renamed in place; weights and config are untouched
     images = keras.Input((image_size, image_size, 1), name="images")
     infection = mask_output(infection_model(images))
     lung_inputs = images
