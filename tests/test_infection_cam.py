@@ -119,3 +119,16 @@ def test_evaluate_with_a_lung_run(qata_protocol, tmp_path):
     header = (infection / "eval" / "predictions_lungs.csv").read_text().splitlines()[0].split(",")
     assert header[-3:] == ["true_right_lung_infected_fraction", "true_left_lung_infected_fraction",
                            "true_lungs_infected_fraction"]
+
+
+def test_image_infection_features_through_both_runs(tmp_path):
+    from caaxr_tf.infection.lungs import image_infection_features, lung_infection_features
+
+    infection_model, lung_model = bright_pixels("bright", -15.0), bright_pixels("lungs", -5.0)
+    infection = save_run(tmp_path / "inf", infection_model, tmp_path, "infection")
+    lungs = save_run(tmp_path / "lungs", lung_model, tmp_path, "segmentation")
+    images = np.random.default_rng(1).uniform(0, 255, (5, SIZE, SIZE, 1)).astype(np.float32)
+    features = image_infection_features(images, infection, lungs, batch_size=2)
+    expected = lung_infection_features(np.asarray(infection_model(images)), np.asarray(lung_model(images)))
+    assert features.shape == (5, 3) and np.all(np.isfinite(features)) and np.any(features > 0)
+    np.testing.assert_allclose(features, expected, atol=1e-6)
