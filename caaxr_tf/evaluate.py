@@ -68,6 +68,13 @@ def output_tag(split: str = "test", subset: str | None = None, which: str = "bes
     return f"_{split}" + (f"_{subset}" if subset else "") + ("_final" if which == "final" else "")
 
 
+def options_tag(options: dict[str, Any]) -> str:
+    """File-name tag of the task options given: ``_lungs`` (lung run), ``_t<T>``, ``_a<A>``."""
+    return (("_lungs" if options.get("lung_run") else "")
+            + (f"_t{float(options['threshold']):g}" if options.get("threshold") is not None else "")
+            + (f"_a{int(options['min_pixels'])}" if options.get("min_pixels") is not None else ""))
+
+
 def metrics_path(run_dir: str | Path, split: str = "test", subset: str | None = None, which: str = "best") -> Path:
     """Where `evaluate_run` writes the metrics of this evaluation."""
     from caaxr_tf.runs import EVAL_DIR
@@ -140,8 +147,8 @@ def evaluate_run(
     receives the printed summary table (None: silent).
 
     ``options`` are the task's settings of this evaluation (``EvalContext.options``; the
-    infection task: ``lung_run``, ``threshold``, ``min_pixels``); with a ``lung_run`` the
-    files' tag ends in ``_lungs``.
+    infection task: ``lung_run``, ``threshold``, ``min_pixels``); the files' tag then ends in
+    `options_tag` (e.g. ``_lungs_a20``), so the default evaluation is never overwritten.
 
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
@@ -187,7 +194,7 @@ def _evaluate_run(
         cache=False, subset=subset, with_ids=True, image_size=int(config.get("image_size") or 224),
     )
     options = {key: value for key, value in (options or {}).items() if value is not None}
-    tag = output_tag(split, subset, which) + ("_lungs" if options.get("lung_run") else "")
+    tag = output_tag(split, subset, which) + options_tag(options)
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
     context = EvalContext(eval_dir, tag, f"{config.get('model', '?')} — {config.get('protocol', '?')}, fold {fold}, {where}",
@@ -282,9 +289,9 @@ def add_infection_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a lungs-protocol segmentation run: the infection map is restricted to its lungs "
                             "and per-lung infected fractions are reported (files tagged _lungs)")
     group.add_argument("--detection-threshold", type=float, default=None, metavar="T",
-                       help="a pixel is infected where the map is >= T (default 0.5, as published)")
+                       help="a pixel is infected where the map is >= T (default 0.5, as published; files tagged _t<T>)")
     group.add_argument("--min-pixels", type=int, default=None, metavar="A",
-                       help="an image is COVID-19 with at least A infected pixels (default 1, as published)")
+                       help="an image is COVID-19 with at least A infected pixels (default 1, as published; files tagged _a<A>)")
 
 
 def infection_options(args: argparse.Namespace) -> dict[str, Any]:

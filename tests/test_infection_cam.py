@@ -112,11 +112,11 @@ def test_evaluate_with_a_lung_run(qata_protocol, tmp_path):
     lungs = save_run(tmp_path / "lungs", bright_pixels("lungs", -5.0), qata_protocol, "segmentation")
     plain = evaluate_run(infection, plots=False, log=None)
     restricted = evaluate_run(infection, plots=False, log=None, options={"lung_run": str(lungs), "min_pixels": 5})
-    assert (infection / "eval" / "metrics.json").exists() and (infection / "eval" / "metrics_lungs.json").exists()
+    assert (infection / "eval" / "metrics.json").exists() and (infection / "eval" / "metrics_lungs_a5.json").exists()
     assert restricted["lung_run"] == str(lungs) and restricted["min_pixels"] == 5 and plain["lung_run"] is None
     assert restricted["pixel_fp"] <= plain["pixel_fp"] and restricted["pixel_tp"] <= plain["pixel_tp"]
     assert restricted["severity"]["num_images"] == restricted["num_covid"]
-    header = (infection / "eval" / "predictions_lungs.csv").read_text().splitlines()[0].split(",")
+    header = (infection / "eval" / "predictions_lungs_a5.csv").read_text().splitlines()[0].split(",")
     assert header[-3:] == ["true_right_lung_infected_fraction", "true_left_lung_infected_fraction",
                            "true_lungs_infected_fraction"]
 
