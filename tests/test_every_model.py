@@ -131,7 +131,8 @@ def test_every_protocol_task_runs_the_shared_path(protocol_task, model, tfrecord
     check_shared_path(model, protocol_task, tfrecords, tmp_path, tuple(NARROW.get(model, ())))
 
 
-def check_shared_path(model: str, protocol_task: str, tfrecords, tmp_path: Path, overrides: tuple[str, ...] = ()) -> None:
+def check_shared_path(model: str, protocol_task: str, tfrecords, tmp_path: Path,
+                      overrides: tuple[str, ...] = ()) -> None:
     from caaxr_tf.evaluate import evaluate_run
     from caaxr_tf.export import export_run
     from caaxr_tf.predict import ServedModel, predict_files, prepare_image

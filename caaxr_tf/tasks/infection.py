@@ -96,8 +96,8 @@ class InfectionTask(SegmentationTask):
         lungs = _lung_run(options.get("lung_run"))
         counts = PixelCounts()
         ids: list[str] = []
-        columns: dict[str, list[np.ndarray]] = {key: [] for key in
-                                                ("covid", "dice", "iou", "true", "infected", "severity", "true_severity")}
+        columns: dict[str, list[np.ndarray]] = {
+            key: [] for key in ("covid", "dice", "iou", "true", "infected", "severity", "true_severity")}
         examples = _ExamplePicker(context.num_examples if context.plots else 0)
         for images, targets, batch_ids in dataset:
             batch_ids = [i.decode("utf-8") for i in batch_ids.numpy()]
@@ -128,7 +128,8 @@ class InfectionTask(SegmentationTask):
             "num_images": len(ids),
             "num_covid": int(is_covid.sum()),
             "num_control": int((~is_covid).sum()),
-            **{(f"pixel_{key}" if key in ("tp", "fp", "fn") else key): value for key, value in counts.as_dict().items()},
+            **{(f"pixel_{key}" if key in ("tp", "fp", "fn") else key): value
+               for key, value in counts.as_dict().items()},
             **segmentation_metrics(values["dice"], values["iou"]),
             "dice_covid": _mean(values["dice"][is_covid]),
             "iou_covid": _mean(values["iou"][is_covid]),
