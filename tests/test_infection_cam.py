@@ -132,3 +132,21 @@ def test_image_infection_features_through_both_runs(tmp_path):
     expected = lung_infection_features(np.asarray(infection_model(images)), np.asarray(lung_model(images)))
     assert features.shape == (5, 3) and np.all(np.isfinite(features)) and np.any(features > 0)
     np.testing.assert_allclose(features, expected, atol=1e-6)
+
+
+def test_baselines_of_constant_maps(qata_protocol):
+    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.infection import InfectionTask
+
+    _, _, covid = split_arrays(qata_protocol)
+    full = InfectionTask(CLASSES).baselines(qata_protocol, "test", 1, [])[""]
+    # the masks at the pipeline's default image size, where the baselines are scored
+    dataset = make_dataset(qata_protocol, "test", fold=1, batch_size=8, task=InfectionTask(CLASSES), training=False,
+                           augment=False, cache=False)
+    masks = np.concatenate([np.asarray(t["mask"]) for _, t in dataset]) > 0.5
+    positives, pixels = masks.sum(), masks.size
+    assert full["empty map"] == {"num_images": len(covid), "pixel_f1": 0.0, "dice": pytest.approx(np.mean(~covid)),
+                                 "sensitivity": 0.0, "specificity": 1.0}
+    ones = full["all-ones map"]
+    assert ones["pixel_f1"] == pytest.approx(2 * positives / (positives + pixels))
+    assert (ones["sensitivity"], ones["specificity"]) == (1.0, 0.0)
