@@ -91,6 +91,13 @@ def output_tag(split: str = "test", subset: str | None = None, which: str = "bes
     return f"_{split}" + (f"_{subset}" if subset else "") + ("_final" if which == "final" else "")
 
 
+def options_tag(options: dict[str, Any]) -> str:
+    """File-name tag of the task options given: ``_lungs`` (lung run), ``_t<T>``, ``_a<A>``."""
+    return (("_lungs" if options.get("lung_run") else "")
+            + (f"_t{float(options['threshold']):g}" if options.get("threshold") is not None else "")
+            + (f"_a{int(options['min_pixels'])}" if options.get("min_pixels") is not None else ""))
+
+
 def metrics_path(run_dir: str | Path, split: str = "test", subset: str | None = None, which: str = "best") -> Path:
     """Where `evaluate_run` writes the metrics of this evaluation."""
     from caaxr_tf.runs import EVAL_DIR
@@ -154,6 +161,7 @@ def evaluate_run(
     num_examples: int = NUM_EXAMPLES,
     log: Callable[[str], None] | None = print,
     cam: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the ``which`` model of a run on ``split`` (optionally one subset of it).
 
@@ -162,6 +170,10 @@ def evaluate_run(
     CSV and the task's plots (see the module docstring), and returns the metrics dict. ``log``
     receives the printed summary table (None: silent). ``cam`` also draws the Grad-CAM grid
     (classifiers only; ``ValueError`` otherwise, before anything is read).
+
+    ``options`` are the task's settings of this evaluation (``EvalContext.options``; the
+    infection task: ``lung_run``, ``threshold``, ``min_pixels``); the files' tag then ends in
+    `options_tag` (e.g. ``_lungs_a20``), so the default evaluation is never overwritten.
 
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
@@ -179,7 +191,7 @@ def evaluate_run(
         check_explainable(run_task(config, summary), "--cam")
     with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
         return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
-                             cam=cam)
+                             cam=cam, options=options)
 
 
 def _evaluate_run(
@@ -193,6 +205,7 @@ def _evaluate_run(
     num_examples: int,
     log: Callable[[str], None] | None,
     cam: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from caaxr_tf.data.pipeline import make_dataset
     from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
@@ -210,11 +223,12 @@ def _evaluate_run(
         tfrecords, split, fold=fold, batch_size=batch_size, task=task, training=False, augment=False,
         cache=False, subset=subset, with_ids=True, image_size=int(config.get("image_size") or 224),
     )
-    tag = output_tag(split, subset, which)
+    options = {key: value for key, value in (options or {}).items() if value is not None}
+    tag = output_tag(split, subset, which) + options_tag(options)
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
     context = EvalContext(eval_dir, tag, f"{config.get('model', '?')} — {config.get('protocol', '?')}, fold {fold}, {where}",
-                          plots=plots, num_examples=num_examples)
+                          plots=plots, num_examples=num_examples, options=options)
     try:
         result = task.evaluate(predict, dataset, context)
     except ValueError as error:
@@ -448,12 +462,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="classifiers: evaluate on another source's shards (default protocol: the run's)")
     parser.add_argument("--class-map", default=None, metavar="OLD=NEW,...",
                         help="with --tfrecords: rename classes of the run or the data so that they match")
+    add_infection_arguments(parser)
     args = parser.parse_args(argv)
     if args.split == "all" and args.tfrecords is None:
         parser.error("--split all needs --tfrecords")
     if args.class_map is not None and args.tfrecords is None:
         parser.error("--class-map needs --tfrecords")
     return args
+
+
+def add_infection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The infection task's options (``--lung-run``, the detection rule)."""
+    group = parser.add_argument_group("infection maps")
+    group.add_argument("--lung-run", default=None, metavar="RUN",
+                       help="a lungs-protocol segmentation run: the infection map is restricted to its lungs "
+                            "and per-lung infected fractions are reported (files tagged _lungs)")
+    group.add_argument("--detection-threshold", type=float, default=None, metavar="T",
+                       help="a pixel is infected where the map is >= T (default 0.5, as published; files tagged _t<T>)")
+    group.add_argument("--min-pixels", type=int, default=None, metavar="A",
+                       help="an image is COVID-19 with at least A infected pixels (default 1, as published; files tagged _a<A>)")
+
+
+def infection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``EvalContext.options`` from the infection arguments (unset ones left out)."""
+    options = {"lung_run": args.lung_run, "threshold": args.detection_threshold, "min_pixels": args.min_pixels}
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.localization is None and args.tfrecords is None:
             evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
-                         cam=args.cam)
+                         cam=args.cam, options=infection_options(args))
         if args.localization is not None:
             evaluate_localization_run(args.run, args.localization, split="test" if args.split == "all" else args.split,
                                       which=args.model, batch_size=args.batch_size, plots=not args.no_plots)

@@ -506,6 +506,17 @@ def remove_stale_temporaries(model_base: str | Path) -> list[Path]:
     return removed
 
 
+def with_lung_run(model, task: "Task", lung_run: str | Path, image_size: int):
+    """One Keras model running the infection ``model`` and the lung run's best model (outputs
+    ``{"mask", "lungs"}``); a ValueError for a task other than ``infection``."""
+    from caaxr_tf.infection.lungs import LungRun, with_lung_model
+
+    if task.name != "infection":
+        raise ValueError(f"--lung-run applies to infection runs; this run's task is {task.name}")
+    lungs = LungRun(lung_run)
+    return with_lung_model(model, lungs.model, image_size, lungs.image_size)
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -516,8 +527,12 @@ def export_run(
     serving_root: str | None = None,
     verify: bool = True,
     cam: bool = False,
+    lung_run: str | Path | None = None,
 ) -> Path:
     """Export ``RUN_DIR/best.keras`` to ``out/<version>`` and update ``out/../models.config``.
+
+    ``lung_run`` (infection runs only): a lungs-protocol segmentation run served in the same
+    graph (`with_lung_run`): the map is restricted to its lungs and per-lung fractions are output.
 
     Returns the version folder. ``version`` defaults to the next free one; an existing version
     is a ``FileExistsError`` unless ``overwrite``. ``cam`` adds the Grad-CAM output (a
@@ -555,6 +570,8 @@ def export_run(
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it or pick another --version")
     model = load_run_model(run_dir, which)
+    if lung_run is not None:
+        model = with_lung_run(model, task, lung_run, image_size)
     temporary = out / f".export-{version}-{os.getpid()}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     metadata = {
@@ -565,6 +582,7 @@ def export_run(
         "checkpoint": which,
         "keras": keras.__version__,
         "version": version,
+        **({"lung_run": str(Path(lung_run).resolve())} if lung_run is not None else {}),
     }
     target = out / str(version)
     retired: list[tuple[Path, Path]] = []
@@ -611,6 +629,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-verify", action="store_true", help="skip the check of the reloaded export")
     parser.add_argument("--cam", action="store_true",
                         help="add the Grad-CAM output `cam` [N, S, S] of the predicted class (classifiers only)")
+    parser.add_argument("--lung-run", default=None, metavar="RUN",
+                        help="infection runs: a lungs-protocol run served in the same graph (map restricted to "
+                             "the lungs, per-lung infected fractions)")
     return parser.parse_args(argv)
 
 
@@ -620,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = export_run(
             args.run, args.out, args.version, args.overwrite,
             which=args.which, serving_root=args.serving_root, verify=not args.no_verify, cam=args.cam,
+            lung_run=args.lung_run,
         )
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

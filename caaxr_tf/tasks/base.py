@@ -116,6 +116,8 @@ class EvalContext:
     plots: bool = True
     num_examples: int = 4
     files: dict[str, str] = field(default_factory=dict)
+    # Task-specific settings of this evaluation (e.g. the infection task's ``lung_run``).
+    options: dict[str, Any] = field(default_factory=dict)
 
     def path(self, kind: str, suffix: str) -> Path:
         """``out_dir/<kind><tag>.<suffix>``, recorded in ``files`` under ``kind``."""
