@@ -358,3 +358,51 @@ def test_masked_intensity_features_by_hand():
     outside_1 = np.r_[np.zeros(3), np.full(12, 0.2)]
     np.testing.assert_allclose(features, [[0.5, 200 / 255, 0.0, 0.0], [1 / 16, 1.0, 0.0, outside_1.mean()],
                                           [0.0, 0.0, 0.0, 0.0]], atol=1e-12)
+
+
+def write_pixel_run(run_dir, protocol_dir, task: str, bias: float):
+    """A hand-made run whose map is sigmoid(0.1 * pixel + bias) at 32 px."""
+    import keras
+    import yaml
+
+    from caaxr_tf import runs
+
+    run_dir.mkdir()
+    config = {"task": task, "model": f"{task}_pixels", "protocol": "severity", "fold": 1, "image_size": 32,
+              "tfrecords": str(protocol_dir), "class_names": ["covid", "control"]}
+    (run_dir / runs.CONFIG_FILE).write_text(yaml.safe_dump(config))
+    inputs = keras.Input((32, 32, 1), name="image")
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer=keras.initializers.Constant(0.1),
+                                  bias_initializer=keras.initializers.Constant(bias))(inputs)
+    keras.Model(inputs, outputs).save(run_dir / runs.BEST_MODEL)
+
+
+def test_lung_infection_features_of_an_infection_run_with_a_lung_run(protocol_dir, tmp_path):
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import mean_absolute_error
+
+    from caaxr_tf.severity import run_features as rf
+
+    # infected where pixel >= 150; the lung model finds one region covering the image, which is
+    # cut at the midline: image-left half = the patient's right lung
+    write_pixel_run(tmp_path / "infection", protocol_dir, "infection", bias=-15.0)
+    write_pixel_run(tmp_path / "lungs", protocol_dir, "segmentation", bias=20.0)
+    with pytest.raises(ValueError, match="feature kind 'lung_infection' of .* needs a lung run"):
+        rf.run_features(tmp_path / "infection", protocol_dir, ["x"], kind="lung_infection")
+
+    scored, results = rf.evaluate_run_features(protocol_dir, [(tmp_path / "infection", "lung_infection")],
+                                               num_splits=2, lung_run=tmp_path / "lungs")
+    assert results[1].name == "infection_pixels (severity fold 1) lung_infection [3]"
+    infected = rf.protocol_images(protocol_dir, scored.image_ids, 32)[..., 0] >= 150.0
+    expected = np.stack([infected[:, :, :16].mean(axis=(1, 2)), infected[:, :, 16:].mean(axis=(1, 2)),
+                         infected.mean(axis=(1, 2))], axis=1)
+    features = rf.run_features(tmp_path / "infection", protocol_dir, scored.image_ids, kind="lung_infection",
+                               lung_run=tmp_path / "lungs").features
+    np.testing.assert_allclose(features, expected, atol=1e-12)
+    assert expected.std(axis=0).min() > 0  # the features vary between images
+
+    split = results[1].splits[0]
+    fit = LinearRegression().fit(expected[split.train], scored.targets[split.train])
+    predicted = fit.predict(expected[split.test])
+    (score,) = [s for s in results[1].scores if s.seed == 0 and s.target == scored.target_names[0]]
+    assert score.mae == pytest.approx(mean_absolute_error(scored.targets[split.test, 0], predicted[:, 0]), rel=1e-4)

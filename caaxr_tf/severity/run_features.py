@@ -3,7 +3,7 @@ from trained runs, least squares per half split of the protocol folder, the inte
 baseline beside them.
 
     python -m caaxr_tf.severity.run_features --tfrecords TFRECORDS/severity \
-        --run RUN_DIR[:KIND] [--run ...] [--combined] [--splits N] [--which best|final] \
+        --run RUN_DIR[:KIND] [--run ...] [--lung-run LUNG_RUN] [--combined] [--splits N] [--which best|final] \
         [--markdown] [--json OUT.json] [--plots DIR]
 
 ``TFRECORDS/severity`` is a ``grouped_halves`` protocol folder (``caaxr-make-tfrecords --source
@@ -12,11 +12,13 @@ lists each fold's halves (fold k = the split with seed k - 1; the training half 
 train and val). Every run gives one feature matrix of a registered feature kind
 (`FEATURE_KINDS`; by default the one for the run's task: ``penultimate`` for classifier runs,
 ``mask_fractions`` for segmentation runs; also ``outputs``: a classifier's probabilities,
-``masked_intensity``: image brightness inside and outside a segmentation run's predicted mask); ``--combined`` also scores all of them side by side.
+``masked_intensity``: image brightness inside and outside a segmentation run's predicted mask;
+``lung_infection``: an infection-map run's infected fraction of the right lung, the left lung and
+both, inside the lungs of a ``--lung-run``); ``--combined`` also scores all of them side by side.
 
-Adding a feature kind (e.g. per-lung infected fractions of an infection-map run): a function
-``(model, images [N, S, S, 1] float32 0..255) -> (features [N, F], column names)`` registered
-with ``@register_feature_kind(name, tasks=(...))``.
+Adding a feature kind: a function ``(model, images [N, S, S, 1] float32 0..255) -> (features
+[N, F], column names)`` registered with ``@register_feature_kind(name, tasks=(...))``; with
+``needs_lung_run=True`` it also receives ``lung_run`` (a `caaxr_tf.infection.lungs.LungRun`).
 """
 
 from __future__ import annotations
@@ -49,18 +51,21 @@ class FeatureKind:
     name: str
     tasks: tuple[str, ...]
     function: FeatureFunction
+    needs_lung_run: bool = False
 
 
 FEATURE_KINDS: dict[str, FeatureKind] = {}
 
 
-def register_feature_kind(name: str, *, tasks: Sequence[str]) -> Callable[[FeatureFunction], FeatureFunction]:
-    """Register ``function(model, images) -> (features [N, F], names)`` as feature kind ``name``."""
+def register_feature_kind(name: str, *, tasks: Sequence[str],
+                          needs_lung_run: bool = False) -> Callable[[FeatureFunction], FeatureFunction]:
+    """Register ``function(model, images) -> (features [N, F], names)`` as feature kind ``name``
+    (``function(model, images, lung_run=LungRun)`` when ``needs_lung_run``)."""
 
     def register(function: FeatureFunction) -> FeatureFunction:
         if name in FEATURE_KINDS:
             raise ValueError(f"feature kind {name!r} is already registered")
-        FEATURE_KINDS[name] = FeatureKind(name, tuple(tasks), function)
+        FEATURE_KINDS[name] = FeatureKind(name, tuple(tasks), function, needs_lung_run)
         return function
 
     return register
@@ -118,6 +123,26 @@ def masked_intensity_features(model: Any, images: np.ndarray) -> tuple[np.ndarra
             rows.append([mask.mean(), inside.mean() if inside.size else 0.0, inside.std() if inside.size else 0.0,
                          outside.mean() if outside.size else 0.0])
     return np.array(rows, np.float64).reshape(len(images), len(MASKED_INTENSITY_NAMES)), list(MASKED_INTENSITY_NAMES)
+
+
+LUNG_INFECTION_NAMES = ("right_lung_infected_fraction", "left_lung_infected_fraction", "lungs_infected_fraction")
+
+
+@register_feature_kind("lung_infection", tasks=("infection",), needs_lung_run=True)
+def lung_infection_features(model: Any, images: np.ndarray, *, lung_run: Any) -> tuple[np.ndarray, list[str]]:
+    """Issue 13's severity grade as features: the infected fraction (map >= 0.5) of the right
+    lung, the left lung and both, inside the lung run's lungs (`caaxr_tf.infection.lungs`). A lung
+    the lung model does not find counts as 0 infected (least squares needs finite features)."""
+    from caaxr_tf.infection.lungs import lung_infection_features as fractions
+    from caaxr_tf.tasks.segmentation import mask_output
+
+    rows = []
+    for start in range(0, len(images), 8):
+        batch = np.asarray(images[start : start + 8], np.float32)
+        maps = np.asarray(mask_output(model.predict_on_batch(batch)), np.float32)
+        rows.append(fractions(maps, lung_run.predict(batch)))
+    features = np.concatenate(rows) if rows else np.zeros((0, 3))
+    return np.nan_to_num(features, nan=0.0), list(LUNG_INFECTION_NAMES)
 
 
 # --------------------------------------------------------------------------- #
@@ -201,8 +226,10 @@ class RunFeatures:
 
 def run_features(run_dir: str | Path, protocol_dir: str | Path, image_ids: Sequence[str], *,
                  kind: str | None = None, which: str = "best",
-                 image_cache: dict[int, np.ndarray] | None = None) -> RunFeatures:
-    """Features of the scored images from a trained run's model (``which``: best or final)."""
+                 image_cache: dict[int, np.ndarray] | None = None,
+                 lung_run: str | Path | None = None) -> RunFeatures:
+    """Features of the scored images from a trained run's model (``which``: best or final);
+    ``lung_run``: the lungs-protocol run that kinds with ``needs_lung_run`` use."""
     from caaxr_tf.runs import load_run_config, load_run_model
 
     config = load_run_config(run_dir)
@@ -210,27 +237,35 @@ def run_features(run_dir: str | Path, protocol_dir: str | Path, image_ids: Seque
     kind = kind or default_feature_kind(task)
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature kind {kind!r}; known: {', '.join(FEATURE_KINDS)}")
+    feature_kind = FEATURE_KINDS[kind]
+    context: dict[str, Any] = {}
+    if feature_kind.needs_lung_run:
+        if lung_run is None:
+            raise ValueError(f"feature kind {kind!r} of {run_dir} needs a lung run (--lung-run)")
+        from caaxr_tf.infection.lungs import LungRun
+
+        context["lung_run"] = LungRun(lung_run, which)
     size = int(config.get("image_size") or 224)
     cache = image_cache if image_cache is not None else {}
     if size not in cache:
         cache[size] = protocol_images(protocol_dir, image_ids, size)
     model = load_run_model(run_dir, which)
-    features, names = FEATURE_KINDS[kind].function(model, cache[size])
+    features, names = feature_kind.function(model, cache[size], **context)
     label = f"{config.get('model', '?')} ({config.get('protocol', '?')} fold {config.get('fold', '?')}) {kind}"
     return RunFeatures(label, kind, np.asarray(features, np.float64), names)
 
 
 def evaluate_run_features(protocol_dir: str | Path, runs: Sequence[tuple[str | Path, str | None]], *,
-                          num_splits: int | None = None, which: str = "best", combined: bool = False
-                          ) -> tuple[ScoredImages, list[ProtocolResult]]:
+                          num_splits: int | None = None, which: str = "best", combined: bool = False,
+                          lung_run: str | Path | None = None) -> tuple[ScoredImages, list[ProtocolResult]]:
     """The intercept-only baseline, then least squares on each run's features (and, with
     ``combined``, on all of them side by side), on the protocol folder's splits."""
     scored = read_protocol(protocol_dir, num_splits)
     common = dict(target_names=scored.target_names, splits=scored.splits)
     results = [intercept_only_baseline(scored.targets, scored.patient_ids, **common)]
     cache: dict[int, np.ndarray] = {}
-    sets = [run_features(run, protocol_dir, scored.image_ids, kind=kind, which=which, image_cache=cache)
-            for run, kind in runs]
+    sets = [run_features(run, protocol_dir, scored.image_ids, kind=kind, which=which, image_cache=cache,
+                         lung_run=lung_run) for run, kind in runs]
     for item in sets:
         results.append(evaluate_least_squares(item.features, scored.targets, scored.patient_ids,
                                               name=f"{item.label} [{item.features.shape[1]}]", **common))
@@ -259,6 +294,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tfrecords", required=True, help="the protocol folder (TFRECORDS/severity)")
     parser.add_argument("--run", action="append", default=[], type=parse_run,
                         help=f"a run folder, optionally :KIND ({', '.join(FEATURE_KINDS)}); repeatable")
+    parser.add_argument("--lung-run", default=None,
+                        help="a lungs-protocol segmentation run, for the lung_infection features of infection runs")
     parser.add_argument("--combined", action="store_true", help="also fit all runs' features together")
     parser.add_argument("--splits", type=int, default=None, help="use the first N splits (default: all)")
     parser.add_argument("--which", choices=("best", "final"), default="best")
@@ -272,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         scored, results = evaluate_run_features(args.tfrecords, args.run, num_splits=args.splits,
-                                                which=args.which, combined=args.combined)
+                                                which=args.which, combined=args.combined, lung_run=args.lung_run)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
