@@ -130,6 +130,7 @@ def evaluate_run(
     plots: bool = True,
     num_examples: int = NUM_EXAMPLES,
     log: Callable[[str], None] | None = print,
+    patients: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the ``which`` model of a run on ``split`` (optionally one subset of it).
 
@@ -137,6 +138,10 @@ def evaluate_run(
     and ``RUN_DIR/eval/metrics_<split>[_<subset>][_final].json`` otherwise, plus the per-image
     CSV and the task's plots (see the module docstring), and returns the metrics dict. ``log``
     receives the printed summary table (None: silent).
+
+    ``patients`` (the ct task): the COVID-CTset folder the records were built from; the
+    split's patients then also go through selection → classification → the patient rule
+    (``metrics["patients"]``, ``patients<tag>.csv``).
 
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
@@ -149,7 +154,8 @@ def evaluate_run(
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     config, tfrecords, _ = _check_inputs(Path(run_dir).resolve(), split, subset, which)
     with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
-        return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log)
+        return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
+                             patients=patients)
 
 
 def _evaluate_run(
@@ -162,6 +168,7 @@ def _evaluate_run(
     plots: bool,
     num_examples: int,
     log: Callable[[str], None] | None,
+    patients: str | Path | None = None,
 ) -> dict[str, Any]:
     from caaxr_tf.data.pipeline import make_dataset
     from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
@@ -179,11 +186,17 @@ def _evaluate_run(
         tfrecords, split, fold=fold, batch_size=batch_size, task=task, training=False, augment=False,
         cache=False, subset=subset, with_ids=True, image_size=int(config.get("image_size") or 224),
     )
+    if patients is not None and not hasattr(task, "evaluate_patients"):
+        raise ValueError(f"--patients applies to CT runs (the ct task); this run's task is {task.name}")
     tag = output_tag(split, subset, which)
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
     context = EvalContext(eval_dir, tag, f"{config.get('model', '?')} — {config.get('protocol', '?')}, fold {fold}, {where}",
                           plots=plots, num_examples=num_examples)
+    if patients is not None:
+        context.patients, context.protocol_dir = Path(patients), tfrecords
+        context.split, context.fold, context.batch_size = split, fold, batch_size
+        context.image_size = int(config.get("image_size") or 224)
     try:
         result = task.evaluate(predict, dataset, context)
     except ValueError as error:
@@ -263,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
     parser.add_argument("--model", default="best", choices=MODEL_FILES, help="best.keras or final.keras")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--patients", default=None, metavar="DATA_ROOT",
+                        help="ct task: the COVID-CTset folder; also evaluate the split's patients "
+                             "(select, classify, patient rule)")
     return parser.parse_args(argv)
 
 
@@ -271,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     try:
-        evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots)
+        evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
+                     patients=args.patients)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

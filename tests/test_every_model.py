@@ -17,6 +17,7 @@ import pytest
 from caaxr_tf import runs
 from caaxr_tf.config import ConfigError
 from caaxr_tf.models import available_models, model_task
+from caaxr_tf.models.ct_models import CT_MODELS
 from caaxr_tf.tasks import UnknownTaskError, available_tasks, get_task, task_for
 
 # Tiny protocols to train on, by the task named in their summary.json: (source set, protocol, data fixture).
@@ -24,7 +25,10 @@ PROTOCOLS = {
     "classification": ("caaxr", "2class", "tiny_data_root"),
     "segmentation": ("caaxr", "seg", "tiny_data_root"),
     "regression": ("covid-chestxray", "severity", "covid_chestxray_root"),
+    "ct": ("covid-ctset", "ct", "tiny_ct_root"),
 }
+# Models that take raw CT slices train through the ct task; the others on the first protocol of their kind.
+MODEL_PROTOCOLS = {name: "ct" for name in CT_MODELS}
 # The smallest input each model builds with is used. Not 32: DenseNet121 builds at 32 px but its
 # feature maps end at 1x1 and its outputs on random images are NaN after a step.
 IMAGE_SIZES = (64, 96, 128)
@@ -100,12 +104,14 @@ def one_test_image(protocol_dir: Path, folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("model", available_models())
-def test_model_trains_saves_evaluates_exports_and_predicts(model, tfrecords, tmp_path):
+def test_model_trains_saves_evaluates_exports_and_predicts(model, tfrecords, tmp_path, request):
     from caaxr_tf.evaluate import evaluate_run
     from caaxr_tf.export import export_run
+    import tensorflow as tf
+
     from caaxr_tf.predict import ServedModel, predict_files, prepare_image
 
-    protocol_dir = tfrecords(protocol_for(model_task(model)))
+    protocol_dir = tfrecords(MODEL_PROTOCOLS.get(model) or protocol_for(model_task(model)))
     config, run_dir = train_tiny(model, protocol_dir, tmp_path / "run")
     task = get_task(config.task)
     assert task.protocol_task == json.loads((protocol_dir / "summary.json").read_text())["task"]
@@ -118,6 +124,14 @@ def test_model_trains_saves_evaluates_exports_and_predicts(model, tfrecords, tmp
     summary = json.loads((protocol_dir / "summary.json").read_text())
     assert metrics["task"] == config.task and metrics["num_images"] == sum(summary["counts"]["test"].values())
     assert (run_dir / "eval" / "metrics.json").exists() and (run_dir / "eval" / "predictions.csv").exists()
+    if config.task == "ct":  # and the patient pipeline over the test patients' whole series
+        patients = evaluate_run(run_dir, batch_size=8, plots=False, log=None, patients=request.getfixturevalue(
+            PROTOCOLS["ct"][2]))["patients"]
+        assert patients["patients"] == 2 and patients["covid_patients"] == 1 and patients["selected_slices"] > 0
+        for threshold in ("threshold1", "threshold2"):
+            counts = patients[threshold]
+            assert counts["correct"] + counts["covid_to_normal"] + counts["normal_to_covid"] == 2
+        assert (run_dir / "eval" / "patients.csv").read_text().count("\n") == 3
 
     # exported without the built-in check, which would load the SavedModel a second time: the
     # served outputs are compared with the Keras model's below, on a real test image
@@ -131,7 +145,9 @@ def test_model_trains_saves_evaluates_exports_and_predicts(model, tfrecords, tmp
     expected = served.task.prediction_record(outputs, 0)
     assert expected and {key: record[key] for key in expected} == expected
     keras_model = runs.load_run_model(run_dir, "best")
-    pixels = served.preprocess(prepare_image(image)).astype(np.float32)[None, :, :, None]
+    prepared = prepare_image(image)
+    pixels = served.task.serving_inputs(tf.constant([prepared.encoded]), tf.constant([prepared.invert]),
+                                        tf.constant([prepared.bit_depth]), served.image_size).numpy()
     reference = served.task.serving_outputs(keras_model(pixels, training=False))
     for name, value in reference.items():
         value = np.asarray(value)
