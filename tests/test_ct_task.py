@@ -168,20 +168,23 @@ def test_classify_patient_selects_classifies_kept_slices_and_applies_both_thresh
     assert small.decision == decision
 
 
-def test_predict_on_a_patient_folder_prints_the_verdicts(patient_folder, tmp_path, capsys):
+def marker_model(image_size: int = 96):
+    """A Keras model computing the fake classifier: covid logit max - 2000, normal 2000 - max."""
     import keras
 
+    inputs = keras.Input((image_size, image_size, 1))
+    dense = keras.layers.Dense(2, activation="softmax")
+    model = keras.Model(inputs, dense(keras.layers.GlobalMaxPooling2D()(inputs)))
+    dense.set_weights([np.array([[1.0, -1.0]], np.float32), np.array([-2000.0, 2000.0], np.float32)])
+    return model
+
+
+def test_predict_on_a_patient_folder_prints_the_verdicts(patient_folder, tmp_path, capsys):
     from caaxr_tf import predict
     from caaxr_tf.export import export_model
 
-    # a model computing the fake classifier: covid logit = max - 2000, normal logit = 2000 - max
-    inputs = keras.Input((96, 96, 1))
-    peak = keras.layers.GlobalMaxPooling2D()(inputs)
-    dense = keras.layers.Dense(2, activation="softmax")
-    outputs = dense(peak)
-    model = keras.Model(inputs, outputs)
-    dense.set_weights([np.array([[1.0, -1.0]], np.float32), np.array([-2000.0, 2000.0], np.float32)])
-    export = export_model(model, tmp_path / "export", task="ct", class_names=NAMES, image_size=96, verify=False)
+    export = export_model(marker_model(), tmp_path / "export", task="ct", class_names=NAMES, image_size=96,
+                          verify=False)
 
     single = patient_folder / "SR_2" / "IM00004.tif"
     assert predict.main(["--model", str(export), str(patient_folder.parent), str(single)]) == 0
@@ -223,3 +226,19 @@ def test_split_patients_reads_the_manifest(tmp_path):
     assert split_patients(tmp_path, "val", 2) == ["patient2"]
     with pytest.raises(ValueError, match="no patients in the val split of fold 1"):
         split_patients(tmp_path, "val", 1)
+
+
+def test_benchmark_paths_agree_with_each_other(patient_folder):
+    """The benchmark's reference (OpenCV reads, model.predict per kept slice) and the library's
+    path give the same decision as the hand-computed one."""
+    from caaxr_tf.ct import benchmark
+
+    (series, _) = find_ct_series(patient_folder).series
+    model = marker_model()
+    reference = benchmark.reference_patient(list(series.paths), model, 96)
+    ours = benchmark.caaxr_patient(series, benchmark.batch_predictor(model, 96), 96, workers=2)
+    assert ours == reference
+    assert (ours.selected, ours.covid_slices, ours.covid_indices) == (3, 1, (1,))
+    result = {"patients": {"6": {"slices": 6, "kept": 3, "caaxr_median": 0.5, "reference_median": 2.0,
+                                 "speedup": 4.0, "paper_seconds_p100": None}}}
+    assert "| 6 | 3 | 0.50 | 2.00 | 4.00x |" in benchmark.table(result)
