@@ -242,3 +242,23 @@ def test_benchmark_paths_agree_with_each_other(patient_folder):
     result = {"patients": {"6": {"slices": 6, "kept": 3, "caaxr_median": 0.5, "reference_median": 2.0,
                                  "speedup": 4.0, "paper_seconds_p100": None}}}
     assert "| 6 | 3 | 0.50 | 2.00 | 4.00x |" in benchmark.table(result)
+
+
+def test_report_tables_have_one_row_per_fold_and_the_mean():
+    from caaxr_tf.ct.report import fold_rows, markdown
+
+    def metrics(fold: int, accuracy: float, correct_t2: int) -> dict:
+        counts = {"correct": correct_t2, "covid_to_normal": 4 - correct_t2, "normal_to_covid": 0, "accuracy": None}
+        return {"fold": fold, "model": "fpn_resnet50v2", "class_names": NAMES, "num_images": 10,
+                "accuracy": accuracy, "sensitivity": {"covid": 0.5, "normal": 1.0},
+                "precision": {"covid": 1.0, "normal": None},
+                "patients": {"patients": 4, "slices": 40, "selected_slices": 20,
+                             "threshold1": dict(counts, correct=4, covid_to_normal=0), "threshold2": counts}}
+
+    slice_header, slice_rows, patient_header, patient_rows = fold_rows([metrics(1, 0.8, 2), metrics(2, 0.6, 4)])
+    assert slice_header[3:] == ["accuracy", "sens. covid", "sens. normal", "prec. covid", "prec. normal"]
+    assert [row[0] for row in slice_rows] == [1, 2, "mean"]
+    assert slice_rows[2][3] == "0.7 ± 0.1" and slice_rows[2][7] == "n/a"
+    assert patient_rows[1][2:] == [4, "20 / 40", 4, 0, 0, 4, 0, 0]
+    assert patient_rows[2][patient_header.index("t2 correct")] == "3 ± 1"
+    assert markdown(slice_header, slice_rows).count("\n") == 5
