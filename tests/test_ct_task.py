@@ -262,3 +262,14 @@ def test_report_tables_have_one_row_per_fold_and_the_mean():
     assert patient_rows[1][2:] == [4, "20 / 40", 4, 0, 0, 4, 0, 0]
     assert patient_rows[2][patient_header.index("t2 correct")] == "3 ± 1"
     assert markdown(slice_header, slice_rows).count("\n") == 5
+
+
+def test_benchmark_memory_peak_can_be_reset_after_the_warm_up():
+    from caaxr_tf.ct.benchmark import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    block = np.ones(256 * 2**20 // 8)  # 256 MiB touched, then freed
+    del block
+    assert peak_rss_bytes() >= rss_bytes() + 200 * 2**20
+    if not reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    assert peak_rss_bytes() < rss_bytes() + 100 * 2**20
