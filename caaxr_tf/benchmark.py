@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput and latency of caaxr-tf, each against a reference implementation or a limit.
 
-    python tools/benchmark.py {pipeline,tfrecords,train,inference,all} [more sections] [--quick]
+    python tools/benchmark.py {pipeline,tfrecords,train,inference,ct,all} [more sections] [--quick]
         [--data-root DIR | --synthetic tiny|small] [--source caaxr|covid-chestxray]
         [--workers N] [--repeats N] [--models unet,mobilenetv2,maskrcnn] [--no-torch]
         [--work-dir DIR] --json OUT.json
@@ -24,6 +24,11 @@ Sections:
   on/off.
 * ``inference``: latency per image of the exported SavedModel (``serving_default`` on encoded
   PNGs, ``predict_preprocessed`` on float32 images) at batch 1 and 32 against the Keras model.
+
+* ``ct`` (not part of ``all``): seconds per CT patient (slice selection + classification,
+  ``fpn_resnet50v2``) for sequences of 35, 130 and 406 slices against the published way
+  (OpenCV reads, ``model.predict`` slice by slice), and the memory a 406-slice patient adds;
+  see ``caaxr_tf.ct.benchmark`` (``--ct-slices``, ``--ct-image-size``).
 
 Each figure is the median of several repeats; the table and the JSON give the ratio to its
 reference and whether each target is met. Measurements that would disturb each other (the
@@ -55,6 +60,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SCHEMA_VERSION = 1
 SECTIONS = ("pipeline", "tfrecords", "train", "inference")
+CT_SECTION = "ct"  # asked for by name only (minutes per patient on a CPU at 512 px)
 IMAGE_SIZE = 224
 PIPELINE_BATCH = 32
 PIPELINE_PROTOCOL = "2class"  # every source has it, and it holds the most images
@@ -1177,6 +1183,35 @@ def bench_inference(bench: Bench) -> dict[str, Any]:
 # --------------------------------------------------------------------------- targets and tables
 
 
+def bench_ct(bench: Bench) -> dict[str, Any]:
+    """Seconds per CT patient against the published way, and memory (``caaxr_tf.ct.benchmark``)."""
+    from caaxr_tf.ct import benchmark as ct_benchmark
+
+    args = bench.args
+    lengths = [int(n) for n in str(args.ct_slices).split(",") if n.strip()]
+    result = ct_benchmark.run(bench.work / "ct", lengths, args.ct_image_size, repeats=bench.repeats,
+                              workers=args.workers, log=bench.log)
+    figures: dict[str, dict[str, Any]] = {}
+    targets = []
+    for item in result["patients"].values():
+        n = item["slices"]
+        figures[f"caaxr_{n}"] = figure(item["caaxr_seconds"], "s/patient", reference=f"reference_{n}",
+                                       label=f"{n} slices ({item['kept']} kept), caaxr_tf.ct.patients")
+        figures[f"reference_{n}"] = figure(item["reference_seconds"], "s/patient",
+                                           label=f"{n} slices, OpenCV + model.predict per slice")
+        targets.append(dict(name=f"{n} slices vs reference", figure=f"caaxr_{n}", reference=f"reference_{n}",
+                            op="<=", threshold=round(1 / ct_benchmark.TARGET_SPEEDUP, 4), cpu=False,
+                            description=f"CT patient of {n} slices: time <= 1/3 of the published way"))
+    notes = [f"model {result['model']} at {result['image_size']} px, batch {result['batch_size']}; "
+             f"paper (Tesla P100): {ct_benchmark.PAPER_SECONDS}; GPU: {result['gpu']}"]
+    memory = result.get("memory")
+    if memory:
+        notes.append(f"memory a {memory['slices']}-slice patient adds beyond the warmed-up model (peak RSS): "
+                     f"caaxr {memory['caaxr']['added_gib']:.3f} GiB (target <= {ct_benchmark.MEMORY_LIMIT_GIB} GiB), "
+                     f"reference {memory['reference']['added_gib']:.3f} GiB")
+    return {"figures": figures, "notes": notes, "extra_targets": targets, "ct": result}
+
+
 def meets(ratio: float, op: str, threshold: float) -> bool:
     return ratio >= threshold if op == ">=" else ratio <= threshold
 
@@ -1288,7 +1323,7 @@ def report_tables(report: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sections", nargs="+", choices=[*SECTIONS, "all"], help="what to measure")
+    parser.add_argument("sections", nargs="+", choices=[*SECTIONS, CT_SECTION, "all"], help="what to measure")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic set, few repeats (< 5 minutes)")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data-root", help="a data root in the real layouts (see docs/data_layouts.md)")
@@ -1304,10 +1339,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--work-dir", help="keep data, TFRecords and exports here (reused by a later run); "
                         "default: a temporary folder, removed at the end")
+    parser.add_argument("--ct-slices", default="35,130,406", help="ct: sequence lengths")
+    parser.add_argument("--ct-image-size", type=int, default=512, help="ct: model input (the published 512)")
     args = parser.parse_args(argv)
     if "all" in args.sections:
-        args.sections = list(SECTIONS)
-    args.sections = [s for s in SECTIONS if s in args.sections]
+        args.sections = list(SECTIONS) + [s for s in args.sections if s == CT_SECTION]
+    args.sections = [s for s in (*SECTIONS, CT_SECTION) if s in args.sections]
     if args.data_root is None and args.synthetic is None:
         args.synthetic = "tiny" if args.quick else "small"
     if args.synthetic and args.source != "caaxr":
@@ -1336,12 +1373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args, work)
     report["settings"]["repeats"] = bench.repeats
     runners = {"pipeline": bench_pipeline, "tfrecords": bench_tfrecords, "train": bench_train,
-               "inference": bench_inference}
+               "inference": bench_inference, CT_SECTION: bench_ct}
     sections: dict[str, dict[str, Any]] = {}
     try:
         with LoadSampler() as sampler:
             report["machine"] = machine_info()
-            bench.prepare_data()
+            if set(args.sections) - {CT_SECTION}:  # the ct section makes its own patients
+                bench.prepare_data()
             for name in args.sections:
                 section_started = time.perf_counter()
                 try:

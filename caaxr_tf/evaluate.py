@@ -162,6 +162,7 @@ def evaluate_run(
     log: Callable[[str], None] | None = print,
     cam: bool = False,
     options: dict[str, Any] | None = None,
+    patients: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the ``which`` model of a run on ``split`` (optionally one subset of it).
 
@@ -174,6 +175,10 @@ def evaluate_run(
     ``options`` are the task's settings of this evaluation (``EvalContext.options``; the
     infection task: ``lung_run``, ``threshold``, ``min_pixels``); the files' tag then ends in
     `options_tag` (e.g. ``_lungs_a20``), so the default evaluation is never overwritten.
+
+    ``patients`` (the ct task): the COVID-CTset folder the records were built from; the
+    split's patients then also go through selection → classification → the patient rule
+    (``metrics["patients"]``, ``patients<tag>.csv``).
 
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
@@ -191,7 +196,7 @@ def evaluate_run(
         check_explainable(run_task(config, summary), "--cam")
     with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
         return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
-                             cam=cam, options=options)
+                             cam=cam, options=options, patients=patients)
 
 
 def _evaluate_run(
@@ -206,6 +211,7 @@ def _evaluate_run(
     log: Callable[[str], None] | None,
     cam: bool = False,
     options: dict[str, Any] | None = None,
+    patients: str | Path | None = None,
 ) -> dict[str, Any]:
     from caaxr_tf.data.pipeline import make_dataset
     from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
@@ -223,12 +229,18 @@ def _evaluate_run(
         tfrecords, split, fold=fold, batch_size=batch_size, task=task, training=False, augment=False,
         cache=False, subset=subset, with_ids=True, image_size=int(config.get("image_size") or 224),
     )
+    if patients is not None and not hasattr(task, "evaluate_patients"):
+        raise ValueError(f"--patients applies to CT runs (the ct task); this run's task is {task.name}")
     options = {key: value for key, value in (options or {}).items() if value is not None}
     tag = output_tag(split, subset, which) + options_tag(options)
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
     context = EvalContext(eval_dir, tag, f"{config.get('model', '?')} — {config.get('protocol', '?')}, fold {fold}, {where}",
                           plots=plots, num_examples=num_examples, options=options)
+    if patients is not None:
+        context.patients, context.protocol_dir = Path(patients), tfrecords
+        context.split, context.fold, context.batch_size = split, fold, batch_size
+        context.image_size = int(config.get("image_size") or 224)
     try:
         result = task.evaluate(predict, dataset, context)
     except ValueError as error:
@@ -462,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="classifiers: evaluate on another source's shards (default protocol: the run's)")
     parser.add_argument("--class-map", default=None, metavar="OLD=NEW,...",
                         help="with --tfrecords: rename classes of the run or the data so that they match")
+    parser.add_argument("--patients", default=None, metavar="DATA_ROOT",
+                        help="ct task: the COVID-CTset folder; also evaluate the split's patients "
+                             "(select, classify, patient rule)")
     add_infection_arguments(parser)
     args = parser.parse_args(argv)
     if args.split == "all" and args.tfrecords is None:
@@ -496,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.localization is None and args.tfrecords is None:
             evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
-                         cam=args.cam, options=infection_options(args))
+                         cam=args.cam, options=infection_options(args), patients=args.patients)
         if args.localization is not None:
             evaluate_localization_run(args.run, args.localization, split="test" if args.split == "all" else args.split,
                                       which=args.model, batch_size=args.batch_size, plots=not args.no_plots)

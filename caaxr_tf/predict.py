@@ -27,6 +27,12 @@ graph exactly as in training:
   apply.
 * DICOM files are read with ``caaxr_tf.data.dicom.read_dicom`` (modality LUT, VOI window,
   MONOCHROME1 inversion) and sent as 16-bit PNGs with bit depth 16.
+
+CT exports (the ``ct`` task) take raw slices (HU + 1024): a 16-bit TIFF or DICOM slice is
+sent as a 16-bit PNG of its raw values, and a *folder* is a patient: its series (TIFF series
+folders or DICOM series, ``caaxr_tf.data.ct_series``) go through slice selection, the kept
+slices are classified and one JSON line gives the patient's verdicts under both thresholds,
+the number of COVID slices and the kept slices (``caaxr_tf.ct.patients``; README "CT").
 """
 
 from __future__ import annotations
@@ -112,11 +118,16 @@ def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def prepare_image(
-    path: str | Path, *, invert: bool = False, bit_depth: int = 0, sidecars: bool = True
+    path: str | Path, *, invert: bool = False, bit_depth: int = 0, sidecars: bool = True, ct: bool = False
 ) -> PreparedImage:
-    """Read one file; raises ``InputError`` naming the file and the problem."""
+    """Read one file; raises ``InputError`` naming the file and the problem. ``ct``: a CT
+    export's input (TIFF and DICOM slices as raw values, ``prepare_ct_slice``)."""
     path = str(path)
     check_regular_file(path, "file")  # before opening: a FIFO would block
+    if ct:
+        prepared = prepare_ct_slice(path)
+        if prepared is not None:
+            return prepared
     if is_dicom(path):
         from caaxr_tf.data.dicom import read_dicom
 
@@ -146,6 +157,26 @@ def prepare_image(
     elif file_depth == 8:
         bit_depth = 0  # --bit-depth describes 16-bit PNGs
     return PreparedImage(path, data, "png" if is_png else "jpeg", bool(invert), int(bit_depth) or file_depth)
+
+
+def prepare_ct_slice(path: str) -> PreparedImage | None:
+    """A 16-bit TIFF or DICOM CT slice as a 16-bit PNG of raw values (HU + 1024), or None for
+    other files (PNGs are sent as they are). OpenCV and pydicom are imported only here."""
+    from caaxr_tf.data.formats import TIFF_MAGIC
+
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head in TIFF_MAGIC:
+        from caaxr_tf.data.ct_series import read_ct_tiff
+
+        pixels, kind = read_ct_tiff(path), "tiff"
+    elif is_dicom(path):
+        from caaxr_tf.data.ct_series import read_ct_dicom
+
+        pixels, kind = read_ct_dicom(path), "dicom"
+    else:
+        return None
+    return PreparedImage(path, tf.io.encode_png(pixels[:, :, None]).numpy(), kind, False, 16)
 
 
 def error_message(error: BaseException) -> str:
@@ -198,6 +229,12 @@ class ServedModel:
             bit_depth=tf.constant([image.bit_depth for image in images], tf.int32),
         )
         return {key: value.numpy() for key, value in outputs.items()}
+
+    def classify_raw(self, images: np.ndarray) -> np.ndarray:
+        """CT exports: COVID flags (arg-max) of float32 raw slices ``[B, S, S, 1]``, through
+        ``predict_preprocessed``."""
+        outputs = self.loaded.signatures[PREPROCESSED_SIGNATURE](images=tf.constant(images, tf.float32))
+        return np.argmax(outputs["probabilities"].numpy(), axis=1) == self.task.covid_index
 
     def preprocess(self, image: PreparedImage) -> np.ndarray:
         """The model's input for ``image``: uint8 [S, S] (for overlays)."""
@@ -280,9 +317,48 @@ def iter_predictions(
     if cam_dir is not None and not model.has_cam:
         raise ValueError(f"{model.path} has no `cam` output: export the classifier with caaxr_tf.export --cam")
     overlay_dir = Path(overlay_dir) if overlay_dir is not None else None
+    options = dict(invert=invert, bit_depth=bit_depth, sidecars=sidecars)
+    if model.task.name == "ct":
+        return _stream_ct(model, list(paths), overlay_dir, batch_size, options)
     files = find_inputs(paths)
-    return _stream(model, files, overlay_dir, batch_size, dict(invert=invert, bit_depth=bit_depth, sidecars=sidecars),
+    return _stream(model, files, overlay_dir, batch_size, options,
                    Path(cam_dir) if cam_dir is not None else None)
+
+
+def predict_patients(model: ServedModel, folder: str | Path, *, batch_size: int = 16) -> list[dict[str, Any]]:
+    """CT exports: one record per patient under ``folder`` (its series selected, the kept
+    slices classified, both thresholds applied); a folder with no usable series gives an
+    ``error`` record listing what was skipped."""
+    from caaxr_tf.ct.patients import classify_patient
+    from caaxr_tf.data.ct_series import find_ct_series
+
+    scan = find_ct_series(folder)
+    by_patient: dict[str, list] = {}
+    for series in scan.series:
+        by_patient.setdefault(series.patient_id, []).append(series)
+    if not by_patient:
+        reasons = "; ".join(f"{s.path}: {s.field}: {s.reason}" for s in scan.skipped[:3])
+        return [{"file": str(folder), "error": "no CT series of at least two 16-bit 512x512 slices found"
+                 + (f" ({reasons})" if reasons else "")}]
+    records = []
+    for patient, series in by_patient.items():
+        # a TIFF series folder's parent is the patient's folder (series id "<patient>/SR_<n>")
+        roots = {str(Path(item.folder).parent if "/" in item.series_id else Path(item.folder)) for item in series}
+        skipped = [s for s in scan.skipped if any(s.path.startswith(root + os.sep) for root in roots)]
+        result = classify_patient(patient, series, model.classify_raw, model.image_size, batch_size=batch_size,
+                                  skipped=skipped if len(by_patient) > 1 else scan.skipped)
+        records.append({"file": str(folder), **result.as_record()})
+    return records
+
+
+def _stream_ct(model: ServedModel, paths: list[str | Path], overlay_dir: Path | None, batch_size: int,
+               options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Folders are patients (``predict_patients``), files are slices (TIFF, DICOM or 16-bit PNG)."""
+    for path in paths:
+        if Path(path).is_dir():
+            yield from predict_patients(model, path, batch_size=batch_size)
+        else:
+            yield from _stream(model, [Path(path)], overlay_dir, batch_size, {**options, "ct": True})
 
 
 def _stream(model: ServedModel, files: list[Path], overlay_dir: Path | None, batch_size: int,

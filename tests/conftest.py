@@ -50,6 +50,16 @@ def tiny_qata_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_ct_root(tmp_path_factory) -> Path:
+    """The tiny synthetic COVID-CTset (4 patients, 6 series, 99 slices, 4 bad files), once per session."""
+    from caaxr_tf.data.synthetic_ct import generate
+
+    root = tmp_path_factory.mktemp("synthetic_ct_tiny")
+    generate(root, scale="tiny", seed=0)
+    return root
+
+
 def locate_shared_data(root: Path) -> Path:
     """``root`` when it holds the collection; else skip, or fail where CI requires the data."""
     if not (root / "metadata.csv").exists():

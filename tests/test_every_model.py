@@ -17,6 +17,7 @@ import pytest
 from caaxr_tf import runs
 from caaxr_tf.config import ConfigError
 from caaxr_tf.models import available_models, model_task
+from caaxr_tf.models.ct_models import CT_MODELS
 from caaxr_tf.tasks import UnknownTaskError, available_tasks, get_task, task_for
 
 # Tiny protocols to train on, by the task named in their summary.json: (source set, protocol, data fixture).
@@ -25,6 +26,7 @@ PROTOCOLS = {
     "segmentation": ("caaxr", "seg", "tiny_data_root"),
     "regression": ("covid-chestxray", "severity", "covid_chestxray_root"),
     "infection": ("qata", "infection", "tiny_qata_root"),
+    "ct": ("covid-ctset", "ct", "tiny_ct_root"),
 }
 # The smallest input each model builds with is used. Not 32: DenseNet121 builds at 32 px but its
 # feature maps end at 1x1 and its outputs on random images are NaN after a step.
@@ -32,6 +34,8 @@ IMAGE_SIZES = (64, 96, 128)
 # Smaller builds of the model that trains an otherwise unreached protocol task (its architecture
 # is already checked at full width by the per-model test).
 NARROW = {"unet": ["model_kwargs.base_filters=8"]}
+# Models that take raw CT slices train through the ct task; the others on the first protocol of their kind.
+MODEL_PROTOCOLS = {name: "ct" for name in CT_MODELS}
 
 
 def protocol_for(kind: str) -> str:
@@ -111,7 +115,7 @@ def protocol_tasks_no_model_reaches() -> list[tuple[str, str]]:
 
     _load_builtin_tasks()
     models = sorted(available_models(), key=lambda name: (name != "unet", name))
-    reached = {protocol_for(model_task(name)) for name in models}
+    reached = {MODEL_PROTOCOLS.get(name) or protocol_for(model_task(name)) for name in models}
     pairs = []
     for protocol_task in PROTOCOLS:
         kinds = {cls.model_task for cls in _REGISTRY.values() if cls.protocol_task == protocol_task}
@@ -122,17 +126,20 @@ def protocol_tasks_no_model_reaches() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("model", available_models())
-def test_model_trains_saves_evaluates_exports_and_predicts(model, tfrecords, tmp_path):
-    check_shared_path(model, protocol_for(model_task(model)), tfrecords, tmp_path)
+def test_model_trains_saves_evaluates_exports_and_predicts(model, tfrecords, tmp_path, request):
+    check_shared_path(model, MODEL_PROTOCOLS.get(model) or protocol_for(model_task(model)), tfrecords, tmp_path,
+                      request=request)
 
 
 @pytest.mark.parametrize("protocol_task, model", protocol_tasks_no_model_reaches())
-def test_every_protocol_task_runs_the_shared_path(protocol_task, model, tfrecords, tmp_path):
-    check_shared_path(model, protocol_task, tfrecords, tmp_path, tuple(NARROW.get(model, ())))
+def test_every_protocol_task_runs_the_shared_path(protocol_task, model, tfrecords, tmp_path, request):
+    check_shared_path(model, protocol_task, tfrecords, tmp_path, tuple(NARROW.get(model, ())), request=request)
 
 
 def check_shared_path(model: str, protocol_task: str, tfrecords, tmp_path: Path,
-                      overrides: tuple[str, ...] = ()) -> None:
+                      overrides: tuple[str, ...] = (), *, request) -> None:
+    import tensorflow as tf
+
     from caaxr_tf.evaluate import evaluate_run
     from caaxr_tf.export import export_run
     from caaxr_tf.predict import ServedModel, predict_files, prepare_image
@@ -150,6 +157,14 @@ def check_shared_path(model: str, protocol_task: str, tfrecords, tmp_path: Path,
     summary = json.loads((protocol_dir / "summary.json").read_text())
     assert metrics["task"] == config.task and metrics["num_images"] == sum(summary["counts"]["test"].values())
     assert (run_dir / "eval" / "metrics.json").exists() and (run_dir / "eval" / "predictions.csv").exists()
+    if config.task == "ct":  # and the patient pipeline over the test patients' whole series
+        patients = evaluate_run(run_dir, batch_size=8, plots=False, log=None, patients=request.getfixturevalue(
+            PROTOCOLS["ct"][2]))["patients"]
+        assert patients["patients"] == 2 and patients["covid_patients"] == 1 and patients["selected_slices"] > 0
+        for threshold in ("threshold1", "threshold2"):
+            counts = patients[threshold]
+            assert counts["correct"] + counts["covid_to_normal"] + counts["normal_to_covid"] == 2
+        assert (run_dir / "eval" / "patients.csv").read_text().count("\n") == 3
 
     # exported without the built-in check, which would load the SavedModel a second time: the
     # served outputs are compared with the Keras model's below, on a real test image
@@ -163,7 +178,9 @@ def check_shared_path(model: str, protocol_task: str, tfrecords, tmp_path: Path,
     expected = served.task.prediction_record(outputs, 0)
     assert expected and {key: record[key] for key in expected} == expected
     keras_model = runs.load_run_model(run_dir, "best")
-    pixels = served.preprocess(prepare_image(image)).astype(np.float32)[None, :, :, None]
+    prepared = prepare_image(image)
+    pixels = served.task.serving_inputs(tf.constant([prepared.encoded]), tf.constant([prepared.invert]),
+                                        tf.constant([prepared.bit_depth]), served.image_size).numpy()
     reference = served.task.serving_outputs(keras_model(pixels, training=False))
     for name, value in reference.items():
         value = np.asarray(value)

@@ -37,17 +37,17 @@ def unknown_task_records(seg_records, tmp_path) -> Path:
 
 
 def test_the_builtin_tasks_and_how_a_run_finds_its_task():
-    assert {"classification", "segmentation", "detection", "regression"} <= set(available_tasks())
+    assert {"classification", "ct", "segmentation", "detection", "regression"} <= set(available_tasks())
     assert task_for("segmentation", "detection") is get_task("detection")
     assert task_for("segmentation", "segmentation") is get_task("segmentation")
     with pytest.raises(UnknownTaskError, match="a classification model cannot run on a segmentation protocol"):
         task_for("segmentation", "classification")
-    with pytest.raises(UnknownTaskError, match="unknown task 'telepathy'; known tasks: classification, detection"):
+    with pytest.raises(UnknownTaskError, match="unknown task 'telepathy'; known tasks: classification, ct, detection"):
         get_task("telepathy")
 
 
 def test_an_unknown_task_in_summary_json_is_a_clear_error_everywhere(unknown_task_records, tmp_path, capsys):
-    message = "unknown protocol task 'telepathy'; known tasks: classification, detection"
+    message = "unknown protocol task 'telepathy'; known tasks: classification, ct, detection"
     argv = ["--protocol", "seg", "--model", "unet", "--tfrecords", str(unknown_task_records),
             "--out", str(tmp_path / "run")]
     assert train.main(argv) == 2

@@ -253,3 +253,6 @@ def _register_plain(backbone: str) -> None:
 
 for _backbone in BACKBONES:
     _register_plain(_backbone)
+
+# The registered models that take raw one-channel CT slices (the ct task's models).
+CT_MODELS = ("fpn_resnet50v2", *BACKBONES)

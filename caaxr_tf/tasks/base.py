@@ -118,6 +118,14 @@ class EvalContext:
     files: dict[str, str] = field(default_factory=dict)
     # Task-specific settings of this evaluation (e.g. the infection task's ``lung_run``).
     options: dict[str, Any] = field(default_factory=dict)
+    # Patient-level evaluation (the ct task): the source's data root, and where the split's
+    # patients are listed (the protocol folder, split and fold) and how the run feeds its model.
+    patients: Path | None = None
+    protocol_dir: Path | None = None
+    split: str = "test"
+    fold: int = 1
+    image_size: int | None = None
+    batch_size: int = 16
 
     def path(self, kind: str, suffix: str) -> Path:
         """``out_dir/<kind><tag>.<suffix>``, recorded in ``files`` under ``kind``."""
