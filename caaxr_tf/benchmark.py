@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -1036,8 +1037,9 @@ def time_held_step(held: HeldStep, warmup: int, steps: int, repeats: int) -> lis
     return rates
 
 
-def measure_step(config: dict[str, Any], warmup: int, steps: int, repeats: int) -> list[tuple[float, float | None]]:
-    """images/s of train.py's replica step (see ``build_held_step``) on one batch held in memory."""
+def measure_step(config, warmup: int, steps: int, repeats: int) -> list[tuple[float, float | None]]:
+    """images/s of train.py's replica step (see ``build_held_step``) on one batch held in memory;
+    ``config`` is a RunConfig (``train_config``)."""
     import keras
 
     keras.utils.set_random_seed(int(config.seed))
@@ -1093,7 +1095,7 @@ def bench_train(bench: Bench) -> dict[str, Any]:
         for mixed, jit in variants:
             suffix = "" if not (mixed or jit) else "_" + "_".join(n for n, on in (("mp", mixed), ("xla", jit)) if on)
             bench.log(f"train: {model} step{suffix} ({warmup} warm-up, {steps} step(s) per repeat, batch {batch})")
-            rates = measure_step({**config, "mixed_precision": mixed, "jit": jit}, warmup, steps,
+            rates = measure_step(dataclasses.replace(config, mixed_precision=mixed, jit=jit), warmup, steps,
                                  min(repeats, 2) if heavy else repeats)
             figures[f"step_{model}{suffix}"] = figure(
                 [w for w, _ in rates], "images/s", cpu_values=[c for _, c in rates], label=f"{model} training step, batch {batch}"
