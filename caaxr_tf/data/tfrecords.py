@@ -60,7 +60,7 @@ from caaxr_tf.data.records import ReadResult, Sample, SchemaError, Skipped
 from caaxr_tf.data.schema import MANIFEST_FILE, SUMMARY_FILE, read_summary_file
 from caaxr_tf.data.shards import ShardProblem, shard_info, verify_protocol
 from caaxr_tf.data.sources import check_data_config, read_source
-from caaxr_tf.data.staging import StagedImage, stage_task, staging_id
+from caaxr_tf.data.staging import StagedImage, init_stage_worker, stage_task, staging_id
 from caaxr_tf.io import atomic_path, write_text_atomic
 from caaxr_tf.locks import FolderLock
 
@@ -206,7 +206,8 @@ class Stager:
 
     def _new_pool(self, workers: int) -> concurrent.futures.ProcessPoolExecutor:
         # spawn, not fork: the parent may hold TensorFlow's threads
-        return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=init_stage_worker)
 
     def start(self) -> None:
         """Start the worker processes now, so their start-up overlaps the reading of the CSVs."""
