@@ -74,11 +74,12 @@ def test_quick_report_structure(quick_report):
 
 def test_quick_report_figures_and_targets(quick_report):
     pipeline = quick_report["sections"]["pipeline"]["figures"]
-    assert {"tf_cold", "tf_first_epoch", "tf_warm", "limit", "torch", "torch_augment"} <= set(pipeline)
+    assert {"tf_cold", "tf_first_epoch", "tf_warm", "limit", "torch", "torch_augment", "torch_source"} <= set(pipeline)
     for key in ("tf_cold", "tf_warm", "limit"):
         assert pipeline[key]["status"] == "ok" and pipeline[key]["unit"] == "images/s"
     if torch_installed():
-        assert pipeline["torch"]["status"] == "ok"
+        assert pipeline["torch"]["status"] == "ok" and pipeline["torch_source"]["status"] == "ok"
+        assert pipeline["torch_source"]["images"] == quick_report["dataset"]["train_images"]
     else:  # CI installs only the dev extra: recorded as skipped, and its targets as not measured
         assert pipeline["torch"]["status"] == "skipped" and "torch" in pipeline["torch"]["reason"]
     tfrecords = quick_report["sections"]["tfrecords"]["figures"]
@@ -88,7 +89,8 @@ def test_quick_report_figures_and_targets(quick_report):
     assert tfrecords["peak_rss_small"]["unit"] == "MiB"
 
     targets = {t["name"]: t for t in quick_report["targets"]}
-    assert {"warm vs PyTorch", "cold vs PyTorch", "cold vs decode limit", "1 worker vs decode limit",
+    assert {"warm vs PyTorch", "cold vs PyTorch", "cold vs source peer", "warm vs source peer",
+            "cold vs decode limit", "1 worker vs decode limit",
             "2 workers vs decode limit", "2 workers vs 1", "peak memory growth"} == set(targets)
     for target in targets.values():
         assert TARGET_KEYS <= set(target)
@@ -107,7 +109,7 @@ def test_quick_report_figures_and_targets(quick_report):
             assert target["passed"] is (target["ratio"] <= target["threshold"])
     assert targets["cold vs decode limit"]["passed"] is not None
     if not torch_installed():
-        assert targets["warm vs PyTorch"]["passed"] is None
+        assert targets["warm vs PyTorch"]["passed"] is None and targets["cold vs source peer"]["passed"] is None
 
 
 def test_target_arithmetic(bench):
@@ -247,3 +249,25 @@ def test_count_of_sources_stored_as_they_are(bench, tiny_data_root):
     assert 0 < bench.stored_as_they_are(files, 512) == expected < len(files)
     assert bench.stored_as_they_are(files, 0) == sum(
         1 for p in files if (img := cv2.imread(p, cv2.IMREAD_UNCHANGED)) is not None and img.ndim == 2)
+
+
+def test_source_peer_reads_each_training_image_from_its_source_file(bench, tiny_data_root, tmp_path):
+    """The source-reading peer gets exactly fold 1's training images, with the source's path,
+    bit depth and inversion (what the synthetic manifest says was written)."""
+    import csv
+
+    from caaxr_tf.data.tfrecords import build_tfrecords
+
+    build_tfrecords(tiny_data_root, tmp_path, protocols=["2class"], workers=1, progress=False, log=lambda line: None)
+    entries = bench.source_peer_entries("caaxr", tiny_data_root, tmp_path / "2class")
+    with open(tmp_path / "2class" / "manifest.csv", newline="") as handle:
+        train = {r["image_id"]: int(r["label_index"]) for r in csv.DictReader(handle) if r["split_fold1"] == "train"}
+    written = {e["image_id"]: e for e in json.loads((tiny_data_root / "synthetic.json").read_text())["images"]}
+    assert len(entries) == len(train) > 0
+    by_path = {str(tiny_data_root / e["path"]): e for e in written.values()}
+    for path, bit_depth, invert, label in entries:
+        image = by_path[path]
+        assert label == train[image["image_id"]] and invert == int(image["invert"])
+        # BIMCV: BitsStored from the sidecar (12 or 16); CheXpert JPEGs: 0, the file's own range
+        assert bit_depth == (image["bit_depth"] if image["source"] == "bimcv" else 0)
+    assert sorted(by_path[path]["image_id"] for path, *_ in entries) == sorted(train)

@@ -330,3 +330,41 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         synthetic._write_atomic(target, b"\x89PNG data")
     assert list(target.parent.iterdir()) == []
+
+
+def test_realistic_scale_plan_has_real_depths_and_a_third_inverted():
+    specs = plan("realistic", 0)
+    categories = Counter(s.category for s in specs)
+    assert dict(categories) == {name: 3 * count for name, count in SCALES["tiny"].items()}
+    assert len(specs) == 324 and len({s.image_id for s in specs}) == 324
+    bimcv = [s for s in specs if s.source == "bimcv"]
+    assert len(bimcv) == 144 and all(s.full_size and s.bit_depth == 12 for s in bimcv)
+    for category in ("covid_boxes", "covid_no_boxes", "bimcv_lateral", "bimcv_unlisted"):
+        members = [s for s in bimcv if s.category == category]
+        assert sum(s.invert for s in members) == round(synthetic.INVERSE_SHARE * len(members))
+    assert not any(s.full_size for s in specs if s.source == "chexpert")
+    # the reduced scales keep their sizes and mixed depths (and so their bytes)
+    tiny = plan("tiny", 0)
+    assert not any(s.full_size for s in tiny)
+    assert {s.bit_depth for s in tiny if s.source == "bimcv"} == {12, 16}
+
+
+def test_realistic_bimcv_image_is_a_full_size_12_bit_png(tmp_path):
+    spec = next(s for s in plan("realistic", 0) if s.category == "covid_boxes" and s.invert)
+    entry = synthetic._write_one((str(tmp_path), spec, 0))
+    path = tmp_path / spec.path
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert pixels.dtype == np.uint16 and pixels.shape == (entry["height"], entry["width"])
+    low, high = synthetic.FULL_SIZE_LONG_SIDE
+    assert low <= max(pixels.shape) <= high and pixels.shape[0] > pixels.shape[1]
+    assert int(pixels.max()) <= 4095 and int(pixels.max()) > 3000  # 12 bits stored, most of the range used
+    tags = json.loads(path.with_suffix(".json").read_text())
+    assert tags["00280101"]["Value"] == [12] and tags["20500020"]["Value"] == ["INVERSE"]
+    assert (tags["00280010"]["Value"][0], tags["00280011"]["Value"][0]) == pixels.shape
+    assert entry["boxes"]
+    for box in entry["boxes"]:
+        assert 0 <= box["x"] and box["x"] + box["width"] <= pixels.shape[1]
+        assert 0 <= box["y"] and box["y"] + box["height"] <= pixels.shape[0]
+    # inverted: the stored lung fields (dark on film) are the bright values
+    display = (4095.0 - pixels) / 4095.0
+    assert display.mean() < 0.6

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from caaxr_tf.data import tfrecords as tfr
-from caaxr_tf.data.pipeline import parse_record
+from caaxr_tf.data.pipeline import make_dataset, parse_record
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("seg", "2class", "3class", "4class")
@@ -318,7 +318,8 @@ def test_cli_folds_records_per_shard_storage_size_and_uncertain_positive(tiny_da
     fold3 = make_dataset(protocol_dir, "val", fold=3, batch_size=64, with_ids=True)
     assert {i.decode() for _, _, ids in fold3 for i in ids.numpy()} == vals[2]
 
-    # at most 7 records per shard, and no more shards than that needs (but two at least)
+    # at most 7 records per shard, and no more shards than each part needs (but two at least);
+    # a split's shards are those of its parts: the test part, part k (val of fold k), the others (train)
     sizes = {entry["image_id"]: (entry["height"], entry["width"])
              for entry in json.loads((tiny_data_root / "synthetic.json").read_text())["images"]}
     for key, names in summary["shards"].items():
@@ -326,7 +327,11 @@ def test_cli_folds_records_per_shard_storage_size_and_uncertain_positive(tiny_da
         expected = sum(1 for r in rows if r[f"split_fold{fold}"] == split)
         per_shard = [sum(1 for _ in tf.data.TFRecordDataset(str(protocol_dir / n))) for n in names]
         assert sum(per_shard) == expected and max(per_shard) <= 7, (key, per_shard)
-        assert len(names) == max(2, -(-expected // 7)), key
+        parts = {n.split("-")[0] for n in names}
+        assert len(parts) == (1 if split != "train" else 4), key  # 5 parts at 50 % test, 10 % val
+        for part in parts:
+            in_part = sum(c for n, c in zip(names, per_shard) if n.split("-")[0] == part)
+            assert sum(1 for n in names if n.split("-")[0] == part) == max(2, -(-in_part // 7)), (key, part)
 
     # --storage-size 0: every image at its original size, including those above the default 512
     large = 0
@@ -340,3 +345,29 @@ def test_cli_folds_records_per_shard_storage_size_and_uncertain_positive(tiny_da
                 assert stored == sizes[image_id]
             large += max(stored) > 512
     assert large > 0
+
+
+def test_each_image_is_written_once_and_folds_are_assembled_from_part_shards(built):
+    protocol_dir = built / "2class"
+    summary = json.loads((protocol_dir / "summary.json").read_text())
+    rows = read_manifest(protocol_dir)
+    ids_in: dict[str, list[str]] = {}
+    for path in sorted(protocol_dir.rglob("*.tfrecord")):
+        name = str(path.relative_to(protocol_dir))
+        ids_in[name] = [parse_record(r)["image/id"].numpy().decode() for r in tf.data.TFRecordDataset(str(path))]
+    listed = {name for names in summary["shards"].values() for name in names}
+    assert set(ids_in) == listed == set(summary["shard_files"])
+    written = [image_id for ids in ids_in.values() for image_id in ids]
+    assert sorted(written) == sorted(r["image_id"] for r in rows)  # every image exactly once
+    for fold in (1, 2):
+        for split in ("train", "val"):
+            expected = sorted(r["image_id"] for r in rows if r[f"split_fold{fold}"] == split)
+            assert sorted(i for name in summary["shards"][f"fold{fold}/{split}"] for i in ids_in[name]) == expected
+    # fold k validates on part k and trains on the other parts' shards
+    assert summary["shards"]["fold1/val"] == [n for n in ids_in if n.startswith("parts/part1-")]
+    assert set(summary["shards"]["fold2/train"]) == {n for n in ids_in if n.startswith("parts/") and "/part2-" not in n}
+    # and the pipeline reads a fold as before
+    dataset = make_dataset(protocol_dir, "train", fold=2, batch_size=16, image_size=32, augment=False,
+                           cache=False, with_ids=True)
+    seen = sorted(i.decode() for _, _, ids in dataset.as_numpy_iterator() for i in ids)
+    assert seen == sorted(r["image_id"] for r in rows if r["split_fold2"] == "train")

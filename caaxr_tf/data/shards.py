@@ -95,9 +95,13 @@ def verify_protocol(protocol_dir: str | os.PathLike, summary: Mapping[str, Any],
     protocol_dir = Path(protocol_dir)
     recorded = summary.get("shard_files") or {}
     problems: list[ShardProblem] = []
+    checked: set[str] = set()  # part shards are listed under several folds: read each once
     for split, names in (summary.get("shards") or {}).items():
         split_problems, total = [], 0
         for name in names:
+            if recorded and name in checked:
+                continue
+            checked.add(name)
             path = protocol_dir / name
             reason = check_shard(path, recorded.get(name), full=full)
             if reason is not None:

@@ -64,6 +64,15 @@ SCALES: dict[str, dict[str, int]] = {
     ),
 }
 SCALES["small"] = {name: 10 * count for name, count in SCALES["tiny"].items()}
+# Real image sizes (issue 16): BIMCV-COVID19+ PNGs at 2,000-3,000 px on the long side, all with
+# 12 bits stored in 16, about a third inverted; CheXpert-v1.0-small JPEGs (about 320x390, as in
+# every scale). 3x tiny: 144 BIMCV and 180 CheXpert images, generated in a few minutes on 2 cores.
+SCALES["realistic"] = {name: 3 * count for name, count in SCALES["tiny"].items()}
+# Scales whose BIMCV images have the real sizes and depth; the others keep 430-640 px images
+# (and their bytes). A caller registering its own scale may add its name here.
+FULL_SIZE_SCALES: set[str] = {"realistic"}
+FULL_SIZE_LONG_SIDE = (2000, 3000)
+FULL_SIZE_BITS = 12
 
 FINDINGS = (
     "Consolidation",
@@ -108,6 +117,7 @@ class ImageSpec:
     sex: str = ""
     age: int = 0
     labels: tuple[tuple[str, str], ...] = ()
+    full_size: bool = False  # BIMCV at its real size (FULL_SIZE_SCALES)
 
     def label(self, name: str) -> str:
         return dict(self.labels).get(name, "")
@@ -141,7 +151,7 @@ def _exact_flags(rng: np.random.Generator, count: int, share: float) -> list[boo
     return [bool(f) for f in rng.permutation(flags)]
 
 
-def _bimcv_specs(rng: np.random.Generator, counts: dict[str, int]) -> list[dict[str, Any]]:
+def _bimcv_specs(rng: np.random.Generator, counts: dict[str, int], full_size: bool = False) -> list[dict[str, Any]]:
     frontal = (
         ["covid_boxes"] * counts["covid_boxes"]
         + ["covid_no_boxes"] * counts["covid_no_boxes"]
@@ -153,6 +163,8 @@ def _bimcv_specs(rng: np.random.Generator, counts: dict[str, int]) -> list[dict[
     for category in ("covid_boxes", "covid_no_boxes", "bimcv_unlisted", "bimcv_lateral"):
         n = counts[category]
         bits = [12 if f else 16 for f in _exact_flags(rng, n, 0.5)]
+        if full_size:  # drawn all the same, so that the other draws stay those of the small scales
+            bits = [FULL_SIZE_BITS] * n
         storage[category] = list(zip(bits, _exact_flags(rng, n, INVERSE_SHARE)))
     opacity = _exact_flags(rng, counts["covid_boxes"], OPACITY_SHARE)
 
@@ -276,8 +288,9 @@ def plan(scale: str = "tiny", seed: int = 0) -> list[ImageSpec]:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose from {sorted(SCALES)}")
     counts = SCALES[scale]
+    full_size = scale in FULL_SIZE_SCALES
     rng = np.random.default_rng([seed, 0])
-    raw = _bimcv_specs(rng, counts) + _chexpert_specs(rng, counts)
+    raw = _bimcv_specs(rng, counts, full_size) + _chexpert_specs(rng, counts)
 
     specs = []
     for index, item in enumerate(raw):
@@ -290,7 +303,7 @@ def plan(scale: str = "tiny", seed: int = 0) -> list[ImageSpec]:
                 patient_id=patient, study_id=study,
                 path=f"bimcv/{patient}/{study}/mod-rx/{stem}.png", view=item["view"],
                 modality=item["modality"], bit_depth=item["bit_depth"], invert=item["invert"],
-                opacity=item["opacity"],
+                opacity=item["opacity"], full_size=full_size,
             ))
         else:
             name = "view2_lateral.jpg" if item["view"] == "lateral" else "view1_frontal.jpg"
@@ -642,6 +655,14 @@ def _frontal_size(rng: np.random.Generator, source: str) -> tuple[int, int]:
     return height, width
 
 
+def _full_frontal_size(rng: np.random.Generator) -> tuple[int, int]:
+    """A BIMCV film at its real size: portrait, long side in FULL_SIZE_LONG_SIDE."""
+    low, high = FULL_SIZE_LONG_SIDE
+    height = int(rng.integers(low, high + 1))
+    width = int(round(height * rng.uniform(0.78, 0.97)))
+    return height, width
+
+
 def _finish(image: np.ndarray, rng: np.random.Generator, height: int, width: int, noise: float) -> np.ndarray:
     full = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
     full += noise * rng.standard_normal((height, width), dtype=np.float32)
@@ -652,6 +673,8 @@ def render(spec: ImageSpec, seed: int = 0) -> Rendered:
     """Draw one image of the plan; the result depends only on ``spec`` and ``seed``."""
     rng = np.random.default_rng([seed, 1, spec.index])
     height, width = _frontal_size(rng, spec.source)
+    if spec.full_size and spec.source == "bimcv":
+        height, width = _full_frontal_size(np.random.default_rng([seed, 3, spec.index]))
     lateral = spec.view in ("ll", "lateral")
     noise = 0.012 if spec.source == "bimcv" else 0.022
     if lateral:
@@ -842,7 +865,8 @@ def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, wor
 
     Args:
         out_dir: the data root (``bimcv/``, ``caaxr/`` and ``chexpert/`` are created in it).
-        scale: ``tiny``, ``small`` (10x tiny) or ``paper`` (covers the paper's class counts).
+        scale: ``tiny``, ``small`` (10x tiny), ``realistic`` (3x tiny, BIMCV at real sizes:
+            2,000-3,000 px, 12 bits stored) or ``paper`` (covers the paper's class counts).
         seed: the same scale and seed always give byte-identical files.
         workers: processes drawing images; the output does not depend on it.
         progress: show a progress bar.
@@ -933,7 +957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--layout", default="caaxr", choices=list(LAYOUTS), help="which set (default caaxr)")
     parser.add_argument("--out", required=True, help="data root to write (created if missing)")
-    parser.add_argument("--scale", default="tiny", help="caaxr: tiny, small, paper; qata and ct: tiny, small")
+    parser.add_argument("--scale", default="tiny", help="caaxr: tiny, small, realistic, paper; qata and ct: tiny, small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)

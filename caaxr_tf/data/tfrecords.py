@@ -60,11 +60,12 @@ from caaxr_tf.data.records import ReadResult, Sample, SchemaError, Skipped
 from caaxr_tf.data.schema import ALL_SHARDS, MANIFEST_FILE, SUMMARY_FILE, read_summary_file
 from caaxr_tf.data.shards import ShardProblem, shard_info, verify_protocol
 from caaxr_tf.data.sources import check_data_config, read_source
-from caaxr_tf.data.staging import StagedImage, stage_task, staging_id
+from caaxr_tf.data.staging import StagedImage, init_stage_worker, stage_task, staging_id
 from caaxr_tf.io import atomic_path, write_text_atomic
 from caaxr_tf.locks import FolderLock
 
-FORMAT_VERSION = 2  # 2: image/encoded may hold the source JPEG/PNG bytes
+FORMAT_VERSION = 3  # 2: image/encoded may hold the source JPEG/PNG bytes; 3: non-test records once, in part shards
+PARTS_DIR = "parts"  # part<p>-*.tfrecord: the non-test records of part p, listed under every fold that uses them
 STAGING_DIR = ".staging"
 BUILDING_FILE = ".building.json"  # a protocol being written: its build settings and fingerprint
 
@@ -205,7 +206,8 @@ class Stager:
 
     def _new_pool(self, workers: int) -> concurrent.futures.ProcessPoolExecutor:
         # spawn, not fork: the parent may hold TensorFlow's threads
-        return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=init_stage_worker)
 
     def start(self) -> None:
         """Start the worker processes now, so their start-up overlaps the reading of the CSVs."""
@@ -539,6 +541,7 @@ def write_protocol(
     with_series = any(s.series_id for s in samples)
 
     rows: list[dict[str, str]] = []
+    by_part: dict[int, list[tuple[Sample, int, str]]] = {}
     by_split: dict[str, list[tuple[Sample, int, str]]] = {"test": []} if not halves else {ALL_SHARDS: []}
     for fold in range(1, spec.folds + 1 if not halves else 1):
         by_split[f"fold{fold}/train"] = []
@@ -548,6 +551,8 @@ def write_protocol(
             part = parts.get(sample.image_id)
             if halves:
                 by_split[ALL_SHARDS].append((sample, label, class_name))
+            else:
+                by_part.setdefault(part, []).append((sample, label, class_name))
             row = {
                 "image_id": sample.image_id,
                 "patient_id": sample.patient_id,
@@ -584,18 +589,10 @@ def write_protocol(
 
     import tensorflow as tf
 
-    shards: dict[str, list[str]] = {}
-    planned: list[tuple[Path, list]] = []  # (final path, its records)
-    for key, entries in by_split.items():
-        entries = sorted(entries, key=lambda e: e[0].image_id)
-        rng = np.random.default_rng(protocols_lib.stable_seed(seed, spec.source, spec.name, key))
-        entries = [entries[i] for i in rng.permutation(len(entries))]
-        count = num_shards(len(entries), records_per_shard)
-        folder, prefix = (protocol_dir, key) if "/" not in key else (protocol_dir / key.split("/")[0], key.split("/")[1])
-        names = shard_names(prefix, count)
-        shards[key] = [str((folder / n).relative_to(protocol_dir)) for n in names]
-        for index, name in enumerate(names):
-            planned.append((folder / name, entries[index * len(entries) // count : (index + 1) * len(entries) // count]))
+    if halves:
+        shards, planned = plan_member_shards(by_split[ALL_SHARDS], spec, protocol_dir, seed, records_per_shard)
+    else:
+        shards, planned = plan_part_shards(by_part, spec, protocol_dir, seed, records_per_shard)
     # Shards that this build does not name (another run's) must not survive next to it.
     wanted = {path for path, _ in planned}
     for stale in protocol_dir.rglob("*.tfrecord"):
@@ -665,6 +662,65 @@ def half_split_members(rows: Sequence[Mapping[str, str]], folds: int) -> dict[st
     ``split_members``: the pipeline selects a fold's records from the shared shards by id)."""
     return {f"fold{fold}/{split}": [r["image_id"] for r in rows if r[f"split_fold{fold}"] == split]
             for fold in range(1, folds + 1) for split in ("train", "val", "test")}
+
+
+def plan_part_shards(
+    by_part: Mapping[int, Sequence[tuple[Sample, int, str]]],
+    spec: protocols_lib.ProtocolSpec,
+    protocol_dir: Path,
+    seed: int,
+    records_per_shard: int,
+) -> tuple[dict[str, list[str]], list[tuple[Path, list]]]:
+    """Where each record goes: every image is written once. Part 0 (the test split) goes to
+    ``test-*``, part p (1..num_parts) to ``parts/part<p>-*``; the summary's ``fold<k>/val``
+    lists part k's shards and ``fold<k>/train`` those of the other non-test parts, so
+    ``shard_files(dir, split, fold)`` assembles a fold from the part shards.
+
+    Returns the summary's ``shards`` (split key -> shard names relative to ``protocol_dir``) and
+    the shards to write (final path, its records in order). A part's records are in a seeded
+    order of their image ids, so the bytes do not depend on the run or the worker count.
+    """
+    part_shards: dict[int, list[str]] = {}
+    planned: list[tuple[Path, list]] = []  # (final path, its records)
+    for part in range(spec.num_parts + 1):
+        key = "test" if part == 0 else f"part{part}"
+        entries = sorted(by_part.get(part, []), key=lambda e: e[0].image_id)
+        rng = np.random.default_rng(protocols_lib.stable_seed(seed, spec.source, spec.name, key))
+        entries = [entries[i] for i in rng.permutation(len(entries))]
+        count = num_shards(len(entries), records_per_shard)
+        folder = protocol_dir if part == 0 else protocol_dir / PARTS_DIR
+        names = shard_names(key, count)
+        part_shards[part] = [str((folder / n).relative_to(protocol_dir)) for n in names]
+        for index, name in enumerate(names):
+            planned.append((folder / name, entries[index * len(entries) // count : (index + 1) * len(entries) // count]))
+    shards: dict[str, list[str]] = {"test": part_shards[0]}
+    for fold in range(1, spec.folds + 1):
+        shards[f"fold{fold}/train"] = [
+            name for part in range(1, spec.num_parts + 1)
+            if protocols_lib.split_of(part, fold) == "train" for name in part_shards[part]
+        ]
+        shards[f"fold{fold}/val"] = list(part_shards[fold])
+    return shards, planned
+
+
+def plan_member_shards(
+    entries: Sequence[tuple[Sample, int, str]],
+    spec: protocols_lib.ProtocolSpec,
+    protocol_dir: Path,
+    seed: int,
+    records_per_shard: int,
+) -> tuple[dict[str, list[str]], list[tuple[Path, list]]]:
+    """The shards of a protocol whose splits are lists of members (``grouped_halves``): every
+    record once, in ``all-*`` shards in a seeded order of the image ids; the summary's
+    ``split_members`` says which records each fold's splits take."""
+    entries = sorted(entries, key=lambda e: e[0].image_id)
+    rng = np.random.default_rng(protocols_lib.stable_seed(seed, spec.source, spec.name, ALL_SHARDS))
+    entries = [entries[i] for i in rng.permutation(len(entries))]
+    count = num_shards(len(entries), records_per_shard)
+    names = shard_names(ALL_SHARDS, count)
+    planned = [(protocol_dir / name, entries[index * len(entries) // count : (index + 1) * len(entries) // count])
+               for index, name in enumerate(names)]
+    return {ALL_SHARDS: list(names)}, planned
 
 
 def _write_and_summarize(
