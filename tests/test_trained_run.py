@@ -26,8 +26,8 @@ def trained(tiny_data_root, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("trained_run")
     build_tfrecords(tiny_data_root, root / "tfrecords", protocols="seg", workers=1, progress=False, log=lambda _: None)
     code = cv.main(["--protocol", "seg", "--models", "unet", "--tfrecords", str(root / "tfrecords"),
-                    "--out", str(root / "cv"), "--folds", "1", "--epochs", "2", "--steps-per-epoch", "3",
-                    "--lr", "1e-2", "--set", f"image_size={IMAGE_SIZE}", "--set", "model_kwargs.base_filters=4",
+                    "--out", str(root / "cv"), "--folds", "1", "--epochs", "2", "--steps-per-epoch", "15",
+                    "--lr", "3e-3", "--set", f"image_size={IMAGE_SIZE}", "--set", "model_kwargs.base_filters=4",
                     "--set", "loss=bce_dice", "--quiet", "--no-plots"])
     assert code == 0
     return root / "tfrecords" / "seg", root / "cv"
