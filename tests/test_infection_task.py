@@ -20,7 +20,8 @@ from caaxr_tf.infection.lungs import (
     with_lung_model,
 )
 from caaxr_tf.infection.maps import LungSplit, lung_infection_fractions, restrict_to_lungs
-from caaxr_tf.infection.plots import jet_colors, jet_overlay
+from caaxr_tf.explain.overlay import jet_rgb
+from caaxr_tf.infection.plots import jet_overlay
 from caaxr_tf.metrics import dice_per_image
 from caaxr_tf.tasks import EvalContext, get_task, task_for
 from caaxr_tf.tasks.infection import InfectionClassificationTask, InfectionTask, check_detection_rule
@@ -198,8 +199,9 @@ def test_serving_outputs_match_the_numpy_rule():
 
 
 def test_jet_colours_and_overlay():
-    np.testing.assert_allclose(jet_colors(np.array([0.0, 0.5, 1.0])),
-                               [[0, 0, 0.5], [0.5, 1, 0.5], [0.5, 0, 0]])
+    # matplotlib's jet segments: red rises from 0.35 to 0.66, blue falls from 0.34 to 0.65
+    np.testing.assert_allclose(jet_rgb(np.array([0.0, 0.5, 1.0])),
+                               [[0, 0, 0.5], [0.15 / 0.31, 1, 0.15 / 0.31], [0.5, 0, 0]], rtol=1e-6)
     pixels = np.full((4, 4), 100, np.uint8)
     infection_map = np.zeros((4, 4, 1), np.float32)
     infection_map[0, 0] = 1.0

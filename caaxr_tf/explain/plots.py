@@ -16,7 +16,6 @@ from typing import Any, Sequence
 import numpy as np
 
 OVERLAY_ALPHA = 0.4
-COLORMAP = "jet"
 BOX_COLOUR = (0, 255, 0)  # RGB
 PEAK_COLOUR = (255, 255, 255)
 PEAK_MARKER_SIZE = 9
@@ -73,12 +72,10 @@ def resize_map(cam, height: int, width: int) -> np.ndarray:
 
 
 def jet_colours(cam) -> np.ndarray:
-    """RGB float32 in 0..255 of a map in 0..1 under the ``jet`` colour map."""
-    from matplotlib import colormaps
+    """RGB float32 in 0..255 of a map in 0..1 under the ``jet`` colour map (`overlay.jet_rgb`)."""
+    from caaxr_tf.explain.overlay import jet_rgb
 
-    return (colormaps[COLORMAP](np.clip(np.asarray(cam, np.float64), 0.0, 1.0))[..., :3] * 255.0).astype(
-        np.float32
-    )
+    return 255.0 * jet_rgb(cam)
 
 
 def cam_overlay(image, cam, alpha: float = OVERLAY_ALPHA) -> np.ndarray:

@@ -9,15 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
+from caaxr_tf.explain.overlay import jet_rgb  # numpy only: the one jet colour map of the package
+
 OVERLAY_ALPHA = 0.45
-
-
-def jet_colors(values: np.ndarray) -> np.ndarray:
-    """The classic piecewise-linear jet colour map of ``values`` in [0, 1]: float32 ``[..., 3]``
-    in [0, 1] (dark blue at 0, green at 0.5, dark red at 1)."""
-    x = np.clip(np.asarray(values, np.float32), 0.0, 1.0)[..., None]
-    centres = np.array([3.0, 2.0, 1.0], np.float32)  # red, green, blue peaks at 3/4, 1/2, 1/4
-    return np.clip(1.5 - np.abs(4.0 * x - centres), 0.0, 1.0)
 
 
 def jet_overlay(pixels: np.ndarray, infection_map: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
@@ -26,7 +20,7 @@ def jet_overlay(pixels: np.ndarray, infection_map: np.ndarray, alpha: float = OV
     pixels = np.asarray(pixels)
     probabilities = np.asarray(infection_map, np.float32).reshape(pixels.shape)
     grey = np.repeat(pixels[:, :, None].astype(np.float32), 3, axis=2)
-    blended = (1.0 - alpha) * grey + alpha * 255.0 * jet_colors(probabilities)
+    blended = (1.0 - alpha) * grey + alpha * 255.0 * jet_rgb(probabilities)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
