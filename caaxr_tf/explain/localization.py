@@ -127,15 +127,7 @@ def localization_scores(
     saliency = np.asarray(saliency)
     if saliency.ndim != 2:
         raise ValueError(f"a map must be [H, W], got shape {saliency.shape}")
-    mask = boxes_to_mask(boxes, *saliency.shape)
-    if not mask.any():
-        _check_map(saliency)
-        return LocalizationScores(math.nan, math.nan, math.nan)
-    return LocalizationScores(
-        pointing=pointing_game(saliency, mask),
-        energy=energy_inside(saliency, mask),
-        iou=thresholded_iou(saliency, mask, threshold),
-    )
+    return mask_scores(saliency, boxes_to_mask(boxes, *saliency.shape), threshold)
 
 
 def mask_scores(saliency, mask, threshold: float = DEFAULT_THRESHOLD) -> LocalizationScores:

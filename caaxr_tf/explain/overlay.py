@@ -32,7 +32,8 @@ def jet_rgb(values) -> np.ndarray:
     return np.stack([np.interp(values, xs, ys) for xs, ys in _JET], axis=-1).astype(np.float32)
 
 
-def _grey_pixels(pixels) -> np.ndarray:
+def grey_pixels(pixels) -> np.ndarray:
+    """A grey image [H, W] or [H, W, 1] as float32 [H, W] clipped to 0..255."""
     pixels = np.asarray(pixels)
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
@@ -61,7 +62,7 @@ def peak_location(cam) -> dict[str, Any]:
 def cam_overlay_rgb(pixels, cam, alpha: float = OVERLAY_ALPHA, mark_peak: bool = True) -> np.ndarray:
     """uint8 RGB [H, W, 3]: the grey image (0..255) blended with the jet colours of ``cam``
     (0..1, the image's size), the peak marked with a white cross."""
-    grey = _grey_pixels(pixels)
+    grey = grey_pixels(pixels)
     cam = np.asarray(cam, dtype=np.float32)
     if cam.shape != grey.shape:
         raise ValueError(f"the map {cam.shape} must have the image's size {grey.shape}")

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from caaxr_tf.explain.overlay import grey_pixels
+
 OVERLAY_ALPHA = 0.4
 BOX_COLOUR = (0, 255, 0)  # RGB
 PEAK_COLOUR = (255, 255, 255)
@@ -52,15 +54,6 @@ def cam_peak(cam) -> CamPeak:
     return CamPeak(int(x), int(y), float((x + 0.5) / width), float((y + 0.5) / height), float(cam[y, x]))
 
 
-def _grey(image) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim != 2:
-        raise ValueError(f"an image must be [H, W] or [H, W, 1], got shape {image.shape}")
-    return np.clip(image.astype(np.float32), 0.0, 255.0)
-
-
 def resize_map(cam, height: int, width: int) -> np.ndarray:
     """Bilinear resize of an [h, w] map to [height, width] (half-pixel centres, as TF's)."""
     import cv2
@@ -81,7 +74,7 @@ def jet_colours(cam) -> np.ndarray:
 def cam_overlay(image, cam, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """uint8 RGB [H, W, 3]: the grey image blended with the jet colours of ``cam`` (0..1),
     resized to the image when their sizes differ."""
-    grey = _grey(image)
+    grey = grey_pixels(image)
     cam = resize_map(cam, *grey.shape)
     blended = (1.0 - alpha) * grey[..., None] + alpha * jet_colours(cam)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
@@ -107,7 +100,7 @@ def render_cam_overlay(
     """
     import cv2
 
-    grey = _grey(image)
+    grey = grey_pixels(image)
     cam = resize_map(cam, *grey.shape)
     overlay = cam_overlay(grey, cam, alpha)
     height, width = grey.shape
@@ -177,7 +170,7 @@ def plot_cam_grid(
     figure = new_figure(2.2 * columns, 2.3 * count + 0.4)
     grid = figure.subplots(count, columns, squeeze=False)
     for row in range(count):
-        grey = _grey(images[row])
+        grey = grey_pixels(images[row])
         height, width = grey.shape
         row_boxes = np.zeros((0, 4)) if boxes is None or boxes[row] is None else np.asarray(boxes[row])
         panels = [(grey, None, ids[row] if ids is not None else f"image {row}")]
