@@ -26,6 +26,12 @@ SHARED_COVID_CXR = Path(__file__).resolve().parents[1].parent / "shared" / "data
 REQUIRE_SHARED_DATA = "CAAXR_REQUIRE_SHARED_DATA"
 
 
+def pytest_report_header(config) -> str:
+    """Which kernel set this run uses: `make test` runs the numerics tests once with oneDNN off."""
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")
+    return f"caaxr-tf: TF_ENABLE_ONEDNN_OPTS={setting} (tolerances: tests/tolerances.py)"
+
+
 def shared_data_required() -> bool:
     return os.environ.get(REQUIRE_SHARED_DATA, "").strip().lower() not in ("", "0", "false", "no")
 

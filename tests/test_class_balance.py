@@ -15,6 +15,8 @@ from caaxr_tf.data import tfrecords as tfr
 from caaxr_tf.data.pipeline import balanced_repeats, make_dataset, read_summary
 from caaxr_tf.tasks.classification import ClassificationTask, balanced_class_weights
 
+pytestmark = pytest.mark.numerics  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
+
 COVID_COUNT = 12  # of the tiny set's 40 COVID images: about 1 COVID to 4.5 non-COVID
 
 
@@ -53,7 +55,7 @@ def test_weighted_loss_equals_a_hand_computed_reference():
     weighted = ClassificationTask(["a", "b", "c"], class_weights=weights.tolist())
     got = weighted.per_example_loss(tf.constant(targets), tf.constant(probabilities)).numpy()
     expected = -np.log(probabilities[np.arange(6), labels]) * weights[labels]
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)  # elementwise float32 log against float64: ulps
     unweighted = ClassificationTask(["a", "b", "c"]).per_example_loss(tf.constant(targets),
                                                                       tf.constant(probabilities)).numpy()
     np.testing.assert_allclose(unweighted, -np.log(probabilities[np.arange(6), labels]), rtol=1e-5)

@@ -17,6 +17,8 @@ from caaxr_tf.data.ct_series import find_ct_series
 from caaxr_tf.metrics.confusion import ClasswisePrecision, ClasswiseSensitivity, confusion_rates
 from caaxr_tf.tasks import get_task
 
+pytestmark = pytest.mark.numerics  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
+
 NAMES = ["covid", "normal"]
 
 

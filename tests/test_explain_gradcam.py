@@ -11,6 +11,8 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+
+from tolerances import KERNEL_ATOL, KERNEL_RTOL
 import tensorflow as tf
 
 from caaxr_tf.explain.gradcam import (
@@ -23,7 +25,10 @@ from caaxr_tf.explain.gradcam import (
 )
 from caaxr_tf.models import build_classifier
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.numerics,  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
 
 
 # --------------------------------------------------------------------------- references
@@ -126,7 +131,7 @@ def test_grad_cam_matches_the_analytic_reference_on_a_tiny_model(score):
     assert result.cam.shape == (3, 12, 12) and result.cam.dtype == np.float32
     assert result.cam_low_res.shape == (3, 6, 6)
     np.testing.assert_array_equal(result.class_index, predicted)
-    np.testing.assert_allclose(result.predictions, probabilities, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.predictions, probabilities, rtol=KERNEL_RTOL, atol=1e-6)  # traced vs eager
     np.testing.assert_allclose(result.cam_low_res, expected_low, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(result.cam, expected_cam, atol=1e-5)
     # Not a vacuous comparison: every map has its maximum 1 and some spatial structure.
@@ -144,13 +149,13 @@ def test_default_layer_of_a_flat_model_and_given_class_indices():
         one = by_default(x, class_index=index)
         np.testing.assert_array_equal(one.class_index, [index, index])
         per_image = by_default(x, class_index=[index, (index + 1) % 4])
-        np.testing.assert_allclose(per_image.cam[0], one.cam[0], atol=1e-6)
+        np.testing.assert_allclose(per_image.cam[0], one.cam[0], atol=KERNEL_ATOL)  # other batches, other kernels
     # A map for another class differs (the test would not notice a class mix-up otherwise).
     assert not np.allclose(by_default(x, 0).cam_low_res, by_default(x, 1).cam_low_res)
     with pytest.raises(ValueError, match="class_index must be in 0..3"):
         by_default(x, class_index=4)
     batched = by_default(np.concatenate([x, x]), batch_size=3)
-    np.testing.assert_allclose(batched.cam[:2], batched.cam[2:], atol=1e-6)
+    np.testing.assert_allclose(batched.cam[:2], batched.cam[2:], atol=KERNEL_ATOL)  # batches of 3 and 1
 
 
 # --------------------------------------------------------------------------- nested models
@@ -191,10 +196,10 @@ def test_nested_tiny_model_matches_the_step_by_step_reference():
         result = explainer(x, class_index=c)
         np.testing.assert_allclose(result.cam_low_res, expected_low, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(result.cam, expected_cam, atol=1e-5)
-        np.testing.assert_allclose(result.predictions, probabilities, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.predictions, probabilities, rtol=KERNEL_RTOL, atol=1e-6)  # traced vs eager
         nonzero += int((result.cam.max(axis=(1, 2)) > 0).sum())
         eager = GradCam(model, run_eagerly=True)(x, class_index=c)  # and traced == eager
-        np.testing.assert_allclose(eager.cam, result.cam, atol=1e-6)
+        np.testing.assert_allclose(eager.cam, result.cam, atol=KERNEL_ATOL)  # eager vs traced
     assert nonzero >= 3
 
 
@@ -264,7 +269,7 @@ def test_frozen_backbone_gives_the_same_maps():
     trainable = GradCam(model)(x, class_index=1)
     model.get_layer("backbone").trainable = False
     frozen = GradCam(model)(x, class_index=1)
-    np.testing.assert_allclose(frozen.cam, trainable.cam, atol=1e-6)
+    np.testing.assert_allclose(frozen.cam, trainable.cam, atol=KERNEL_ATOL)  # two traced graphs
     assert trainable.cam.max() == pytest.approx(1.0)
 
 
@@ -284,7 +289,7 @@ def test_single_sigmoid_output_is_two_classes():
     np.testing.assert_allclose(positive.cam_low_res, np.maximum(weighted, 0), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(negative.cam_low_res, np.maximum(-weighted, 0), rtol=1e-4, atol=1e-7)
     p = model(x).numpy()[:, 0]
-    np.testing.assert_allclose(positive.predictions, np.stack([1 - p, p], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(positive.predictions, np.stack([1 - p, p], axis=1), rtol=KERNEL_RTOL)  # traced vs eager
     np.testing.assert_array_equal(explainer(x).class_index, (p >= 0.5).astype(int))
 
 
@@ -301,7 +306,7 @@ def test_logits_behind_an_activation_layer_and_unrecoverable_logits():
         np.testing.assert_allclose(
             GradCam(with_softmax, run_eagerly=True)(x, c).cam_low_res,
             GradCam(linear, run_eagerly=True)(x, c).cam_low_res,
-            rtol=1e-5,
+            rtol=KERNEL_RTOL,  # two models' gradients: other kernels
             atol=1e-7,
         )
     # The output of a nested model: its logits are out of reach, its probabilities are not.
@@ -425,6 +430,6 @@ def test_cam_function_in_a_saved_model_reloaded_in_a_fresh_process(tmp_path):
     np.testing.assert_allclose(reloaded["cam"], expected.cam, atol=1e-5)
     np.testing.assert_allclose(reloaded["archive_cam"], expected.cam, atol=1e-5)
     np.testing.assert_array_equal(reloaded["class_index"], expected.class_index)
-    np.testing.assert_allclose(reloaded["probabilities"], expected.predictions, rtol=1e-5)
+    np.testing.assert_allclose(reloaded["probabilities"], expected.predictions, rtol=KERNEL_RTOL)  # another process's graph
     np.testing.assert_allclose(reloaded["chosen"], eager(x, chosen_class).cam, atol=1e-5)
     assert (expected.cam.max(axis=(1, 2)) == 1.0).sum() >= 2

@@ -19,6 +19,8 @@ from caaxr_tf.infection.cam import (
     score_maps,
 )
 
+pytestmark = pytest.mark.numerics  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
+
 SIZE = 32
 CLASSES = ["covid", "control"]
 

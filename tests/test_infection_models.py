@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+
+from tolerances import KERNEL_ATOL
 import tensorflow as tf
 
 from caaxr_tf.models import (
@@ -17,6 +19,7 @@ from caaxr_tf.models import (
 )
 
 pytestmark = [
+    pytest.mark.numerics,  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
     pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning"),
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
 ]
@@ -101,6 +104,7 @@ def test_unetpp_output_is_one_probability_mask(size):
     # the output is the mean of the four heads
     probe = keras.Model(model.input, [h.output for h in heads] + [model.output])
     *head_maps, mean = probe(_images(1, size))
+    # the same graph's float32 mean of four maps against NumPy's: ulps
     np.testing.assert_allclose(np.mean([h.numpy() for h in head_maps], axis=0), mean.numpy(), atol=1e-6)
 
 
@@ -149,7 +153,7 @@ def test_unetpp_save_load_round_trip(tmp_path):
     x = _images(2, 32)
     model.save(tmp_path / "unetpp.keras")
     restored = keras.models.load_model(tmp_path / "unetpp.keras")
-    np.testing.assert_allclose(restored(x).numpy(), model(x).numpy(), atol=1e-6)
+    np.testing.assert_allclose(restored(x).numpy(), model(x).numpy(), atol=1e-6)  # both eager: same kernels
     model.save_weights(tmp_path / "unetpp.weights.h5")
     loaded = build_model(
         "unetpp", input_shape=(32, 32, 1), base_filters=4, depth=3, deep_supervision=True,
@@ -219,7 +223,7 @@ def test_encoder_unet_save_load_round_trip(encoder_unets, tmp_path):
     x = _images(1, 224, seed=3)
     model.save(tmp_path / "unet_densenet121.keras")
     restored = keras.models.load_model(tmp_path / "unet_densenet121.keras")
-    np.testing.assert_allclose(restored(x).numpy(), model(x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(restored(x).numpy(), model(x).numpy(), atol=KERNEL_ATOL)  # a DenseNet's depth of float32 sums
 
 
 @pytest.mark.slow

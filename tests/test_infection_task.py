@@ -26,6 +26,8 @@ from caaxr_tf.metrics import dice_per_image
 from caaxr_tf.tasks import EvalContext, get_task, task_for
 from caaxr_tf.tasks.infection import InfectionClassificationTask, InfectionTask, check_detection_rule
 
+pytestmark = pytest.mark.numerics  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
+
 SIZE = 16
 CLASSES = ["covid", "control"]
 

@@ -19,6 +19,8 @@ from caaxr_tf.metrics import (
     sensitivity_at_specificity,
 )
 
+pytestmark = pytest.mark.numerics  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
+
 ATOL = 1e-6  # float32 state and results against float64 references
 
 

@@ -8,6 +8,8 @@ import h5py
 import keras
 import numpy as np
 import pytest
+
+from tolerances import KERNEL_ATOL
 import tensorflow as tf
 
 from caaxr_tf.models import (
@@ -29,6 +31,7 @@ from caaxr_tf.models import (
 # any functional model that has been called; the round-trip tests check the weights.
 # Keras' own weight saving also trips a NumPy 2 `__array__(copy=...)` deprecation.
 pytestmark = [
+    pytest.mark.numerics,  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
     pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning"),
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
 ]
@@ -143,7 +146,7 @@ def test_unpooling_without_reference_doubles_size_and_passes_gradients():
     assert restored.shape == (2, 4, 6, 3)
     # d loss / d x is the weight at every window maximum and zero elsewhere.
     is_max = _numpy_unpool_of_pool(x.numpy()) != 0
-    np.testing.assert_allclose(grad, np.where(is_max, weights.numpy(), 0.0), rtol=1e-6)
+    np.testing.assert_allclose(grad, np.where(is_max, weights.numpy(), 0.0), rtol=1e-6)  # a scatter: no arithmetic
     assert is_max.sum() == 2 * 2 * 3 * 3
 
 
@@ -172,6 +175,7 @@ def test_layer_configs_round_trip():
 def test_preprocessing_matches_keras_applications(mode, module):
     rgb = np.random.default_rng(4).uniform(0, 255, (2, 5, 5, 3)).astype("float32")
     expected = module.preprocess_input(rgb.copy())
+    # elementwise float32 against NumPy's float32/float64 order of operations: ulps of values up to ~150
     np.testing.assert_allclose(ImageNetPreprocessing(mode)(rgb).numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
@@ -250,6 +254,7 @@ def test_keras_save_load_round_trip(fixture, request, tmp_path):
     path = tmp_path / f"{model.name}.keras"
     model.save(path)
     restored = keras.models.load_model(path)
+    # both eager, same layers and kernels: the same bits are expected, 1e-6 is only a margin
     np.testing.assert_allclose(restored(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-6)
     clone = model.__class__.from_config(model.get_config())
     clone.set_weights(model.get_weights())
@@ -260,7 +265,8 @@ def test_segnet_exports_as_saved_model(tiny_segnet, tmp_path):
     x = _images(3)
     tiny_segnet.export(str(tmp_path / "segnet"), format="tf_saved_model", verbose=False)
     reloaded = tf.saved_model.load(str(tmp_path / "segnet"))
-    np.testing.assert_allclose(reloaded.serve(tf.constant(x)).numpy(), tiny_segnet(x).numpy(), atol=1e-6)
+    # the SavedModel's graph (fused by Grappler) against eager Keras
+    np.testing.assert_allclose(reloaded.serve(tf.constant(x)).numpy(), tiny_segnet(x).numpy(), atol=KERNEL_ATOL)
 
 
 def test_segmentation_weights_path(tiny_unet, tmp_path):
@@ -268,7 +274,7 @@ def test_segmentation_weights_path(tiny_unet, tmp_path):
     tiny_unet.save_weights(path)
     loaded = build_model("unet", input_shape=TINY, base_filters=8, weights=str(path))
     x = _images(1)
-    np.testing.assert_allclose(loaded(x).numpy(), tiny_unet(x).numpy(), atol=1e-6)
+    np.testing.assert_allclose(loaded(x).numpy(), tiny_unet(x).numpy(), atol=1e-6)  # both eager: same kernels
     with pytest.raises(ValueError, match="does not match the segnet architecture"):
         build_model("segnet", input_shape=TINY, base_filters=8, weights=str(path))
 
@@ -292,7 +298,7 @@ def _check_classifier(model: keras.Model, x: np.ndarray, num_classes: int) -> np
     probs = model(x, training=False).numpy()
     assert probs.shape == (len(x), num_classes)
     assert np.all(probs >= 0)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # a float32 softmax sums to 1 within ulps
     head = [model.get_layer(n).units for n in ("head_dense1", "head_dense2", "predictions")]
     assert head == [1024, 512, num_classes]
     assert isinstance(model.get_layer("avg_pool"), keras.layers.GlobalAveragePooling2D)

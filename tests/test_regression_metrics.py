@@ -11,6 +11,8 @@ from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from caaxr_tf.metrics.regression import PearsonR, TargetColumn, regression_metrics
 
+pytestmark = pytest.mark.numerics  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
+
 TARGETS = ("geographic_extent", "opacity")
 BATCHES = (7, 1, 16, 5)  # uneven batches, one of a single example
 

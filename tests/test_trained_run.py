@@ -11,11 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tolerances import FLOAT32_ATOL, KERNEL_ATOL, threshold_bounds
+
 from caaxr_tf import cv, runs
 from caaxr_tf.data.pipeline import make_dataset, parse_record, shard_files
 from caaxr_tf.export import PREPROCESSED_SIGNATURE, SERVING_SIGNATURE, export_run
 
-pytestmark = pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")
+pytestmark = [
+    pytest.mark.numerics,  # numerics: rerun with oneDNN off by `make test` (tolerances.py)
+    pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning"),
+]
 IMAGE_SIZE = 64
 
 
@@ -60,21 +65,26 @@ def test_cv_trains_and_evaluates_a_real_run(trained):
         ids += [i.decode() for i in batch_ids.numpy()]
     truth, probabilities = np.concatenate(truth), np.concatenate(probabilities)
     assert truth.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 1)
-    predicted_pixels = (probabilities >= 0.5).reshape(len(ids), -1).sum(axis=1)
-    assert 0 < predicted_pixels.sum() < predicted_pixels.size * IMAGE_SIZE**2  # neither empty nor full
-    dice, iou = reference_dice_iou(truth, probabilities)
+    # evaluate ran the model through its own graph and batches: a pixel within kernel noise of the
+    # threshold may fall either side there, every other pixel must match (exactly when none is that close)
+    fewest, most = threshold_bounds(probabilities)
+    fewest_pixels, most_pixels = (m.reshape(len(ids), -1).sum(axis=1) for m in (fewest, most))
+    assert 0 < fewest_pixels.sum() and most_pixels.sum() < most_pixels.size * IMAGE_SIZE**2  # neither empty nor full
+    bounds = [reference_dice_iou(truth, m.astype(np.float32)) for m in (fewest, most)]
     metrics = json.loads((run_dir / runs.EVAL_DIR / "metrics.json").read_text())
     assert metrics["num_images"] == len(ids)
-    assert metrics["dice"] == pytest.approx(dice.mean(), abs=1e-6) and metrics["iou"] == pytest.approx(iou.mean(), abs=1e-6)
+    for index, name in enumerate(("dice", "iou")):
+        low, high = sorted(bound[index].mean() for bound in bounds)
+        assert low - FLOAT32_ATOL <= metrics[name] <= high + FLOAT32_ATOL, (name, metrics[name], low, high)
     with open(run_dir / runs.EVAL_DIR / metrics["files"]["predictions"], newline="") as handle:
         per_image = {row["image_id"]: row for row in csv.DictReader(handle)}
     assert sorted(per_image) == sorted(ids)
-    for image_id, mask, count in zip(ids, truth, predicted_pixels):
-        assert int(per_image[image_id]["predicted_pixels"]) == count, image_id
+    for image_id, mask, low, high in zip(ids, truth, fewest_pixels, most_pixels):
+        assert low <= int(per_image[image_id]["predicted_pixels"]) <= high, image_id
         assert int(per_image[image_id]["true_pixels"]) == int((mask > 0.5).sum()) > 0, image_id
     (row,) = cv.read_results_csv(out / cv.RESULTS_CSV)
     assert (row["model"], row["fold"], row["status"]) == ("unet", "1", "ok")
-    assert float(row["dice"]) == pytest.approx(metrics["dice"], abs=1e-6)
+    assert float(row["dice"]) == pytest.approx(metrics["dice"], abs=1e-6)  # the same number, printed and read
 
 
 def test_export_of_a_real_run_serves_what_training_saw(trained, tmp_path):
@@ -97,4 +107,4 @@ def test_export_of_a_real_run_serves_what_training_saw(trained, tmp_path):
     batch = np.stack([by_id[r["image/id"].numpy().decode()] for r in records])
     expected = runs.load_run_model(run_dir, "best")(batch, training=False).numpy()
     assert served.shape == (6, IMAGE_SIZE, IMAGE_SIZE, 1)
-    assert np.abs(served - expected).max() <= 1e-5 and expected.std() > 1e-3
+    assert np.abs(served - expected).max() <= KERNEL_ATOL and expected.std() > 1e-3  # served graph vs eager
