@@ -154,3 +154,52 @@ def test_class_balance_is_refused_for_segmentation_and_unknown_values(tiny_data_
                                  str(tmp_path / "run"), "--set", "class_balance=oversample"])
     with pytest.raises(train_lib.ConfigError, match="class_balance must be one of none, weights, sampling, got 'oversample'"):
         train_lib.resolve_config(args)
+
+
+def test_sampling_through_the_trainers_training_datasets_balances_the_classes(imbalanced_root, tmp_path):
+    """``class_balance: sampling`` as the trainer builds its input (``training_datasets``), not only
+    the pipeline helper: over 100 batches both classes are about equally frequent."""
+    from caaxr_tf.tasks import get_task
+    from caaxr_tf.training.trainer import training_datasets
+
+    args = train_lib.parse_args(
+        ["--protocol", "2class", "--model", "resnet18", "--tfrecords", str(imbalanced_root), "--out",
+         str(tmp_path / "run"), "--batch-size", "8", "--class-balance", "sampling", "--set", "image_size=16",
+         "--quiet"])
+    config = train_lib.resolve_config(args)
+    counts = config.training_class_counts()
+    assert counts == [4, 21]  # covid, non_covid: 4 COVID images in fold 1's training split
+    repeats = balanced_repeats(counts)
+    assert repeats == [21 / 4, 1.0]
+    data = training_datasets(config, get_task(config.task).from_config(config), 8)
+    assert data.steps == (4 * 21 // 4 + 21) // 8  # an epoch is one oversampled pass: 42 images
+    batches = 100
+    labels = np.concatenate([np.argmax(target.numpy(), axis=1) for _, target in data.train.take(batches)])
+    assert labels.size == batches * 8
+    covid_share = float(np.mean(labels == 0))
+    # Tolerance 0.06: one pass holds 21 non-COVID images and 5 or 6 copies of each of the 4 COVID
+    # images (the image-id hash decides which get the 6th), so a whole pass's COVID share lies in
+    # 20/41..24/45 = 0.488..0.534; the last, partial pass (< 45 of the 800 images) can move the
+    # share by at most 45/800 = 0.056 more. Without the repeats the share is 4/25 = 0.16.
+    assert abs(covid_share - 0.5) <= 0.06, covid_share
+
+
+@pytest.mark.parametrize("factor, whole, extra_share", [(2.5, 2, 0.5), (3.25, 3, 0.25)])
+def test_fractional_repeats_give_floor_and_ceil_copies_in_the_right_proportion(factor, whole, extra_share):
+    """A factor of 2.5 gives 2 or 3 copies (half the images each), never all 2; 3.25 gives 3 or 4."""
+    from caaxr_tf.data.pipeline import repeat_by_class
+
+    n = 4000
+    ids = [f"image{i:05d}" for i in range(n)]
+    labels = np.arange(n) % 2  # class 0 repeated by `factor`, class 1 once
+    records = tf.data.Dataset.from_tensor_slices({"id": ids, "label": labels.astype(np.int64)})
+    copies: Counter = Counter(
+        record["id"].numpy() for record in repeat_by_class(records, [factor, 1.0]))
+    repeated = np.array([copies[i.encode()] for i, label in zip(ids, labels) if label == 0])
+    once = np.array([copies[i.encode()] for i, label in zip(ids, labels) if label == 1])
+    assert set(once.tolist()) == {1}
+    assert set(repeated.tolist()) == {whole, whole + 1}
+    # Tolerance 0.03: which images get the extra copy is a hash of the id, about uniform; over 2000
+    # images the share of extra copies has a standard deviation of at most sqrt(0.25 / 2000) = 0.011.
+    assert abs(np.mean(repeated == whole + 1) - extra_share) <= 0.03
+    assert abs(repeated.mean() - factor) <= 0.03

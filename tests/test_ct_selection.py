@@ -243,3 +243,47 @@ def test_select_series_reports_a_slice_that_cannot_be_decoded(tmp_path):
     assert outcome.paths == [str(p) for p in (paths[0], paths[2], paths[3])]
     assert outcome.selection.counts.tolist() == [10, 9000, 20]
     assert outcome.kept_paths == [str(paths[2])]
+
+
+class _ArraySeries:
+    """A CTSeries stand-in whose slices come from an array (what ``classify_patient`` reads)."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels
+        self.series_id, self.folder = "p1/SR_1", "p1/SR_1"
+        self.paths = tuple(f"p1/SR_1/IM{i:04d}.tif" for i in range(len(pixels)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int, shape=(512, 512)) -> np.ndarray:
+        return self.pixels[index]
+
+
+def test_patient_pipeline_and_selection_count_the_299_300_boundary_alike():
+    """299 is dark, 300 is not: both paths count the same, and equal an independent numpy count."""
+    from caaxr_tf.ct.patients import classify_patient
+
+    rng = np.random.default_rng(3)
+    volume = np.full((4, 512, 512), TISSUE, np.uint16)
+    volume[:, 240:340, 120:370] = rng.choice(np.array([299, 300], np.uint16), size=(4, 100, 250))
+    volume[1, 240:340, 120:370] = 300  # a slice with no dark pixel at all, every value on the boundary
+    volume[2, 240:340, 120:370] = 299  # every region pixel dark
+    volume[:, 239, :] = 0  # dark just outside the region: not counted
+    volume[:, :, 370] = 0
+
+    # Independent count: the coordinates of every value <= 299, kept when they lie in the region.
+    expected = []
+    for pixels in volume:
+        rows, cols = np.nonzero(pixels.astype(np.int64) <= 299)
+        expected.append(int(np.sum((rows >= 240) & (rows < 340) & (cols >= 120) & (cols < 370))))
+    assert expected[1] == 0 and expected[2] == 25000 and 0 < expected[0] < 25000
+
+    selection = select_slices(volume)
+    result = classify_patient("p1", [_ArraySeries(volume)], lambda images: np.zeros(len(images), bool),
+                              image_size=512, workers=1)
+    pipeline = result.series[0].selection
+    assert selection.counts.tolist() == expected
+    assert pipeline.counts.tolist() == expected
+    assert [count_dark_pixels(pixels) for pixels in volume] == expected
+    assert pipeline.kept.tolist() == selection.kept.tolist()

@@ -158,13 +158,7 @@ def check_shared_path(model: str, protocol_task: str, tfrecords, tmp_path: Path,
     assert metrics["task"] == config.task and metrics["num_images"] == sum(summary["counts"]["test"].values())
     assert (run_dir / "eval" / "metrics.json").exists() and (run_dir / "eval" / "predictions.csv").exists()
     if config.task == "ct":  # and the patient pipeline over the test patients' whole series
-        patients = evaluate_run(run_dir, batch_size=8, plots=False, log=None, patients=request.getfixturevalue(
-            PROTOCOLS["ct"][2]))["patients"]
-        assert patients["patients"] == 2 and patients["covid_patients"] == 1 and patients["selected_slices"] > 0
-        for threshold in ("threshold1", "threshold2"):
-            counts = patients[threshold]
-            assert counts["correct"] + counts["covid_to_normal"] + counts["normal_to_covid"] == 2
-        assert (run_dir / "eval" / "patients.csv").read_text().count("\n") == 3
+        check_ct_patients(run_dir, protocol_dir, config, request.getfixturevalue(PROTOCOLS["ct"][2]))
 
     # exported without the built-in check, which would load the SavedModel a second time: the
     # served outputs are compared with the Keras model's below, on a real test image
@@ -186,3 +180,90 @@ def check_shared_path(model: str, protocol_task: str, tfrecords, tmp_path: Path,
         value = np.asarray(value)
         if value.dtype.kind == "f":
             np.testing.assert_allclose(outputs[name], value, atol=1e-4, err_msg=name)
+
+
+def check_ct_patients(run_dir: Path, protocol_dir: Path, config, data_root: Path) -> None:
+    """The patient pipeline of a CT run: what ``evaluate --patients`` reports equals the patient
+    rule applied, by hand, to the slice probabilities the pipeline computed, on the slices an
+    independent selection keeps; inputs and probabilities have the right shapes and ranges."""
+    import csv
+    from fractions import Fraction
+
+    from caaxr_tf.ct.patients import evaluate_patients, patient_series, split_patients
+    from caaxr_tf.data.records import InputError
+    from caaxr_tf.evaluate import evaluate_run, predict_function
+
+    summary = evaluate_run(run_dir, batch_size=8, plots=False, log=None, patients=data_root)["patients"]
+    with open(run_dir / "eval" / "patients.csv", newline="", encoding="utf-8") as handle:
+        csv_rows = {row["patient_id"]: row for row in csv.DictReader(handle)}
+
+    # The same pipeline again with the run's best model, recording what it classifies.
+    task = get_task(config.task)(config.class_names)
+    covid = task.covid_index
+    predict = predict_function(runs.load_run_model(run_dir, "best"))
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def classify(images: np.ndarray) -> np.ndarray:
+        probabilities = np.asarray(predict(images))
+        calls.append((np.asarray(images), probabilities))
+        return np.argmax(probabilities, axis=1) == covid
+
+    patients = split_patients(protocol_dir, "test", 1)
+    again, results = evaluate_patients(data_root, patients, classify, config.image_size, batch_size=8)
+    assert again == summary  # evaluate_run reported this pipeline's outcome
+    assert [r.patient_id for r in results] == patients and len(patients) == 2 == len(csv_rows)
+    size = config.image_size
+    for images, probabilities in calls:
+        assert images.dtype == np.float32 and images.shape[1:] == (size, size, 1) and 1 <= len(images) <= 8
+        assert images.min() >= 0 and images.max() <= 65535 and images.max() > 255  # raw values, not scaled
+        assert probabilities.shape == (len(images), len(config.class_names))
+        assert np.all((probabilities >= 0) & (probabilities <= 1))
+        # float32 softmax: the row sums are 1 to float32 rounding (a few ulps of 1)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    # a COVID slice: the COVID probability is the largest (a tie goes to the first index, as argmax)
+    others = [np.delete(p, covid, axis=1).max(axis=1) for _, p in calls]
+    flags = np.concatenate([p[:, covid] >= other if covid == 0 else p[:, covid] > other
+                            for (_, p), other in zip(calls, others)])
+
+    # Independent selection over each patient's series: decodable slices, their counts, kept slices.
+    found, _ = patient_series(data_root, patients)
+    start = 0
+    counts = {"threshold1": [0, 0, 0], "threshold2": [0, 0, 0]}  # correct, covid_to_normal, normal_to_covid
+    for result in results:
+        truth, series = found[result.patient_id]
+        decodable = kept = 0
+        for item in series:
+            dark = []
+            for _, pixels in item.iter_slices():
+                if isinstance(pixels, InputError):
+                    continue
+                region = pixels[240:340, 120:370].astype(np.int64)
+                dark.append(int((region < 300).sum()))
+            decodable += len(dark)
+            if len(dark) >= 2:
+                dark = np.array(dark)
+                kept += int(np.sum(dark > (dark.max() - dark.min()) / 1.5))
+        patient_flags = flags[start:start + kept]
+        start += kept
+        covid_slices = int(patient_flags.sum())
+        verdict1 = covid_slices > 0
+        verdict2 = kept > 0 and Fraction(covid_slices, kept) >= Fraction(1, 10)  # a tenth of the selected slices
+        decision = result.decision
+        assert (decision.selected, decision.covid_slices) == (kept, covid_slices), result.patient_id
+        assert (decision.covid_threshold1, decision.covid_threshold2) == (verdict1, verdict2), result.patient_id
+        assert result.num_slices == decodable and 0 < kept < decodable
+        row = csv_rows[result.patient_id]
+        assert row["truth"] == ("covid" if truth >= 0.5 else "normal")
+        assert (int(row["slices"]), int(row["selected"]), int(row["covid_slices"])) == (decodable, kept, covid_slices)
+        assert (row["verdict_threshold1"], row["verdict_threshold2"]) == (
+            "covid" if verdict1 else "normal", "covid" if verdict2 else "normal")
+        for key, verdict in (("threshold1", verdict1), ("threshold2", verdict2)):
+            outcome = 0 if verdict == (truth >= 0.5) else 1 if truth >= 0.5 else 2
+            counts[key][outcome] += 1
+    assert start == len(flags)  # every classified slice belongs to a kept slice of a patient
+    assert summary["patients"] == 2 and summary["covid_patients"] == 1
+    assert summary["selected_slices"] == len(flags) and summary["slices"] == sum(r.num_slices for r in results)
+    for key, (correct, covid_to_normal, normal_to_covid) in counts.items():
+        assert (summary[key]["correct"], summary[key]["covid_to_normal"], summary[key]["normal_to_covid"]) == (
+            correct, covid_to_normal, normal_to_covid), key
+        assert summary[key]["accuracy"] == correct / 2

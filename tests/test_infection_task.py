@@ -292,3 +292,53 @@ def test_lung_model_of_another_input_size():
     np.testing.assert_allclose(np.asarray(outputs["lungs"]), 1 / (1 + np.exp(-(0.5 * 120 - 25))), rtol=1e-5)
     fractions, pixels = served_lung_fractions(outputs["mask"], outputs["lungs"], 0.5)
     assert np.asarray(pixels).tolist() == [[512, 512], [512, 512]] and np.all(np.asarray(fractions) == 0)
+
+
+BELOW_T = np.nextafter(np.float32(0.5), np.float32(0.0))  # the largest float32 below t = 0.5
+
+
+@pytest.mark.parametrize("min_pixels", [1, 4])
+def test_exactly_a_pixels_at_exactly_t_is_covid_in_evaluate(min_pixels, tmp_path):
+    """Image 0: exactly A pixels equal to t = 0.5, all others just below t: COVID. Image 1: A - 1
+    pixels at t: not COVID. Image 2: no pixel at t, everything just below: not COVID."""
+    maps = np.full((3, SIZE, SIZE, 1), BELOW_T, np.float32)
+    maps[0, 3, :min_pixels] = 0.5
+    maps[1, 3, :min_pixels - 1] = 0.5
+    truth = np.zeros_like(maps)
+    truth[0, 3, :min_pixels] = 1.0
+    images = np.zeros((3, SIZE, SIZE, 1), np.float32)
+    images[:, 0, 0, 0] = np.arange(3)
+    batch = (images, {"mask": truth, "covid": np.array([1, 0, 0], np.float32)}, tf.constant(["a", "b", "c"]))
+    context = EvalContext(tmp_path, "", "test", plots=False, options={"threshold": 0.5, "min_pixels": min_pixels})
+    result = InfectionTask(CLASSES).evaluate(lambda x: maps[np.asarray(x)[:, 0, 0, 0].astype(int)], [batch], context)
+    assert [row[5] for row in result.rows] == [min_pixels, min_pixels - 1, 0]  # infected_pixels
+    assert [row[6] for row in result.rows] == [1, 0, 0]  # covid_detected
+    assert result.metrics["sensitivity"] == 1.0 and result.metrics["specificity"] == 1.0
+
+
+@pytest.mark.parametrize("min_pixels", [1, 4])
+def test_exactly_a_pixels_at_exactly_t_is_covid_in_the_served_graph(min_pixels, tmp_path):
+    """The exported serving graph: a linear 1x1 'model' with weight 2**-8 maps pixel 128 to
+    exactly 0.5 (and 127 to 0.496): A pixels of 128 give infected_pixels == A and COVID; A - 1 do not."""
+    import cv2
+
+    from caaxr_tf.export import export_model
+    from caaxr_tf.predict import ServedModel, prepare_image
+
+    size = 16
+    inputs = keras.Input((size, size, 1))
+    outputs = keras.layers.Conv2D(1, 1, kernel_initializer=keras.initializers.Constant(2.0 ** -8),
+                                  bias_initializer="zeros")(inputs)
+    model = keras.Model(inputs, outputs, name="unet")
+    paths = []
+    for index, at_t in enumerate((min_pixels, min_pixels - 1)):
+        image = np.full((size, size), 127, np.uint8)  # 127 / 256 = 0.496: below t
+        image[5, :at_t] = 128  # 128 / 256 = 0.5: exactly t
+        paths.append(tmp_path / f"image{index}.png")
+        cv2.imwrite(str(paths[-1]), image)
+    task = InfectionTask(CLASSES, threshold=0.5, min_pixels=min_pixels)
+    export = export_model(model, tmp_path / "export", task=task, class_names=CLASSES, image_size=size)
+    served = ServedModel(export)([prepare_image(path) for path in paths])
+    assert served["mask"][0, 5, 0, 0] == 0.5 and served["mask"][0, 6, 0, 0] == np.float32(127 / 256)
+    assert served["infected_pixels"].tolist() == [min_pixels, min_pixels - 1]
+    assert served["covid"].tolist() == [1.0, 0.0]

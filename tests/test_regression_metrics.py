@@ -1,4 +1,4 @@
-"""Keras regression metrics per target, against scikit-learn and SciPy, also under tf.distribute."""
+"""Regression metrics per target, Keras (also under tf.distribute) and the exact NumPy scores, against scikit-learn and SciPy."""
 
 from __future__ import annotations
 
@@ -160,3 +160,44 @@ def test_distributed_custom_loop_matches_sklearn(strategy):
     local = [np.asarray(v) for v in strategy.experimental_local_results(pearson.metric.weight.value)]
     assert len(local) == 2 and all(part.sum() > 0 for part in local)
     assert sum(part.sum() for part in local) == 45
+
+
+def test_numpy_regression_scores_and_pearson_r_equal_scipy_and_sklearn():
+    """The exact NumPy scores (offline evaluation, baselines) against independent constructions,
+    on data where the usual slips give other numbers: the prediction's mean differs from the
+    truth's (an R² centred on the wrong mean), both means are far from 0 (an uncentred r) and
+    the residuals are not all 0 or 1 in size (a squared-error MAE)."""
+    from caaxr_tf.metrics.regression import pearson_r, regression_scores
+
+    truth, predicted = severity_like(6, n=31)
+    for column in range(2):
+        y, p = truth[:, column].astype(np.float64), predicted[:, column].astype(np.float64)
+        scores = regression_scores(y, p)
+        assert set(scores) == {"mae", "mse", "r2", "pearson_r"}
+        residual = y - p
+        r2_by_hand = 1.0 - np.sum(residual ** 2) / (len(y) * np.var(y))
+        # float64 NumPy against float64 scikit-learn/SciPy on 31 numbers: equal to a few ulps
+        assert scores["mae"] == pytest.approx(mean_absolute_error(y, p), rel=1e-12)
+        assert scores["mse"] == pytest.approx(mean_squared_error(y, p), rel=1e-12)
+        assert scores["r2"] == pytest.approx(r2_score(y, p), rel=1e-12)
+        assert scores["r2"] == pytest.approx(r2_by_hand, rel=1e-12)
+        assert scores["pearson_r"] == pytest.approx(pearsonr(y, p)[0], rel=1e-12)
+        assert pearson_r(y, p) == pytest.approx(np.corrcoef(y, p)[0, 1], rel=1e-12)
+        assert pearson_r(p, y) == pytest.approx(pearson_r(y, p), rel=1e-12)
+
+        # the data tell the wrong formulas apart from the right ones (by far more than the tolerance)
+        assert abs(np.mean(residual ** 2) - scores["mae"]) > 0.1
+        wrong_r2 = 1.0 - np.sum(residual ** 2) / np.sum((y - p.mean()) ** 2)
+        assert abs(wrong_r2 - scores["r2"]) > 0.01
+        uncentred = np.sum(y * p) / np.sqrt(np.sum(y * y) * np.sum(p * p))
+        assert abs(uncentred - scores["pearson_r"]) > 0.01
+
+    # a shifted copy: r is 1 (centred), R² falls by shift² / var(y), MAE is the shift exactly
+    y = truth[:, 0].astype(np.float64)
+    shifted = regression_scores(y, y + 2.0)
+    assert shifted["pearson_r"] == pytest.approx(1.0, rel=1e-12)
+    assert shifted["mae"] == pytest.approx(2.0, rel=1e-12) and shifted["mse"] == pytest.approx(4.0, rel=1e-12)
+    assert shifted["r2"] == pytest.approx(1.0 - 4.0 / np.var(y), rel=1e-12)
+    # undefined scores are NaN: constant truth (R²), constant prediction (r)
+    assert np.isnan(regression_scores(np.full(5, 2.0), np.arange(5.0))["r2"])
+    assert np.isnan(regression_scores(np.arange(5.0), np.full(5, 3.0))["pearson_r"])

@@ -202,3 +202,78 @@ def test_cv_runs_repeated_models_and_folds_once(seg_records, tmp_path):
     with open(tmp_path / "cv" / "results.csv") as handle:
         assert [line.split(",")[:2] for line in handle.read().splitlines()[1:]] == [
             ["unet", "1"], ["unet", "mean"], ["unet", "std"]]
+
+
+# --------------------------------------------------------------------------- NonFiniteLossGuard
+
+
+class _Recorder:
+    """Records which hooks ran (after the guard, which is first in the default callbacks)."""
+
+    def __init__(self, poison_at_step: int | None = None):
+        self.poison_at_step = poison_at_step
+        self.events: list[tuple] = []
+
+    def on_build(self, trainer): ...
+    def on_train_begin(self, trainer): ...
+    def on_train_steps_end(self, trainer, epoch): self.events.append(("steps_end", epoch))
+    def on_epoch_begin(self, trainer, epoch): self.events.append(("epoch_begin", epoch))
+    def on_train_end(self, trainer): self.events.append(("train_end",))
+    def on_epoch_end(self, trainer, epoch, logs): self.events.append(("epoch_end", epoch))
+
+    def on_step_end(self, trainer, epoch, step, loss):
+        self.events.append(("step", epoch, step))
+        if step == self.poison_at_step:  # every weight NaN: the next step's loss is NaN
+            for variable in trainer.model.trainable_variables:
+                variable.assign(np.full(tuple(variable.shape), np.nan, np.float32))
+
+
+def guarded_trainer(seg_records: Path, run_dir: Path, recorder: _Recorder):
+    import tensorflow as tf
+
+    from caaxr_tf.training.trainer import Trainer
+
+    config = train_lib.resolve_config(train_lib.parse_args(
+        seg_argv(seg_records, run_dir, "--steps-per-epoch", "5", "--lr", "1e-3")))
+    train_lib.prepare_run_dir(run_dir, config, True)
+    trainer = Trainer(config, run_dir, tf.distribute.get_strategy(), verbose=False).build()
+    trainer.callbacks.append(recorder)
+    return trainer
+
+
+def test_a_nan_training_loss_is_reported_at_its_step(seg_records, tmp_path):
+    """The weights turn NaN after step 2: the guard stops training at step 3 of epoch 1, not at
+    the end of the epoch, and no later step runs."""
+    from caaxr_tf.training.callbacks import NonFiniteLossError
+
+    run_dir = tmp_path / "run"
+    recorder = _Recorder(poison_at_step=2)
+    trainer = guarded_trainer(seg_records, run_dir, recorder)
+    with pytest.raises(NonFiniteLossError, match=r"^training loss is nan at epoch 1, step 3: "):
+        trainer.fit()
+    assert recorder.events == [("epoch_begin", 1), ("step", 1, 1), ("step", 1, 2)]
+    assert not (run_dir / runs.BEST_MODEL).exists() and not (run_dir / runs.HISTORY_FILE).exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_validation_loss_stops_training(seg_records, tmp_path, bad):
+    """Training losses stay finite; the validation loss of epoch 1 is NaN (or +Inf): training stops
+    at epoch 1's end, before its best model, history row or epoch 2."""
+    from caaxr_tf.training.callbacks import NonFiniteLossError
+
+    run_dir = tmp_path / "run"
+    recorder = _Recorder()
+    trainer = guarded_trainer(seg_records, run_dir, recorder)
+    real_val_step = trainer.val_step
+
+    def val_step(batch):  # the real validation step, then one non-finite batch loss
+        real_val_step(batch)
+        trainer.val_loss_tracker.update_state(bad)
+
+    trainer.val_step = val_step
+    with pytest.raises(NonFiniteLossError, match=rf"^validation loss is {bad} at epoch 1: "):
+        trainer.fit()
+    assert recorder.events == [("epoch_begin", 1), *[("step", 1, s) for s in range(1, 6)], ("steps_end", 1)]
+    assert trainer.validation_batches > 0
+    assert not (run_dir / runs.BEST_MODEL).exists() and not (run_dir / runs.HISTORY_FILE).exists()
+    assert not (run_dir / runs.FINAL_MODEL).exists()

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from caaxr_tf.ct.patient import PatientDecision, decide_patient
-from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE, SliceSelection, select_from_counts
+from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE, SliceSelection, dark_pixel_counts, select_from_counts
 from caaxr_tf.data.records import InputError, Skipped
 
 SliceClassifier = Callable[[np.ndarray], np.ndarray]
@@ -123,14 +123,6 @@ def read_slices(series: Any, workers: int = DEFAULT_WORKERS) -> tuple[list[str],
     return paths, stacked, skipped
 
 
-def count_dark(pixels: np.ndarray) -> np.ndarray:
-    """Dark-pixel counts of ``[n, 512, 512]`` slices (the selection region, raw < 300)."""
-    from caaxr_tf.ct.selection import DARK_BELOW, REGION_COLS, REGION_ROWS
-
-    region = pixels[:, REGION_ROWS[0]:REGION_ROWS[1], REGION_COLS[0]:REGION_COLS[1]]
-    return np.count_nonzero(region < DARK_BELOW, axis=(1, 2))
-
-
 def model_inputs(pixels: np.ndarray, image_size: int) -> np.ndarray:
     """uint16 ``[n, H, W]`` raw slices → the model's float32 ``[n, S, S, 1]`` (``fit_raw``)."""
     if pixels.shape[1:3] == (image_size, image_size):
@@ -169,7 +161,7 @@ def classify_patient(patient_id: str, series: Sequence[Any], classify: SliceClas
             all_skipped.append(Skipped(item.folder, "slices", f"{len(paths)} decodable slice(s); "
                                        f"selection needs at least {MIN_SLICES}"))
             continue
-        outcome.selection = select_from_counts(count_dark(pixels))
+        outcome.selection = select_from_counts(dark_pixel_counts(pixels))
         outcome.covid = classify_in_batches(pixels[outcome.selection.kept], classify, image_size, batch_size)
         flags.extend(outcome.covid)
         del pixels

@@ -64,12 +64,22 @@ def _check_slice(pixels: np.ndarray, index: int | None = None) -> None:
         raise ValueError(f"{where}expected a {SLICE_SHAPE[0]}x{SLICE_SHAPE[1]} slice, got shape {pixels.shape}")
 
 
+def dark_pixel_counts(slices: np.ndarray) -> np.ndarray:
+    """Dark-pixel counts (raw value < 300 inside the selection region) of ``[n, 512, 512]``
+    slices, int64 ``[n]``. The one counting rule: every path (arrays, one slice at a time, the
+    patient pipeline of ``caaxr_tf.ct.patients``) counts through it."""
+    slices = np.asarray(slices)
+    if slices.ndim != 3 or tuple(slices.shape[1:]) != SLICE_SHAPE:
+        raise ValueError(f"expected [S, {SLICE_SHAPE[0]}, {SLICE_SHAPE[1]}] slices, got shape {slices.shape}")
+    region = slices[:, REGION_ROWS[0]:REGION_ROWS[1], REGION_COLS[0]:REGION_COLS[1]]
+    return np.count_nonzero(region < DARK_BELOW, axis=(1, 2)).astype(np.int64)
+
+
 def count_dark_pixels(pixels: np.ndarray) -> int:
     """Pixels with raw value < 300 inside the selection region of one 512x512 slice."""
     pixels = np.asarray(pixels)
     _check_slice(pixels)
-    region = pixels[REGION_ROWS[0]:REGION_ROWS[1], REGION_COLS[0]:REGION_COLS[1]]
-    return int(np.count_nonzero(region < DARK_BELOW))
+    return int(dark_pixel_counts(pixels[None])[0])
 
 
 def select_from_counts(counts: Iterable[int]) -> SliceSelection:
@@ -104,11 +114,7 @@ def select_slices(slices: np.ndarray | Iterable[np.ndarray]) -> SliceSelection:
         ValueError: a slice that is not 512x512, or fewer than two slices.
     """
     if isinstance(slices, np.ndarray):
-        if slices.ndim != 3 or tuple(slices.shape[1:]) != SLICE_SHAPE:
-            raise ValueError(f"expected [S, {SLICE_SHAPE[0]}, {SLICE_SHAPE[1]}] slices, got shape {slices.shape}")
-        region = slices[:, REGION_ROWS[0]:REGION_ROWS[1], REGION_COLS[0]:REGION_COLS[1]]
-        counts = np.count_nonzero(region < DARK_BELOW, axis=(1, 2))
-        return select_from_counts(counts)
+        return select_from_counts(dark_pixel_counts(slices))
     counts = []
     for index, pixels in enumerate(slices):
         pixels = np.asarray(pixels)
