@@ -244,11 +244,26 @@ def resolve_run_config(
     except ValueError as error:
         raise ConfigError(str(error)) from None
     resolved = config_from_mapping(config)
+    check_targets(resolved, summary)
     task.check_config(resolved)
     weights = str(resolved.weights)
     if weights not in ("none", "imagenet") and not Path(weights).exists():
         raise ConfigError(f"weights file not found: {weights}")
     return resolved
+
+
+def check_targets(config: RunConfig, summary: Mapping[str, Any]) -> None:
+    """``target_names`` must be the records' own (summary.json: each record's ``targets`` holds
+    exactly those values, in that order); ``target_ranges`` may narrow or widen a target's range
+    but must name known targets with finite ``[low, high]``, ``low < high``."""
+    from caaxr_tf.data.protocols import _target_ranges
+
+    expected = [str(t) for t in summary.get("target_names") or []]
+    if list(config.target_names) != expected:
+        held = f"targets {expected}" if expected else "no float targets"
+        raise ConfigError(f"target_names {list(config.target_names)} does not match the records: {config.tfrecords} "
+                          f"holds {held} (summary.json target_names); target_names comes from the protocol")
+    _target_ranges(config.target_ranges, expected, "target_ranges")
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
