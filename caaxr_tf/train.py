@@ -33,10 +33,12 @@ from caaxr_tf.config import ConfigError  # noqa: E402
 from caaxr_tf.training.callbacks import History, NonFiniteLossError, write_run_config  # noqa: E402
 from caaxr_tf.training.config import (  # noqa: E402
     CLASS_BALANCE,
+    RECORDS_KEYS,
     RESUMABLE_KEYS,
     STRATEGIES,
     RunConfig,
     locate_protocol_dir,
+    records_difference,
     resolve_run_config,
 )
 from caaxr_tf.training.distribute import is_chief, make_strategy  # noqa: E402
@@ -110,7 +112,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, chief: bool) -> bool:
     """Write config.yaml; refuse a folder that holds another run. Returns True when the run
-    is already complete."""
+    is already complete.
+
+    Another run: any setting but ``epochs`` and ``strategy`` differs, or the records do
+    (`records_difference`: the same summary.json fingerprint, or without one the same path).
+    """
     mapping = config.to_mapping()
     config_path = Path(run_dir) / runs.CONFIG_FILE
     if config_path.exists():
@@ -123,7 +129,10 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, chief: bool) -> bool:
             raise ConfigError(f"{config_path}: expected a mapping of settings, found {type(previous).__name__}; "
                               "use another --out or delete it")
         differing = sorted(k for k in set(previous) | set(mapping)
-                           if k not in RESUMABLE_KEYS and previous.get(k) != mapping.get(k))
+                           if k not in RESUMABLE_KEYS | RECORDS_KEYS and previous.get(k) != mapping.get(k))
+        records = records_difference(previous, mapping)
+        if records:
+            differing.insert(0, records)
         if differing:
             raise ConfigError(
                 f"{run_dir} holds a run with other settings ({', '.join(differing)}); use another --out or delete it"

@@ -105,3 +105,77 @@ def test_a_start_failing_when_the_model_is_built_leaves_nothing_that_blocks_the_
     corrected = train_lib.resolve_config(train_lib.parse_args(seg_argv(seg_records, run_dir)))
     assert train_lib.prepare_run_dir(run_dir, corrected, True) is False  # not refused
     assert (run_dir / runs.CONFIG_FILE).exists()
+
+
+# --------------------------------------------------------------------------- B (defect 9)
+
+
+def records_copy(records: Path, into: Path, fingerprint: str | None = None) -> Path:
+    """A copy of the records folder; ``fingerprint``: as if rebuilt from other data."""
+    shutil.copytree(records, into)
+    if fingerprint is not None:
+        summary_path = into / "seg" / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        summary["fingerprint"] = fingerprint
+        summary_path.write_text(json.dumps(summary))
+    return into
+
+
+def started_run(records: Path, run_dir: Path, finished: bool) -> str:
+    """A run folder as a first start leaves it: killed after epoch 1, or finished (1 epoch)."""
+    config = train_lib.resolve_config(train_lib.parse_args(seg_argv(records, run_dir)))
+    assert train_lib.prepare_run_dir(run_dir, config, True) is False
+    (run_dir / runs.HISTORY_FILE).write_text("epoch,loss\n1,0.5\n")
+    if finished:
+        (run_dir / runs.FINAL_MODEL).write_bytes(b"")
+    return (run_dir / runs.CONFIG_FILE).read_text()
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_run_folder_refuses_other_records_and_accepts_the_same_records_moved(
+        seg_records, tmp_path, capsys, finished):
+    run_dir = tmp_path / "run"
+    saved = started_run(seg_records, run_dir, finished)
+    other = records_copy(seg_records, tmp_path / "other", fingerprint="0" * 64)
+    assert train_lib.main(seg_argv(other, run_dir)) == 2  # resumed / "nothing to do" before
+    error = one_error_line(capsys)
+    assert f"error: {run_dir} holds a run with other settings (tfrecords {seg_records / 'seg'} -> {other / 'seg'}" \
+           in error and "other records: summary.json fingerprint" in error and "-> 000000000000" in error, error
+    assert (run_dir / runs.CONFIG_FILE).read_text() == saved  # not rewritten
+
+    # the same records in another folder (summary fingerprint equal): the run goes on there
+    moved = records_copy(seg_records, tmp_path / "moved")
+    if finished:
+        assert train_lib.main(seg_argv(moved, run_dir)) == 0
+        assert "nothing to do" in capsys.readouterr().out
+    else:
+        config = train_lib.resolve_config(train_lib.parse_args(seg_argv(moved, run_dir)))
+        assert train_lib.prepare_run_dir(run_dir, config, True) is False
+        assert f"tfrecords: {moved / 'seg'}" in (run_dir / runs.CONFIG_FILE).read_text()
+
+
+def test_records_rebuilt_in_place_or_of_an_older_run_folder_are_compared_by_path(seg_records, tmp_path, capsys):
+    records = records_copy(seg_records, tmp_path / "records")
+    run_dir = tmp_path / "run"
+    started_run(records, run_dir, finished=False)
+    # rebuilt with other data at the same path: refused although the path is the same
+    rebuilt = json.loads((records / "seg" / "summary.json").read_text())
+    original = rebuilt["fingerprint"]
+    rebuilt["fingerprint"] = "f" * 64
+    (records / "seg" / "summary.json").write_text(json.dumps(rebuilt))
+    assert train_lib.main(seg_argv(records, run_dir)) == 2
+    assert "other records: summary.json fingerprint" in one_error_line(capsys)
+    rebuilt["fingerprint"] = original
+    (records / "seg" / "summary.json").write_text(json.dumps(rebuilt))
+
+    # a config.yaml written before fingerprints were kept: the same path is the same run, another is refused
+    import yaml
+
+    old = yaml.safe_load((run_dir / runs.CONFIG_FILE).read_text())
+    del old["records_fingerprint"]
+    (run_dir / runs.CONFIG_FILE).write_text(yaml.safe_dump(old))
+    config = train_lib.resolve_config(train_lib.parse_args(seg_argv(records, run_dir)))
+    assert train_lib.prepare_run_dir(run_dir, config, True) is False
+    (run_dir / runs.CONFIG_FILE).write_text(yaml.safe_dump(old))
+    assert train_lib.main(seg_argv(records_copy(seg_records, tmp_path / "moved"), run_dir)) == 2
+    assert "no records fingerprint in" in one_error_line(capsys)

@@ -21,7 +21,9 @@ STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 CLASS_BALANCE = ("none", "weights", "sampling")
 OPTIMIZERS = ("adam", "sgd", "nadam", "adamw", "rmsprop")
 # Keys whose change does not make a run folder "another run" (a finished run can be extended).
-RESUMABLE_KEYS = {"epochs", "strategy", "tfrecords"}
+RESUMABLE_KEYS = {"epochs", "strategy"}
+# The records a run trains on: compared by `records_difference`, not key by key.
+RECORDS_KEYS = {"tfrecords", "records_fingerprint"}
 
 _POSITIVE = {"min": 1}
 _FINITE = {"finite": True}
@@ -97,6 +99,9 @@ class RunConfig:
     loss_kwargs: dict = field(default_factory=dict)
     target_names: list[str] = field(default_factory=list)  # float targets (regression protocols)
     target_ranges: dict = field(default_factory=dict)  # {target: [low, high]} from summary.json
+    # summary.json "fingerprint" of the records ("" when it has none): the same records moved
+    # to another folder are the same run's data, other records at the same path are not
+    records_fingerprint: str = ""
 
     def to_mapping(self) -> dict[str, Any]:
         """Plain data, keys sorted (what config.yaml holds)."""
@@ -243,6 +248,7 @@ def resolve_run_config(
         config = apply_overrides(config, overrides)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    config["records_fingerprint"] = str(summary.get("fingerprint") or "")  # what the records are, not a setting
     resolved = config_from_mapping(config)
     check_targets(resolved, summary)
     task.check_config(resolved)
@@ -264,6 +270,28 @@ def check_targets(config: RunConfig, summary: Mapping[str, Any]) -> None:
         raise ConfigError(f"target_names {list(config.target_names)} does not match the records: {config.tfrecords} "
                           f"holds {held} (summary.json target_names); target_names comes from the protocol")
     _target_ranges(config.target_ranges, expected, "target_ranges")
+
+
+def records_difference(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """Why the records of ``current`` (a config mapping) are not those a run folder's
+    ``previous`` config.yaml trained on; None when they are the same.
+
+    Both summary fingerprints known: they decide (a folder moved or copied elsewhere is the
+    same data; a folder rebuilt in place with other data is not). Otherwise (a config.yaml
+    written before fingerprints were kept, records without one) only the same resolved path
+    counts as the same records.
+    """
+    old_path, new_path = previous.get("tfrecords"), current.get("tfrecords")
+    old_print, new_print = previous.get("records_fingerprint") or "", current.get("records_fingerprint") or ""
+    change = f"tfrecords {old_path} -> {new_path}" if old_path != new_path else f"tfrecords {new_path}"
+    if old_print and new_print:
+        if old_print == new_print:
+            return None
+        return f"{change}, other records: summary.json fingerprint {old_print[:12]} -> {new_print[:12]}"
+    if old_path is not None and new_path is not None and Path(str(old_path)).resolve() == Path(str(new_path)).resolve():
+        return None
+    where = "the run's config.yaml" if not old_print else "the records' summary.json"
+    return f"{change}, no records fingerprint in {where} to show they hold the same records"
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
