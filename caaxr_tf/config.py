@@ -119,7 +119,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "") 
 
     An unknown key is an error that names it (with the closest valid key) and lists the valid
     keys; a missing required key, a value of the wrong type or outside the range that the
-    field's metadata gives (``min``, ``gt``, ``finite``) is an error naming the key. Nested
+    field's metadata gives (``min``, ``gt``, ``max``, ``finite``) is an error naming the key. Nested
     dataclasses, ``Literal`` choices, ``X | None``, lists, tuples and ``dict`` fields are
     checked recursively. ``where`` prefixes the key names in messages (e.g. ``optimizer``).
     """
@@ -218,9 +218,11 @@ def _coerce(value: Any, annotation: Any, field: dataclasses.Field, where: str) -
 
 def _coerce_float(value: Any, field: dataclasses.Field, label: str) -> float:
     finite, greater = field.metadata.get("finite", False), field.metadata.get("gt")
-    low = field.metadata.get("min")
+    low, high = field.metadata.get("min"), field.metadata.get("max")
     condition = " ".join(p for p in ("finite" if finite else "", "number") if p)
     condition += f" > {greater}" if greater is not None else f" >= {low}" if low is not None else ""
+    if high is not None:
+        condition += f"{' and' if greater is not None or low is not None else ''} <= {high}"
     hint = ""
     if isinstance(value, str):
         try:
@@ -232,7 +234,7 @@ def _coerce_float(value: Any, field: dataclasses.Field, label: str) -> float:
     if ok:
         number = float(value)
         ok = (not finite or math.isfinite(number)) and (greater is None or number > greater) \
-            and (low is None or number >= low)
+            and (low is None or number >= low) and (high is None or number <= high)
     if not ok:
         raise ConfigError(f"{label} must be a {condition}, got {value!r}{hint}")
     return float(value)

@@ -179,3 +179,84 @@ def test_records_rebuilt_in_place_or_of_an_older_run_folder_are_compared_by_path
     (run_dir / runs.CONFIG_FILE).write_text(yaml.safe_dump(old))
     assert train_lib.main(seg_argv(records_copy(seg_records, tmp_path / "moved"), run_dir)) == 2
     assert "no records fingerprint in" in one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------- C (defect 13)
+
+
+def resolve(argv: list[str]):
+    return train_lib.resolve_config(train_lib.parse_args(argv))
+
+
+def loss_settings(loss: str, options: list[str]) -> list[str]:
+    return ["--set", f"loss={loss}", *(item for option in options for item in ("--set", f"loss_kwargs.{option}"))]
+
+
+@pytest.mark.parametrize(
+    "loss, options",
+    [
+        ("focal_dice", ["alpha=0"]), ("focal_dice", ["alpha=1"]), ("focal_dice", ["alpha=0.5", "gamma=0"]),
+        ("focal_dice", ["focal_weight=0"]), ("focal_dice", ["dice_weight=0", "focal_weight=2.5"]),
+        ("focal_dice", ["apply_class_balancing=false", "smooth=1.0e-6"]), ("focal_dice", []),
+        ("bce_dice", []), ("binary_crossentropy", []),
+    ],
+)
+def test_loss_options_at_their_boundaries_are_accepted(seg_records, tmp_path, loss, options):
+    config = resolve(seg_argv(seg_records, tmp_path / "r", *loss_settings(loss, options)))
+    assert config.loss == loss and set(config.loss_kwargs) == {o.split("=")[0] for o in options}
+
+
+@pytest.mark.parametrize(
+    "loss, options, message",
+    [
+        ("focal_dice", ["alpha=5"], "loss focal_dice: loss_kwargs.alpha must be a finite number >= 0 and <= 1, got 5"),
+        ("focal_dice", ["alpha=1.01"], "loss_kwargs.alpha must be a finite number >= 0 and <= 1, got 1.01"),
+        ("focal_dice", ["alpha=-0.01"], "loss_kwargs.alpha must be a finite number >= 0 and <= 1, got -0.01"),
+        ("focal_dice", ["alpha=.nan"], "loss_kwargs.alpha must be a finite number >= 0 and <= 1, got nan"),
+        ("focal_dice", ["gamma=-0.5"], "loss_kwargs.gamma must be a finite number >= 0, got -0.5"),
+        ("focal_dice", ["smooth=0"], "loss_kwargs.smooth must be a finite number > 0, got 0"),
+        ("focal_dice", ["dice_weight=-1"], "loss_kwargs.dice_weight must be a finite number >= 0, got -1"),
+        ("focal_dice", ["focal_weight=0", "dice_weight=0"], "focal_weight and dice_weight cannot both be 0"),
+        ("focal_dice", ["apply_class_balancing=maybe"],
+         "loss_kwargs.apply_class_balancing must be true or false, got 'maybe'"),
+        ("focal_dice", ["alpah=0.3"], "loss focal_dice: unknown key 'alpah' in loss_kwargs (did you mean 'alpha'?); "
+                                      "valid keys: alpha, apply_class_balancing, dice_weight, focal_weight, gamma, smooth"),
+        ("binary_crossentropy", ["alpha=0.3"], "loss binary_crossentropy takes no loss_kwargs, got alpha"),
+        ("bce_dice", ["smooth=2.0"], "loss bce_dice takes no loss_kwargs, got smooth (of this task's losses, "
+                                     "focal_dice takes alpha, apply_class_balancing"),
+    ],
+)
+def test_bad_segmentation_loss_options_are_errors_naming_key_value_and_range(seg_records, tmp_path, loss, options,
+                                                                             message):
+    with pytest.raises(train_lib.ConfigError) as error:
+        resolve(seg_argv(seg_records, tmp_path / "r", *loss_settings(loss, options)))
+    assert message in str(error.value)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "loss, options, message",
+    [
+        ("huber", ["delta=-2"], "loss huber: loss_kwargs.delta must be a finite number > 0, got -2"),
+        ("huber", ["delta=0"], "loss_kwargs.delta must be a finite number > 0, got 0"),
+        ("huber", ["delt=1.0"], "unknown key 'delt' in loss_kwargs (did you mean 'delta'?); valid keys: delta"),
+        ("mse", ["delta=2.0"], "loss mse takes no loss_kwargs, got delta (of this task's losses, huber takes delta)"),
+        ("mae", ["reduction=sum"], "loss mae takes no loss_kwargs, got reduction"),
+        (None, [], None),  # huber at the boundary: accepted
+    ],
+)
+def test_regression_loss_options_are_checked(severity_records, tmp_path, loss, options, message):
+    argv = severity_argv(severity_records, tmp_path / "r")
+    if message is None:
+        assert resolve(argv + loss_settings("huber", ["delta=1.0e-6"])).loss_kwargs == {"delta": 1.0e-6}
+        return
+    with pytest.raises(train_lib.ConfigError) as error:
+        resolve(argv + loss_settings(loss, options))
+    assert message in str(error.value)
+
+
+def test_a_negative_huber_delta_is_refused_before_the_run_folder_is_written(severity_records, tmp_path, capsys):
+    run_dir = tmp_path / "run"  # it trained at loss -5.2, saved as best
+    assert train_lib.main(severity_argv(severity_records, run_dir, *loss_settings("huber", ["delta=-2"]))) == 2
+    assert "error: loss huber: loss_kwargs.delta must be a finite number > 0, got -2" in one_error_line(capsys)
+    assert not run_dir.exists()
