@@ -260,3 +260,67 @@ def test_a_negative_huber_delta_is_refused_before_the_run_folder_is_written(seve
     assert train_lib.main(severity_argv(severity_records, run_dir, *loss_settings("huber", ["delta=-2"]))) == 2
     assert "error: loss huber: loss_kwargs.delta must be a finite number > 0, got -2" in one_error_line(capsys)
     assert not run_dir.exists()
+
+
+# --------------------------------------------------------------------------- D (defect 14)
+
+
+@pytest.mark.parametrize(
+    "text, model, message",
+    [
+        ("models:\n  unett: {batch_size: 2}\n", "unet",
+         "unknown model 'unett' in models (did you mean 'unet'?); valid models: "),
+        ("models:\n  unet: {batch_sise: 2}\n", "segnet",  # another model's section: never merged, still checked
+         "unknown key 'batch_sise' in models.unet (did you mean 'batch_size'?); valid keys: "),
+        ("models:\n  segnet: {epochs: 0}\n", "unet", "models.segnet.epochs must be an integer >= 1, got 0"),
+        ("models:\n  unet: {optimizer: {learning_rate: 1e-3}}\n", "unet",
+         "learning rate must be a finite number > 0, got '1e-3'"),
+        ("models: [unet]\n", "unet", "models must be a mapping of model names to settings, got ['unet']"),
+        ("segmentation: {epocs: 3}\n", "unet",
+         "unknown key 'epocs' in segmentation (did you mean 'epochs'?); valid keys: "),
+        ("segmentaton: {epochs: 3}\n", "unet", "unknown key 'segmentaton' (did you mean 'segmentation'?)"),
+        ("models:\n  unet:\n    model_kwargs: {base_filters: 2}\n  maskrcnn: {batch_size: 2}\n"
+         "  unet_plus: {epochs: 1}\n", "unet", "unknown model 'unet_plus' in models"),
+    ],
+)
+def test_a_config_file_is_checked_whole_and_its_errors_name_it(seg_records, tmp_path, capsys, text, model, message):
+    config_file = tmp_path / "settings.yaml"
+    config_file.write_text(text)
+    run_dir = tmp_path / "run"
+    argv = seg_argv(seg_records, run_dir, "--config", str(config_file))
+    argv[argv.index("--model") + 1] = model
+    assert train_lib.main(argv) == 2
+    error = one_error_line(capsys)
+    assert error.startswith(f"error: --config: {config_file}: ") and message in error, error
+    assert not run_dir.exists()
+
+
+def test_train_yaml_model_sections_are_checked_naming_the_file(seg_records, tmp_path, monkeypatch, capsys):
+    from caaxr_tf.config import CONFIG_DIR
+    from caaxr_tf.training import config as config_lib
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    train_yaml = configs / "train.yaml"
+    shipped = (CONFIG_DIR / "train.yaml").read_text()
+    monkeypatch.setattr(config_lib, "CONFIG_DIR", configs)
+    train_yaml.write_text(shipped + "  segnett:\n    batch_size: 2\n")  # under models:
+    assert train_lib.main(seg_argv(seg_records, tmp_path / "run")) == 2
+    error = one_error_line(capsys)
+    assert error.startswith(f"error: {train_yaml}: unknown model 'segnett' in models (did you mean 'segnet'?)"), error
+    assert "valid models: densenet121, " in error
+    train_yaml.write_text(shipped.replace("  seed: 0\n", "  sed: 0\n"))
+    assert train_lib.main(seg_argv(seg_records, tmp_path / "run")) == 2
+    assert f"error: {train_yaml}: unknown key 'sed' in defaults (did you mean 'seed'?)" in one_error_line(capsys)
+    train_yaml.write_text(shipped + "extra: {epochs: 1}\n")
+    assert train_lib.main(seg_argv(seg_records, tmp_path / "run")) == 2
+    assert f"error: {train_yaml}: unknown section 'extra'; valid sections: classification, ct, defaults, " in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_shipped_config_files_pass_the_whole_file_check(seg_records, tmp_path):
+    from caaxr_tf.config import CONFIG_DIR
+
+    for name in ("seg_cpu_short.yaml", "ct_cpu_short.yaml"):
+        config = resolve(seg_argv(seg_records, tmp_path / "r", "--config", str(CONFIG_DIR / name)))
+        assert config.model == "unet"

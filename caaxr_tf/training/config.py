@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from caaxr_tf.config import CONFIG_DIR, ConfigError, apply_overrides, deep_merge, from_mapping, load_yaml, to_mapping
+from caaxr_tf.config import (
+    CONFIG_DIR,
+    ConfigError,
+    apply_overrides,
+    check_known_keys,
+    check_partial,
+    deep_merge,
+    from_mapping,
+    load_yaml,
+    to_mapping,
+)
 
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 CLASS_BALANCE = ("none", "weights", "sampling")
@@ -188,6 +198,32 @@ def layered_config(base: Mapping[str, Any], extra: Mapping[str, Any], task_secti
     return deep_merge(config, extra)
 
 
+def check_layers(data: Mapping[str, Any], flat_keys: bool) -> None:
+    """Check a whole train.yaml (``flat_keys`` False: sections only) or ``--config`` file
+    (sections and flat keys), every section included, not only those the run merges: each
+    key and value of its sections (as `RunConfig` takes them), and every ``models.<name>``
+    a registered model. ConfigError naming the key, the closest valid one and the valid ones."""
+    from caaxr_tf.models import available_models
+
+    sections = layered_sections()
+    if flat_keys:
+        check_known_keys(data, [*sections, *(f.name for f in dataclasses.fields(RunConfig))])
+        check_partial(RunConfig, {k: v for k, v in data.items() if k not in sections})
+    else:
+        check_known_keys(data, sections, what="section", listed="valid sections")
+    for section in sections:
+        if section != "models" and data.get(section) is not None:
+            check_partial(RunConfig, data[section], section)
+    models = data.get("models")
+    if models is None:
+        return
+    if not isinstance(models, Mapping):
+        raise ConfigError(f"models must be a mapping of model names to settings, got {models!r}")
+    check_known_keys(models, available_models(), "models", what="model", listed="valid models")
+    for name, settings in models.items():
+        check_partial(RunConfig, settings, f"models.{name}")
+
+
 def run_task(protocol_task: str, model: str, protocol: str):
     """The task class of a model on a protocol; ConfigError naming both when they do not fit."""
     from caaxr_tf.models import model_task
@@ -227,11 +263,20 @@ def resolve_run_config(
     if not 1 <= fold <= int(summary["folds"]):
         raise ConfigError(f"fold {fold} does not exist: {protocol_dir} has folds 1..{summary['folds']}")
 
-    base = load_yaml(CONFIG_DIR / "train.yaml")
+    base_file = CONFIG_DIR / "train.yaml"
+    base = load_yaml(base_file)
+    try:
+        check_layers(base, flat_keys=False)
+    except ConfigError as error:
+        raise ConfigError(f"{base_file}: {error}") from None
     try:
         extra = load_yaml(config_file) if config_file else {}
     except (OSError, ValueError) as error:
         raise ConfigError(f"--config: {error}") from None
+    try:
+        check_layers(extra, flat_keys=True)
+    except ConfigError as error:
+        raise ConfigError(f"--config: {config_file}: {error}") from None
     config = layered_config(base, extra, task.config_sections(), model)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     learning_rate = flags.pop("learning_rate", None)
