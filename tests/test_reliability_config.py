@@ -219,8 +219,9 @@ def test_loss_options_at_their_boundaries_are_accepted(seg_records, tmp_path, lo
         ("focal_dice", ["focal_weight=0", "dice_weight=0"], "focal_weight and dice_weight cannot both be 0"),
         ("focal_dice", ["apply_class_balancing=maybe"],
          "loss_kwargs.apply_class_balancing must be true or false, got 'maybe'"),
-        ("focal_dice", ["alpah=0.3"], "loss focal_dice: unknown key 'alpah' in loss_kwargs (did you mean 'alpha'?); "
-                                      "valid keys: alpha, apply_class_balancing, dice_weight, focal_weight, gamma, smooth"),
+        ("focal_dice", ["alpah=0.3"],
+         "loss focal_dice: unknown key 'alpah' in loss_kwargs (did you mean 'alpha'?); "
+         "valid keys: alpha, apply_class_balancing, dice_weight, focal_weight, gamma, smooth"),
         ("binary_crossentropy", ["alpha=0.3"], "loss binary_crossentropy takes no loss_kwargs, got alpha"),
         ("bce_dice", ["smooth=2.0"], "loss bce_dice takes no loss_kwargs, got smooth (of this task's losses, "
                                      "focal_dice takes alpha, apply_class_balancing"),
@@ -314,7 +315,8 @@ def test_train_yaml_model_sections_are_checked_naming_the_file(seg_records, tmp_
     assert f"error: {train_yaml}: unknown key 'sed' in defaults (did you mean 'seed'?)" in one_error_line(capsys)
     train_yaml.write_text(shipped + "extra: {epochs: 1}\n")
     assert train_lib.main(seg_argv(seg_records, tmp_path / "run")) == 2
-    assert f"error: {train_yaml}: unknown section 'extra'; valid sections: classification, ct, defaults, " in one_error_line(capsys)
+    error = one_error_line(capsys)
+    assert f"error: {train_yaml}: unknown section 'extra'; valid sections: classification, ct, defaults, " in error
     assert not (tmp_path / "run").exists()
 
 

@@ -4,7 +4,11 @@ Resolution order (later wins): configs/train.yaml's ``defaults`` < its sections 
 task (e.g. ``segmentation``, then ``detection``) < ``models.<name>`` < a ``--config`` file (flat
 keys or the same sections; the file wins over train.yaml within each level) < command-line flags
 < ``--set key=value``. The result is checked strictly (`RunConfig`): an unknown key is an error
-that names the valid keys. It is saved as RUN_DIR/config.yaml.
+that names the valid keys. train.yaml and a ``--config`` file are checked whole first (every
+section, each ``models.<name>`` a registered model; `check_layers`), their errors naming the
+file; ``target_names`` / ``target_ranges`` are checked against the records (`check_targets`)
+and ``loss_kwargs`` against the options the loss declares (``caaxr_tf.losses.LOSS_OPTIONS``),
+all before anything is written. It is saved as RUN_DIR/config.yaml.
 """
 
 from __future__ import annotations
