@@ -142,6 +142,11 @@ def test_a_run_folder_refuses_other_records_and_accepts_the_same_records_moved(
     assert f"error: {run_dir} holds a run with other settings (tfrecords {seg_records / 'seg'} -> {other / 'seg'}" \
            in error and "other records: summary.json fingerprint" in error and "-> 000000000000" in error, error
     assert (run_dir / runs.CONFIG_FILE).read_text() == saved  # not rewritten
+    # with another setting too: both named; the check kept for settings is unchanged
+    assert train_lib.main(seg_argv(other, run_dir, "--batch-size", "4")) == 2
+    assert "fingerprint" in one_error_line(capsys)
+    assert train_lib.main(seg_argv(seg_records, run_dir, "--batch-size", "4")) == 2
+    assert f"error: {run_dir} holds a run with other settings (batch_size); use another --out" in one_error_line(capsys)
 
     # the same records in another folder (summary fingerprint equal): the run goes on there
     moved = records_copy(seg_records, tmp_path / "moved")
