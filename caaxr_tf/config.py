@@ -119,7 +119,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "") 
 
     An unknown key is an error that names it (with the closest valid key) and lists the valid
     keys; a missing required key, a value of the wrong type or outside the range that the
-    field's metadata gives (``min``, ``gt``, ``finite``) is an error naming the key. Nested
+    field's metadata gives (``min``, ``gt``, ``max``, ``finite``) is an error naming the key. Nested
     dataclasses, ``Literal`` choices, ``X | None``, lists, tuples and ``dict`` fields are
     checked recursively. ``where`` prefixes the key names in messages (e.g. ``optimizer``).
     """
@@ -128,13 +128,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "") 
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or cls.__name__} must be a mapping of settings, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [key for key in data if key not in fields]
-    if unknown:
-        key = str(unknown[0])
-        close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        place = f" in {where}" if where else ""
-        raise ConfigError(f"unknown key {key!r}{place}{hint}; valid keys: {', '.join(sorted(fields))}")
+    check_known_keys(data, fields, where)
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for name, field in fields.items():
@@ -144,6 +138,43 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "") 
             continue
         values[name] = _coerce(data[name], hints[name], field, where)
     return cls(**values)
+
+
+def check_known_keys(data: Mapping[str, Any], valid: Iterable[str], where: str = "", what: str = "key",
+                     listed: str = "valid keys") -> None:
+    """ConfigError for the first key of ``data`` not in ``valid``: names it, the closest valid
+    key (did you mean ...?) and all the valid ones."""
+    valid = list(valid)
+    unknown = [key for key in data if key not in valid]
+    if unknown:
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, [str(v) for v in valid], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        place = f" in {where}" if where else ""
+        raise ConfigError(f"unknown {what} {key!r}{place}{hint}; {listed}: {', '.join(sorted(map(str, valid)))}")
+
+
+def check_partial(cls: type, data: Mapping[str, Any] | None, where: str = "") -> None:
+    """Check the settings that ``data`` gives of the dataclass ``cls`` as `from_mapping` does,
+    without requiring any: for one layer of settings (a section of a YAML file) that is merged
+    with others before the whole is read. Nested dataclasses given as mappings are checked the
+    same way."""
+    if data is None:
+        return
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping of settings, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    check_known_keys(data, fields, where)
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        annotation, field = hints[name], fields[name]
+        options = [a for a in typing.get_args(annotation) if a is not type(None)] \
+            if typing.get_origin(annotation) in (typing.Union, types.UnionType) else [annotation]
+        nested = next((a for a in options if dataclasses.is_dataclass(a)), None)
+        if nested is not None and isinstance(value, Mapping):
+            check_partial(nested, value, field_label(field, where))
+        else:
+            _coerce(value, annotation, field, where)
 
 
 def to_mapping(obj: Any) -> Any:
@@ -218,9 +249,11 @@ def _coerce(value: Any, annotation: Any, field: dataclasses.Field, where: str) -
 
 def _coerce_float(value: Any, field: dataclasses.Field, label: str) -> float:
     finite, greater = field.metadata.get("finite", False), field.metadata.get("gt")
-    low = field.metadata.get("min")
+    low, high = field.metadata.get("min"), field.metadata.get("max")
     condition = " ".join(p for p in ("finite" if finite else "", "number") if p)
     condition += f" > {greater}" if greater is not None else f" >= {low}" if low is not None else ""
+    if high is not None:
+        condition += f"{' and' if greater is not None or low is not None else ''} <= {high}"
     hint = ""
     if isinstance(value, str):
         try:
@@ -232,7 +265,7 @@ def _coerce_float(value: Any, field: dataclasses.Field, label: str) -> float:
     if ok:
         number = float(value)
         ok = (not finite or math.isfinite(number)) and (greater is None or number > greater) \
-            and (low is None or number >= low)
+            and (low is None or number >= low) and (high is None or number <= high)
     if not ok:
         raise ConfigError(f"{label} must be a {condition}, got {value!r}{hint}")
     return float(value)

@@ -23,12 +23,74 @@ same as a serialisable ``keras.losses.Loss`` for ``model.compile``.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import keras
 from keras import ops
 
+from caaxr_tf.config import ConfigError, from_mapping
+
 PACKAGE = "caaxr_tf"
+
+# --------------------------------------------------------------------------- loss options
+# Each loss declares the options it takes (a run's ``loss_kwargs``), with their types and valid
+# ranges, as a dataclass read strictly by caaxr_tf.config.from_mapping; a loss that is not in
+# LOSS_OPTIONS takes none.
+
+_NON_NEGATIVE = {"finite": True, "min": 0}
+
+
+@dataclass(frozen=True)
+class FocalDiceOptions:
+    """``loss_kwargs`` of ``focal_dice`` (`per_image_focal_dice_loss`)."""
+
+    focal_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    dice_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    alpha: float = field(default=0.25, metadata={"finite": True, "min": 0, "max": 1})
+    gamma: float = field(default=2.0, metadata=_NON_NEGATIVE)
+    apply_class_balancing: bool = True
+    smooth: float = field(default=1.0, metadata={"finite": True, "gt": 0})
+
+    def __post_init__(self):
+        if self.focal_weight == 0 and self.dice_weight == 0:
+            raise ConfigError("loss_kwargs: focal_weight and dice_weight cannot both be 0")
+
+
+@dataclass(frozen=True)
+class HuberOptions:
+    """``loss_kwargs`` of ``huber`` (``keras.losses.huber``)."""
+
+    delta: float = field(default=1.0, metadata={"finite": True, "gt": 0})
+
+
+LOSS_OPTIONS: dict[str, type] = {"focal_dice": FocalDiceOptions, "huber": HuberOptions}
+
+
+def option_names(loss: str) -> list[str]:
+    """The ``loss_kwargs`` keys that ``loss`` takes (sorted; none for most losses)."""
+    options = LOSS_OPTIONS.get(loss)
+    return sorted(f.name for f in dataclasses.fields(options)) if options else []
+
+
+def check_loss_options(loss: str, options: Mapping[str, Any] | None, task_losses: Sequence[str] = ()) -> None:
+    """ConfigError naming the key, value and valid range (or the valid keys, with the closest
+    one) when ``options`` are not what ``loss`` takes; ``task_losses`` (the task's other
+    losses) are named when the options belong to one of them."""
+    options = dict(options or {})
+    declared = LOSS_OPTIONS.get(loss)
+    if declared is None:
+        if options:
+            others = "; ".join(f"{name} takes {', '.join(option_names(name))}" for name in task_losses
+                               if name != loss and option_names(name))
+            raise ConfigError(f"loss {loss} takes no loss_kwargs, got {', '.join(map(str, options))}"
+                              + (f" (of this task's losses, {others})" if others else ""))
+        return
+    try:
+        from_mapping(declared, options, "loss_kwargs")
+    except ConfigError as error:
+        raise ConfigError(f"loss {loss}: {error}") from None
 
 
 def per_image_bce(y_true, y_pred):

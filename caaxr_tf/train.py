@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,10 +33,12 @@ from caaxr_tf.config import ConfigError  # noqa: E402
 from caaxr_tf.training.callbacks import History, NonFiniteLossError, write_run_config  # noqa: E402
 from caaxr_tf.training.config import (  # noqa: E402
     CLASS_BALANCE,
+    RECORDS_KEYS,
     RESUMABLE_KEYS,
     STRATEGIES,
     RunConfig,
     locate_protocol_dir,
+    records_difference,
     resolve_run_config,
 )
 from caaxr_tf.training.distribute import is_chief, make_strategy  # noqa: E402
@@ -109,7 +112,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, chief: bool) -> bool:
     """Write config.yaml; refuse a folder that holds another run. Returns True when the run
-    is already complete."""
+    is already complete.
+
+    Another run: any setting but ``epochs`` and ``strategy`` differs, or the records do
+    (`records_difference`: the same summary.json fingerprint, or without one the same path).
+    """
     mapping = config.to_mapping()
     config_path = Path(run_dir) / runs.CONFIG_FILE
     if config_path.exists():
@@ -122,7 +129,10 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, chief: bool) -> bool:
             raise ConfigError(f"{config_path}: expected a mapping of settings, found {type(previous).__name__}; "
                               "use another --out or delete it")
         differing = sorted(k for k in set(previous) | set(mapping)
-                           if k not in RESUMABLE_KEYS and previous.get(k) != mapping.get(k))
+                           if k not in RESUMABLE_KEYS | RECORDS_KEYS and previous.get(k) != mapping.get(k))
+        records = records_difference(previous, mapping)
+        if records:
+            differing.insert(0, records)
         if differing:
             raise ConfigError(
                 f"{run_dir} holds a run with other settings ({', '.join(differing)}); use another --out or delete it"
@@ -157,15 +167,49 @@ def train(config: RunConfig, run_dir: str | Path, strategy=None, *, verbose: boo
         return Trainer(config, run_dir, strategy, verbose=verbose, on_epoch_end=on_epoch_end).fit()
 
 
+# What a run folder holds once an epoch has finished (a failed start without any is undone).
+EPOCH_OUTPUTS = (runs.HISTORY_FILE, runs.BACKUP_DIR, runs.BEST_MODEL, runs.FINAL_MODEL)
+
+
+def discard_failed_start(run_dir: Path, before: list[str] | None) -> None:
+    """Undo what a first start that failed before finishing an epoch wrote (config.yaml, logs/),
+    so that the corrected command is not refused as "another run": the folder itself when this
+    start created it (``before`` None), else only the entries that were not there before."""
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in EPOCH_OUTPUTS):
+        return
+    if before is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for entry in run_dir.iterdir():
+        if entry.name not in before:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 def run_training(config: RunConfig, run_dir: str | Path, strategy=None, *, verbose: bool = True) -> TrainResult | None:
-    """Prepare the run folder and train; None when the run is already complete."""
+    """Prepare the run folder and train; None when the run is already complete.
+
+    A first start (no config.yaml yet) that fails before its first epoch is saved (a setting
+    found unusable when the model or data are built, a diverging loss, a damaged shard)
+    leaves the run folder as it found it, so a corrected command can start the run.
+    """
     strategy = strategy if strategy is not None else make_strategy(config.strategy)
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} exists and is not a folder")
-    if prepare_run_dir(run_dir, config, is_chief(strategy)):
+    before = sorted(entry.name for entry in run_dir.iterdir()) if run_dir.is_dir() else None
+    fresh = before is None or runs.CONFIG_FILE not in before
+    chief = is_chief(strategy)
+    if prepare_run_dir(run_dir, config, chief):
         return None
-    return train(config, run_dir, strategy, verbose=verbose)
+    try:
+        return train(config, run_dir, strategy, verbose=verbose)
+    except Exception:
+        if fresh and chief:
+            discard_failed_start(run_dir, before)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

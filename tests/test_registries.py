@@ -103,7 +103,9 @@ def test_a_config_file_with_a_typo_is_refused(seg_records, tmp_path, capsys):
     argv = ["--protocol", "seg", "--model", "unet", "--tfrecords", str(seg_records), "--out", str(tmp_path / "r"),
             "--config", str(config_file)]
     assert train.main(argv) == 2
-    assert "unknown key 'batchsize' (did you mean 'batch_size'?)" in capsys.readouterr().err
+    # the whole file is checked section by section: the error names the file and the section
+    assert (f"--config: {config_file}: unknown key 'batchsize' in segmentation (did you mean 'batch_size'?)"
+            in capsys.readouterr().err)
 
 
 def test_run_config_round_trips_through_its_yaml(seg_records, tmp_path):

@@ -189,6 +189,9 @@ class Task:
         if config.loss not in cls.losses:
             raise ConfigError(f"unknown loss {config.loss!r} for the {cls.name} task; "
                               f"expected one of {', '.join(cls.losses)}")
+        from caaxr_tf.losses import check_loss_options
+
+        check_loss_options(config.loss, config.loss_kwargs, cls.losses)
         if config.class_balance != "none" and not cls.supports_class_balance:
             raise ConfigError(f"class_balance {config.class_balance!r} applies to classifiers; "
                               f"protocol {config.protocol!r} is {cls.protocol_task}")

@@ -4,7 +4,11 @@ Resolution order (later wins): configs/train.yaml's ``defaults`` < its sections 
 task (e.g. ``segmentation``, then ``detection``) < ``models.<name>`` < a ``--config`` file (flat
 keys or the same sections; the file wins over train.yaml within each level) < command-line flags
 < ``--set key=value``. The result is checked strictly (`RunConfig`): an unknown key is an error
-that names the valid keys. It is saved as RUN_DIR/config.yaml.
+that names the valid keys. train.yaml and a ``--config`` file are checked whole first (every
+section, each ``models.<name>`` a registered model; `check_layers`), their errors naming the
+file; ``target_names`` / ``target_ranges`` are checked against the records (`check_targets`)
+and ``loss_kwargs`` against the options the loss declares (``caaxr_tf.losses.LOSS_OPTIONS``),
+all before anything is written. It is saved as RUN_DIR/config.yaml.
 """
 
 from __future__ import annotations
@@ -15,13 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from caaxr_tf.config import CONFIG_DIR, ConfigError, apply_overrides, deep_merge, from_mapping, load_yaml, to_mapping
+from caaxr_tf.config import (
+    CONFIG_DIR,
+    ConfigError,
+    apply_overrides,
+    check_known_keys,
+    check_partial,
+    deep_merge,
+    from_mapping,
+    load_yaml,
+    to_mapping,
+)
 
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 CLASS_BALANCE = ("none", "weights", "sampling")
 OPTIMIZERS = ("adam", "sgd", "nadam", "adamw", "rmsprop")
 # Keys whose change does not make a run folder "another run" (a finished run can be extended).
-RESUMABLE_KEYS = {"epochs", "strategy", "tfrecords"}
+RESUMABLE_KEYS = {"epochs", "strategy"}
+# The records a run trains on: compared by `records_difference`, not key by key.
+RECORDS_KEYS = {"tfrecords", "records_fingerprint"}
 
 _POSITIVE = {"min": 1}
 _FINITE = {"finite": True}
@@ -97,6 +113,9 @@ class RunConfig:
     loss_kwargs: dict = field(default_factory=dict)
     target_names: list[str] = field(default_factory=list)  # float targets (regression protocols)
     target_ranges: dict = field(default_factory=dict)  # {target: [low, high]} from summary.json
+    # summary.json "fingerprint" of the records ("" when it has none): the same records moved
+    # to another folder are the same run's data, other records at the same path are not
+    records_fingerprint: str = ""
 
     def to_mapping(self) -> dict[str, Any]:
         """Plain data, keys sorted (what config.yaml holds)."""
@@ -183,6 +202,32 @@ def layered_config(base: Mapping[str, Any], extra: Mapping[str, Any], task_secti
     return deep_merge(config, extra)
 
 
+def check_layers(data: Mapping[str, Any], flat_keys: bool) -> None:
+    """Check a whole train.yaml (``flat_keys`` False: sections only) or ``--config`` file
+    (sections and flat keys), every section included, not only those the run merges: each
+    key and value of its sections (as `RunConfig` takes them), and every ``models.<name>``
+    a registered model. ConfigError naming the key, the closest valid one and the valid ones."""
+    from caaxr_tf.models import available_models
+
+    sections = layered_sections()
+    if flat_keys:
+        check_known_keys(data, [*sections, *(f.name for f in dataclasses.fields(RunConfig))])
+        check_partial(RunConfig, {k: v for k, v in data.items() if k not in sections})
+    else:
+        check_known_keys(data, sections, what="section", listed="valid sections")
+    for section in sections:
+        if section != "models" and data.get(section) is not None:
+            check_partial(RunConfig, data[section], section)
+    models = data.get("models")
+    if models is None:
+        return
+    if not isinstance(models, Mapping):
+        raise ConfigError(f"models must be a mapping of model names to settings, got {models!r}")
+    check_known_keys(models, available_models(), "models", what="model", listed="valid models")
+    for name, settings in models.items():
+        check_partial(RunConfig, settings, f"models.{name}")
+
+
 def run_task(protocol_task: str, model: str, protocol: str):
     """The task class of a model on a protocol; ConfigError naming both when they do not fit."""
     from caaxr_tf.models import model_task
@@ -222,11 +267,20 @@ def resolve_run_config(
     if not 1 <= fold <= int(summary["folds"]):
         raise ConfigError(f"fold {fold} does not exist: {protocol_dir} has folds 1..{summary['folds']}")
 
-    base = load_yaml(CONFIG_DIR / "train.yaml")
+    base_file = CONFIG_DIR / "train.yaml"
+    base = load_yaml(base_file)
+    try:
+        check_layers(base, flat_keys=False)
+    except ConfigError as error:
+        raise ConfigError(f"{base_file}: {error}") from None
     try:
         extra = load_yaml(config_file) if config_file else {}
     except (OSError, ValueError) as error:
         raise ConfigError(f"--config: {error}") from None
+    try:
+        check_layers(extra, flat_keys=True)
+    except ConfigError as error:
+        raise ConfigError(f"--config: {config_file}: {error}") from None
     config = layered_config(base, extra, task.config_sections(), model)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     learning_rate = flags.pop("learning_rate", None)
@@ -243,12 +297,50 @@ def resolve_run_config(
         config = apply_overrides(config, overrides)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    config["records_fingerprint"] = str(summary.get("fingerprint") or "")  # what the records are, not a setting
     resolved = config_from_mapping(config)
+    check_targets(resolved, summary)
     task.check_config(resolved)
     weights = str(resolved.weights)
     if weights not in ("none", "imagenet") and not Path(weights).exists():
         raise ConfigError(f"weights file not found: {weights}")
     return resolved
+
+
+def check_targets(config: RunConfig, summary: Mapping[str, Any]) -> None:
+    """``target_names`` must be the records' own (summary.json: each record's ``targets`` holds
+    exactly those values, in that order); ``target_ranges`` may narrow or widen a target's range
+    but must name known targets with finite ``[low, high]``, ``low < high``."""
+    from caaxr_tf.data.protocols import _target_ranges
+
+    expected = [str(t) for t in summary.get("target_names") or []]
+    if list(config.target_names) != expected:
+        held = f"targets {expected}" if expected else "no float targets"
+        raise ConfigError(f"target_names {list(config.target_names)} does not match the records: {config.tfrecords} "
+                          f"holds {held} (summary.json target_names); target_names comes from the protocol")
+    _target_ranges(config.target_ranges, expected, "target_ranges")
+
+
+def records_difference(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """Why the records of ``current`` (a config mapping) are not those a run folder's
+    ``previous`` config.yaml trained on; None when they are the same.
+
+    Both summary fingerprints known: they decide (a folder moved or copied elsewhere is the
+    same data; a folder rebuilt in place with other data is not). Otherwise (a config.yaml
+    written before fingerprints were kept, records without one) only the same resolved path
+    counts as the same records.
+    """
+    old_path, new_path = previous.get("tfrecords"), current.get("tfrecords")
+    old_print, new_print = previous.get("records_fingerprint") or "", current.get("records_fingerprint") or ""
+    change = f"tfrecords {old_path} -> {new_path}" if old_path != new_path else f"tfrecords {new_path}"
+    if old_print and new_print:
+        if old_print == new_print:
+            return None
+        return f"{change}, other records: summary.json fingerprint {old_print[:12]} -> {new_print[:12]}"
+    if old_path is not None and new_path is not None and Path(str(old_path)).resolve() == Path(str(new_path)).resolve():
+        return None
+    where = "the run's config.yaml" if not old_print else "the records' summary.json"
+    return f"{change}, no records fingerprint in {where} to show they hold the same records"
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
