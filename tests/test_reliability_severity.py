@@ -54,3 +54,23 @@ def test_blank_scores_file_in_the_protocol_command_and_the_build(tmp_path, capsy
                        "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "covid-severity-scores.csv: header: no header line" in err
+
+
+# --------------------------------------------------------------------------- #
+# the score range message prints the value as read, not rounded to 6 digits
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("8.0000001", "8.0000001 is outside 0..8"),
+    ("-0.0000001", "-1e-07 is outside 0..8"),
+    ("8.1", "8.1 is outside 0..8"),
+    ("9", "9 is outside 0..8"),
+    ("8", None),
+])
+def test_score_outside_its_range_prints_enough_digits(text, reason):
+    from caaxr_tf.data.sources.covid_chestxray_severity import TARGETS, _parse_score
+
+    value, problem = _parse_score(text, TARGETS[0])
+    assert (problem or None) == reason
+    assert (value is None) == (reason is not None)

@@ -144,8 +144,15 @@ def _parse_score(text: str, target: SeverityTarget) -> tuple[float | None, str]:
     if not math.isfinite(value):
         return None, f"not a finite number: {text!r}"
     if not target.low <= value <= target.high:
-        return None, f"{value:g} is outside {target.low:g}..{target.high:g}"
+        return None, f"{_shortest(value)} is outside {target.low:g}..{target.high:g}"
     return value, ""
+
+
+def _shortest(value: float) -> str:
+    """The shortest text that reads back as ``value`` (``repr``), without a trailing ``.0``:
+    8.0000001 stays 8.0000001 (``:g`` would print 8), 9.0 prints 9."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _metadata_by_filename(rows: Sequence[MetadataRow]) -> dict[str, MetadataRow]:
