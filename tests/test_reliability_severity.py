@@ -13,6 +13,7 @@ import pytest
 from caaxr_tf.data.records import SchemaError
 from caaxr_tf.data.sources.covid_chestxray_severity import read_score_rows
 from test_severity_data import write_collection
+from test_severity_halves import protocol_dir, write_feature_run  # noqa: F401  (protocol_dir: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,3 +75,90 @@ def test_score_outside_its_range_prints_enough_digits(text, reason):
     value, problem = _parse_score(text, TARGETS[0])
     assert (problem or None) == reason
     assert (value is None) == (reason is not None)
+
+
+# --------------------------------------------------------------------------- #
+# 2. user errors in the severity commands: one error line, no traceback
+# --------------------------------------------------------------------------- #
+
+
+def scored_collection(root: Path, patients: list[int]) -> Path:
+    """A collection whose reader needs no image decoding: one scored PA image per entry."""
+    names = [f"img{i}.png" for i in range(len(patients))]
+    write_collection(root, [[p, 0, "COVID-19", "PA", "X-ray", "images", n] for p, n in zip(patients, names)],
+                     ["filename,geographic_mean,opacity_mean"] + [f"{n},{i % 8},{i % 6}" for i, n in enumerate(names)],
+                     images=names)
+    return root
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=REPO)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--splits", "0"], "--splits: must be at least 1, got 0"),
+    (["--first-seed", "-1"], "--first-seed: must be at least 0, got -1"),
+    (["--first-seed", str(2**32 - 2), "--splits", "3"], "seeds go up to 4294967295"),
+])
+def test_protocol_command_rejects_bad_split_arguments(tmp_path, capsys, args, message):
+    from caaxr_tf.severity.protocol import main
+
+    data = scored_collection(tmp_path / "data", [1, 2, 3, 4])
+    with pytest.raises(SystemExit) as caught:
+        main(["--data", str(data), *args])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err and "Traceback" not in err
+
+
+def test_protocol_command_with_one_patient_or_an_unusable_output(tmp_path, capsys):
+    from caaxr_tf.severity.protocol import main
+
+    one = scored_collection(tmp_path / "one", [7, 7, 7])
+    capsys.readouterr()
+    assert main(["--data", str(one)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("error: 3 usable scored image(s) of 1 patient(s); "
+                                    "the grouped half splits need at least 2 patients")
+    assert captured.out == ""
+
+    data = scored_collection(tmp_path / "data", [1, 2, 3, 4])
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    for option, path, reason in [("--plot", tmp_path / "folder", "is a folder"),
+                                 ("--json", tmp_path / "folder", "is a folder"),
+                                 ("--plot", tmp_path / "file" / "p.png", "is not a folder")]:
+        assert main(["--data", str(data), "--splits", "2", option, str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: {option} {path}") and reason in captured.err, captured.err
+        assert captured.out == ""  # refused before the work
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file", "folder", "one"]
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_protocol_command_errors_have_no_traceback_in_a_process(tmp_path):
+    data = scored_collection(tmp_path / "data", [1, 2, 3])
+    (tmp_path / "folder").mkdir()
+    done = run_module("caaxr_tf.severity.protocol", "--data", str(data), "--plot", str(tmp_path / "folder"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == f"error: --plot {tmp_path / 'folder'} is a folder; expected a file name"
+
+
+def test_run_features_refuses_unusable_outputs_before_the_work(protocol_dir, tmp_path, capsys):
+    from caaxr_tf.severity import run_features as rf
+
+    write_feature_run(tmp_path / "run", protocol_dir)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    for option, path, reason in [("--json", tmp_path / "folder", "is a folder; expected a file name"),
+                                 ("--plots", tmp_path / "file", "is not a folder"),
+                                 ("--json", tmp_path / "file" / "a.json", f"{tmp_path / 'file'} is not a folder")]:
+        capsys.readouterr()
+        assert rf.main(["--tfrecords", str(protocol_dir), "--run", str(tmp_path / "run"), "--splits", "2",
+                        option, str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: {option} {path} ") and reason in captured.err, captured.err
+        assert captured.out == ""  # refused before the features and the table
+    assert (tmp_path / "file").read_text() == "x" and list((tmp_path / "folder").iterdir()) == []

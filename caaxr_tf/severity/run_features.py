@@ -306,7 +306,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from caaxr_tf.severity.protocol import output_file_problem, output_folder_problem
+
     args = parse_args(argv)
+    for option, path, check in (("--json", args.json, output_file_problem), ("--plots", args.plots, output_folder_problem)):
+        problem = None if path is None else check(path)
+        if problem:  # refused before the features are computed, not after the table is printed
+            print(f"error: {option} {path} {problem}", file=sys.stderr)
+            return 2
     try:
         scored, results = evaluate_run_features(args.tfrecords, args.run, num_splits=args.splits,
                                                 which=args.which, combined=args.combined, lung_run=args.lung_run)
