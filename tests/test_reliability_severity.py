@@ -3,6 +3,7 @@ the build's --folds), each reported as a clear error or fixed, on hand-made tiny
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -162,3 +163,68 @@ def test_run_features_refuses_unusable_outputs_before_the_work(protocol_dir, tmp
         assert captured.err.startswith(f"error: {option} {path} ") and reason in captured.err, captured.err
         assert captured.out == ""  # refused before the features and the table
     assert (tmp_path / "file").read_text() == "x" and list((tmp_path / "folder").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- #
+# 3. the splits do not depend on the hash seed; "2", "02" and "+2" are one patient
+# --------------------------------------------------------------------------- #
+
+# patient ids that tie as integers; fifteen images, one per id
+TIED_IDS = ["2", "02", "+2", "5", "05", "+5", "7", "07", "11", "011", "3", "13", "4", "04", "+4"]
+
+BUILD_AND_DIGEST = """
+import hashlib, json, sys
+from pathlib import Path
+from caaxr_tf.data.tfrecords import build_tfrecords
+data, out = Path(sys.argv[1]), Path(sys.argv[2])
+build_tfrecords(data, out, source="covid-chestxray", protocols=["severity"], folds=4, workers=1,
+                records_per_shard=50, progress=False, log=lambda line: None)
+summary = json.loads((out / "severity" / "summary.json").read_text())
+print(hashlib.sha256((out / "severity" / "manifest.csv").read_bytes()).hexdigest())
+print(summary["fingerprint"])
+print(json.dumps(summary["split_members"], sort_keys=True))
+"""
+
+
+def test_half_splits_are_byte_identical_under_two_hash_seeds_and_zero_padded_ids_are_one_patient(tmp_path):
+    import cv2
+    import numpy as np
+
+    names = [f"img{i}.png" for i in range(len(TIED_IDS))]
+    write_collection(tmp_path / "data", [[p, 0, "COVID-19", "PA", "X-ray", "images", n] for p, n in zip(TIED_IDS, names)],
+                     ["filename,geographic_mean,opacity_mean"] + [f"{n},{i % 8},{i % 6}" for i, n in enumerate(names)],
+                     images=[])
+    for i, name in enumerate(names):
+        cv2.imwrite(str(tmp_path / "data" / "images" / name), np.full((16, 16), i * 10, np.uint8))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    running = [subprocess.Popen([sys.executable, "-c", BUILD_AND_DIGEST, str(tmp_path / "data"), str(tmp_path / f"out{seed}")],
+                                env={**env, "PYTHONHASHSEED": str(seed)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for seed in (1, 2)]
+    outputs = []
+    for process in running:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        outputs.append(out)
+    assert outputs[0] == outputs[1]  # manifest.csv bytes, fingerprint and every fold's members
+    assert (tmp_path / "out1" / "severity" / "manifest.csv").read_bytes() == \
+        (tmp_path / "out2" / "severity" / "manifest.csv").read_bytes()
+
+    members = json.loads(outputs[0].splitlines()[2])
+    of_patient: dict[int, list[str]] = {}
+    for name, patient in zip(names, TIED_IDS):
+        of_patient.setdefault(int(patient), []).append(name)
+    for fold in range(1, 5):
+        split_of = {name: split for split in ("train", "val", "test") for name in members[f"fold{fold}/{split}"]}
+        for patient, images in of_patient.items():  # "2", "02" and "+2" are one patient: one split
+            assert len({split_of[name] for name in images}) == 1, (fold, patient, images)
+
+
+def test_patient_keys_and_their_order():
+    from caaxr_tf.severity.splits import grouped_half_split, ordered_groups, patient_key
+
+    assert [patient_key(p) for p in ("2", "02", "+2", " 2 ", 2, "-0", "a2", " b ")] == \
+        ["2", "2", "2", "2", "2", "0", "a2", "b"]
+    assert ordered_groups(["10", "02", "2", "+2", "9"]) == ["2", "9", "10"]
+    split = grouped_half_split(["2", "02", "+2", "3"], seed=0)
+    assert sorted(split.train.tolist() + split.test.tolist()) == [0, 1, 2, 3]
+    assert {0, 1, 2} <= set(split.train.tolist()) or {0, 1, 2} <= set(split.test.tolist())

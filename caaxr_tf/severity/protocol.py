@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from caaxr_tf.metrics.regression import METRIC_NAMES, regression_scores
-from caaxr_tf.severity.splits import DEFAULT_NUM_SPLITS, HalfSplit, grouped_half_splits
+from caaxr_tf.severity.splits import DEFAULT_NUM_SPLITS, HalfSplit, grouped_half_splits, ordered_groups
 
 BASELINE_NAME = "intercept only (no data)"
 METRIC_TITLES = {"mae": "MAE", "mse": "MSE", "r2": "R²", "pearson_r": "r"}
@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {len(read.samples)} usable scored image(s); the protocol needs at least 2", file=sys.stderr)
         return 2
     groups = patient_groups(read.samples)
-    num_patients = len(set(groups))
+    num_patients = len(ordered_groups(groups))  # "2" and "02" are one patient
     if num_patients < 2:
         print(f"error: {len(read.samples)} usable scored image(s) of {num_patients} patient(s); "
               "the grouped half splits need at least 2 patients", file=sys.stderr)

@@ -38,7 +38,7 @@ from caaxr_tf.severity.protocol import (
     format_protocol_table,
     intercept_only_baseline,
 )
-from caaxr_tf.severity.splits import HalfSplit
+from caaxr_tf.severity.splits import HalfSplit, ordered_groups
 
 FeatureFunction = Callable[[Any, np.ndarray], tuple[np.ndarray, list[str]]]
 
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{len(scored.image_ids)} scored images of {len(set(scored.patient_ids))} patients; "
+    print(f"{len(scored.image_ids)} scored images of {len(ordered_groups(scored.patient_ids))} patients; "
           f"{len(scored.splits)} grouped half splits of {args.tfrecords}; mean ± std (n − 1) over the splits")
     print(format_protocol_table(results, markdown=args.markdown))
     if args.json:
