@@ -228,3 +228,30 @@ def test_patient_keys_and_their_order():
     split = grouped_half_split(["2", "02", "+2", "3"], seed=0)
     assert sorted(split.train.tolist() + split.test.tolist()) == [0, 1, 2, 3]
     assert {0, 1, 2} <= set(split.train.tolist()) or {0, 1, 2} <= set(split.test.tolist())
+
+
+# --------------------------------------------------------------------------- #
+# 6. --folds above 5 for --protocol severity (documented: 50 splits)
+# --------------------------------------------------------------------------- #
+
+
+def test_folds_are_checked_only_for_the_selected_protocols(tmp_path, capsys):
+    from caaxr_tf.data.tfrecords import build_tfrecords, main as build_main
+
+    data = scored_collection(tmp_path / "data", [1, 2, 3, 4, 5])
+    for name in (f"img{i}.png" for i in range(5)):  # the build decodes the images
+        import cv2
+        import numpy as np
+
+        cv2.imwrite(str(data / "images" / name), np.full((16, 16), 100, np.uint8))
+    capsys.readouterr()
+    assert build_main(["--data-root", str(data), "--out", str(tmp_path / "out"), "--source", "covid-chestxray",
+                       "--protocol", "severity", "--folds", "50", "--workers", "1", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "severity" / "summary.json").read_text())
+    assert summary["folds"] == 50 and len(summary["split_members"]) == 150
+    # the parts protocols keep their limit when they are the ones selected
+    for protocols in (["2class"], ["severity", "lungs"], "all"):
+        with pytest.raises(ValueError, match="folds must be between 1 and 5, got 6"):
+            build_tfrecords(data, tmp_path / "other", source="covid-chestxray", protocols=protocols, folds=6,
+                            workers=1, progress=False, log=lambda line: None)
+    assert not (tmp_path / "other").exists()
