@@ -255,3 +255,26 @@ def test_folds_are_checked_only_for_the_selected_protocols(tmp_path, capsys):
             build_tfrecords(data, tmp_path / "other", source="covid-chestxray", protocols=protocols, folds=6,
                             workers=1, progress=False, log=lambda line: None)
     assert not (tmp_path / "other").exists()
+
+
+# --------------------------------------------------------------------------- #
+# 7. a corrupt shard in run_features is named, as evaluate names it
+# --------------------------------------------------------------------------- #
+
+
+def test_run_features_names_a_corrupt_shard(protocol_dir, tmp_path, capsys):
+    import shutil
+
+    from caaxr_tf.severity import run_features as rf
+    from test_reliability_train import flip_a_byte
+
+    copy = tmp_path / "severity"
+    shutil.copytree(protocol_dir, copy)
+    write_feature_run(tmp_path / "run", copy)
+    shard = copy / json.loads((copy / "summary.json").read_text())["shards"]["all"][1]
+    flip_a_byte(shard)
+    capsys.readouterr()
+    assert rf.main(["--tfrecords", str(copy), "--run", str(tmp_path / "run"), "--splits", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: corrupt TFRecord shard: {shard}: corrupt TFRecord data"), captured.err
+    assert "make_tfrecords.py --verify" in captured.err and captured.out == ""

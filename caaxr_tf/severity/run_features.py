@@ -190,19 +190,23 @@ def read_protocol(protocol_dir: str | Path, num_splits: int | None = None) -> Sc
 
 def protocol_images(protocol_dir: str | Path, image_ids: Sequence[str], image_size: int) -> np.ndarray:
     """float32 ``[N, S, S, 1]`` images in 0..255 of ``image_ids`` (in that order), decoded and
-    resized by the tf.data pipeline's own functions (as training and evaluation see them)."""
+    resized by the tf.data pipeline's own functions (as training and evaluation see them).
+
+    Raises ``tf.errors.DataLossError`` naming the shard when a shard is damaged."""
     import tensorflow as tf
 
     from caaxr_tf.data.pipeline import decode_common, parse_record
     from caaxr_tf.data.schema import ALL_SHARDS, read_summary
+    from caaxr_tf.data.shards import naming_corrupt_shards
 
     protocol_dir = Path(protocol_dir)
     files = [str(protocol_dir / name) for name in read_summary(protocol_dir)["shards"][ALL_SHARDS]]
     dataset = tf.data.TFRecordDataset(files).map(parse_record).map(lambda r: decode_common(r, image_size)).batch(64)
     by_id: dict[str, np.ndarray] = {}
-    for batch in dataset:
-        for image_id, image in zip(batch["id"].numpy(), batch["image"].numpy()):
-            by_id[image_id.decode("utf-8")] = image
+    with naming_corrupt_shards(files):
+        for batch in dataset:
+            for image_id, image in zip(batch["id"].numpy(), batch["image"].numpy()):
+                by_id[image_id.decode("utf-8")] = image
     missing = [i for i in image_ids if i not in by_id]
     if missing:
         raise ValueError(f"{protocol_dir}: no record for image(s) {missing[:5]} of manifest.csv")
@@ -314,11 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:  # refused before the features are computed, not after the table is printed
             print(f"error: {option} {path} {problem}", file=sys.stderr)
             return 2
+    import tensorflow as tf
+
     try:
         scored, results = evaluate_run_features(args.tfrecords, args.run, num_splits=args.splits,
                                                 which=args.which, combined=args.combined, lung_run=args.lung_run)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except tf.errors.DataLossError as error:  # a damaged shard, named (as in caaxr_tf.evaluate)
+        print(f"error: {error.message}", file=sys.stderr)
         return 2
     print(f"{len(scored.image_ids)} scored images of {len(ordered_groups(scored.patient_ids))} patients; "
           f"{len(scored.splits)} grouped half splits of {args.tfrecords}; mean ± std (n − 1) over the splits")
