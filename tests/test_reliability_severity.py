@@ -278,3 +278,39 @@ def test_run_features_names_a_corrupt_shard(protocol_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.startswith(f"error: corrupt TFRecord shard: {shard}: corrupt TFRecord data"), captured.err
     assert "make_tfrecords.py --verify" in captured.err and captured.out == ""
+
+
+# --------------------------------------------------------------------------- #
+# 4. two runs that differ only in their config are two rows of the run_features table
+# --------------------------------------------------------------------------- #
+
+
+def test_two_runs_with_the_same_model_protocol_and_fold_are_two_rows(protocol_dir, tmp_path, capsys):
+    import yaml
+
+    from caaxr_tf import runs
+    from caaxr_tf.severity import run_features as rf
+
+    for name in ("run_a", "run_b"):  # two runs with the same model, protocol, fold and feature kind
+        write_feature_run(tmp_path / name, protocol_dir)
+    config = yaml.safe_load((tmp_path / "run_b" / runs.CONFIG_FILE).read_text())
+    (tmp_path / "run_b" / runs.CONFIG_FILE).write_text(yaml.safe_dump({**config, "base_filters": 8}))
+    scored, results = rf.evaluate_run_features(protocol_dir, [(tmp_path / "run_a", None), (tmp_path / "run_b", None)],
+                                               num_splits=2)
+    names = [r.name for r in results]
+    assert len(set(names)) == 3 and "run_a" in names[1] and "run_b" in names[2], names
+    capsys.readouterr()
+    assert rf.main(["--tfrecords", str(protocol_dir), "--run", str(tmp_path / "run_a"),
+                    "--run", str(tmp_path / "run_b"), "--splits", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "penultimate" in line]
+    assert len(rows) == 2 and "run_a" in rows[0] and "run_b" in rows[1], rows
+
+    # the same folder name under two parents: the rows still differ
+    (tmp_path / "other").mkdir()
+    write_feature_run(tmp_path / "other" / "run_a", protocol_dir)
+    _, results = rf.evaluate_run_features(protocol_dir, [(tmp_path / "run_a", None), (tmp_path / "other" / "run_a", None)],
+                                          num_splits=1)
+    assert len({r.name for r in results}) == 3, [r.name for r in results]
+    with pytest.raises(ValueError, match="run_a is given twice with feature kind penultimate"):
+        rf.evaluate_run_features(protocol_dir, [(tmp_path / "run_a", None), (tmp_path / "run_a", "penultimate")],
+                                 num_splits=1)

@@ -220,7 +220,9 @@ def protocol_images(protocol_dir: str | Path, image_ids: Sequence[str], image_si
 
 @dataclass
 class RunFeatures:
-    """One run's feature matrix ``[N, F]`` (rows in the protocol's manifest order)."""
+    """One run's feature matrix ``[N, F]`` (rows in the protocol's manifest order); ``label``
+    names the run by its folder (``<folder name>: <model> (<protocol> fold <k>) <kind>``), so
+    two runs are two rows of a table even when model, protocol and fold agree."""
 
     label: str
     kind: str
@@ -255,8 +257,30 @@ def run_features(run_dir: str | Path, protocol_dir: str | Path, image_ids: Seque
         cache[size] = protocol_images(protocol_dir, image_ids, size)
     model = load_run_model(run_dir, which)
     features, names = feature_kind.function(model, cache[size], **context)
-    label = f"{config.get('model', '?')} ({config.get('protocol', '?')} fold {config.get('fold', '?')}) {kind}"
-    return RunFeatures(label, kind, np.asarray(features, np.float64), names)
+    return RunFeatures(run_label(run_dir, config, kind), kind, np.asarray(features, np.float64), names)
+
+
+def run_label(run_dir: str | Path, config: dict[str, Any], kind: str, *, full_path: bool = False) -> str:
+    """``<run folder name>: <model> (<protocol> fold <k>) <kind>``; the resolved folder path
+    instead of its name with ``full_path`` (two runs in folders of the same name)."""
+    where = str(Path(run_dir).resolve()) if full_path else Path(run_dir).resolve().name
+    return f"{where}: {config.get('model', '?')} ({config.get('protocol', '?')} fold {config.get('fold', '?')}) {kind}"
+
+
+def unique_labels(runs: Sequence[tuple[str | Path, str | None]], sets: Sequence[RunFeatures]) -> None:
+    """Name runs whose labels collide (folders of the same name) by their full path; the same
+    run with the same feature kind twice is an error (its rows would merge in a table)."""
+    from caaxr_tf.runs import load_run_config
+
+    labels = [item.label for item in sets]
+    for (run, _), item in zip(runs, sets):
+        if labels.count(item.label) > 1:
+            item.label = run_label(run, load_run_config(run), item.kind, full_path=True)
+    seen: set[str] = set()
+    for (run, _), item in zip(runs, sets):
+        if item.label in seen:
+            raise ValueError(f"--run {run} is given twice with feature kind {item.kind}")
+        seen.add(item.label)
 
 
 def evaluate_run_features(protocol_dir: str | Path, runs: Sequence[tuple[str | Path, str | None]], *,
@@ -270,6 +294,7 @@ def evaluate_run_features(protocol_dir: str | Path, runs: Sequence[tuple[str | P
     cache: dict[int, np.ndarray] = {}
     sets = [run_features(run, protocol_dir, scored.image_ids, kind=kind, which=which, image_cache=cache,
                          lung_run=lung_run) for run, kind in runs]
+    unique_labels(runs, sets)
     for item in sets:
         results.append(evaluate_least_squares(item.features, scored.targets, scored.patient_ids,
                                               name=f"{item.label} [{item.features.shape[1]}]", **common))
