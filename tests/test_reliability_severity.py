@@ -314,3 +314,48 @@ def test_two_runs_with_the_same_model_protocol_and_fold_are_two_rows(protocol_di
     with pytest.raises(ValueError, match="run_a is given twice with feature kind penultimate"):
         rf.evaluate_run_features(protocol_dir, [(tmp_path / "run_a", None), (tmp_path / "run_a", "penultimate")],
                                  num_splits=1)
+
+
+# --------------------------------------------------------------------------- #
+# 5. a run trained on the severity protocol itself is refused
+# --------------------------------------------------------------------------- #
+
+
+def test_run_trained_on_the_scored_images_is_refused(protocol_dir, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from caaxr_tf import runs
+    from caaxr_tf.severity import run_features as rf
+
+    def configure(run: Path, **changes) -> Path:
+        config = yaml.safe_load((run / runs.CONFIG_FILE).read_text())
+        (run / runs.CONFIG_FILE).write_text(yaml.safe_dump({**config, **changes}))
+        return run
+
+    # trained on fold 2 of this very protocol folder, of a copy of it, or of a folder no longer there
+    copy = tmp_path / "copied" / "severity"
+    shutil.copytree(protocol_dir, copy)
+    cases = {
+        "same": dict(protocol="severity", task="regression", fold=2, tfrecords=str(protocol_dir)),
+        "copy": dict(protocol="severity", task="regression", fold=3, tfrecords=str(copy)),
+        "gone": dict(protocol="severity", task="regression", fold=1, tfrecords=str(tmp_path / "gone" / "severity")),
+    }
+    for name, changes in cases.items():
+        run = tmp_path / name
+        write_feature_run(run, protocol_dir)
+        configure(run, **changes)
+        with pytest.raises(ValueError, match=f"{run} was trained on fold {changes['fold']} of .*severity"):
+            rf.evaluate_run_features(protocol_dir, [(run, "penultimate")], num_splits=1)
+    capsys.readouterr()
+    assert rf.main(["--tfrecords", str(protocol_dir), "--run", str(tmp_path / "same") + ":penultimate"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {tmp_path / 'same'} was trained on fold 2 of {protocol_dir}")
+    assert "test halves of other splits" in captured.err and captured.out == ""
+
+    # a classifier trained on another protocol of the same images saw no scores: accepted
+    write_feature_run(tmp_path / "cls", protocol_dir)
+    run = configure(tmp_path / "cls", protocol="2class", tfrecords=str(tmp_path / "absent" / "2class"))
+    _, results = rf.evaluate_run_features(protocol_dir, [(run, None)], num_splits=1)
+    assert results[1].name == "cls: tiny (2class fold 1) penultimate [3]"

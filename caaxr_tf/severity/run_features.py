@@ -15,6 +15,8 @@ train and val). Every run gives one feature matrix of a registered feature kind
 ``masked_intensity``: image brightness inside and outside a segmentation run's predicted mask;
 ``lung_infection``: an infection-map run's infected fraction of the right lung, the left lung and
 both, inside the lungs of a ``--lung-run``); ``--combined`` also scores all of them side by side.
+A run trained on the scored images' scores (a fold of this protocol) is refused
+(`check_not_trained_on_scores`): its training half is in the test halves of other splits.
 
 Adding a feature kind: a function ``(model, images [N, S, S, 1] float32 0..255) -> (features
 [N, F], column names)`` registered with ``@register_feature_kind(name, tasks=(...))``; with
@@ -283,6 +285,44 @@ def unique_labels(runs: Sequence[tuple[str | Path, str | None]], sets: Sequence[
         seen.add(item.label)
 
 
+def check_not_trained_on_scores(run_dir: str | Path, protocol_dir: str | Path, image_ids: Sequence[str]) -> None:
+    """Refuse a run that was trained on the scores of the scored images (e.g. on a fold of this
+    severity protocol): its training half holds images that other splits test on, so least
+    squares on its features would be scored on images whose scores the network has seen.
+
+    The run's training images are its fold's train and val rows of its protocol folder's
+    manifest.csv, when that protocol has regression targets; when its folder is gone, a
+    regression run of the same protocol name is refused. Raises ``ValueError``.
+    """
+    from caaxr_tf.data.schema import MANIFEST_FILE, read_summary
+    from caaxr_tf.runs import load_run_config
+
+    config = load_run_config(run_dir)
+    fold = int(config.get("fold") or 1)
+    trained_on = Path(str(config.get("tfrecords") or ""))
+    advice = ("its features would have seen the test halves of other splits; use a run trained on another "
+              "protocol (e.g. a classifier or a lungs segmentation run)")
+    try:
+        summary = read_summary(trained_on)
+    except (OSError, ValueError):
+        summary = None
+    if summary is None:
+        scored_protocol = read_summary(protocol_dir).get("protocol")
+        if config.get("task") == "regression" and config.get("protocol") == scored_protocol:
+            raise ValueError(f"{run_dir} was trained on fold {fold} of {trained_on} (a {scored_protocol} regression "
+                             f"run; that folder is not readable, so judged by its protocol name): {advice}")
+        return
+    if not summary.get("target_names") or not (trained_on / MANIFEST_FILE).is_file():
+        return  # no scores to learn from
+    with open(trained_on / MANIFEST_FILE, newline="", encoding="utf-8") as handle:
+        training = {row["image_id"] for row in csv.DictReader(handle)
+                    if row.get(f"split_fold{fold}") in ("train", "val")}
+    seen = training & set(image_ids)
+    if seen:
+        raise ValueError(f"{run_dir} was trained on fold {fold} of {trained_on}: {len(seen)} of the {len(image_ids)} "
+                         f"scored images of {protocol_dir} were in its training half, with their scores; {advice}")
+
+
 def evaluate_run_features(protocol_dir: str | Path, runs: Sequence[tuple[str | Path, str | None]], *,
                           num_splits: int | None = None, which: str = "best", combined: bool = False,
                           lung_run: str | Path | None = None) -> tuple[ScoredImages, list[ProtocolResult]]:
@@ -291,6 +331,8 @@ def evaluate_run_features(protocol_dir: str | Path, runs: Sequence[tuple[str | P
     scored = read_protocol(protocol_dir, num_splits)
     common = dict(target_names=scored.target_names, splits=scored.splits)
     results = [intercept_only_baseline(scored.targets, scored.patient_ids, **common)]
+    for run, _ in runs:  # before any model is loaded
+        check_not_trained_on_scores(run, protocol_dir, scored.image_ids)
     cache: dict[int, np.ndarray] = {}
     sets = [run_features(run, protocol_dir, scored.image_ids, kind=kind, which=which, image_cache=cache,
                          lung_run=lung_run) for run, kind in runs]
