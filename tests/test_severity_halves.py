@@ -264,15 +264,16 @@ def test_exported_regressor_clamps_each_target_to_its_range(protocol_dir, tmp_pa
 
 
 def write_feature_run(run_dir, protocol_dir):
-    """A hand-made classification run: 32 px images -> Dense(3, relu) 'head_dense2' -> softmax."""
+    """A hand-made classification run: 32 px images -> Dense(3, relu) 'head_dense2' -> softmax,
+    of a 2class protocol (a run trained on the severity scores themselves is refused)."""
     import keras
     import yaml
 
     from caaxr_tf import runs
 
     run_dir.mkdir()
-    config = {"task": "classification", "model": "tiny", "protocol": "severity", "fold": 1, "image_size": 32,
-              "tfrecords": str(protocol_dir), "class_names": ["a", "b"]}
+    config = {"task": "classification", "model": "tiny", "protocol": "2class", "fold": 1, "image_size": 32,
+              "tfrecords": str(protocol_dir.parent / "2class"), "class_names": ["a", "b"]}
     (run_dir / runs.CONFIG_FILE).write_text(yaml.safe_dump(config))
     inputs = keras.Input((32, 32, 1), name="image")
     x = keras.layers.AveragePooling2D(8, name="pool")(keras.layers.Rescaling(1 / 255, name="scale")(inputs))
@@ -295,7 +296,7 @@ def test_run_features_and_least_squares_on_the_protocol_splits(protocol_dir, tmp
 
     model = write_feature_run(tmp_path / "run", protocol_dir)
     scored, results = rf.evaluate_run_features(protocol_dir, [(tmp_path / "run", None)], num_splits=3)
-    assert [r.name for r in results] == ["intercept only (no data)", "tiny (severity fold 1) penultimate [3]"]
+    assert [r.name for r in results] == ["intercept only (no data)", "run: tiny (2class fold 1) penultimate [3]"]
     assert sorted(scored.image_ids) == sorted(name for name, _, _, _ in SCORED)
 
     # the images are the pipeline's; the features the Dense(3) activations computed by hand
@@ -330,8 +331,8 @@ def test_run_features_and_least_squares_on_the_protocol_splits(protocol_dir, tmp
     assert rf.main(["--tfrecords", str(protocol_dir), "--run", run, "--run", f"{run}:outputs", "--combined",
                     "--splits", "2", "--json", str(tmp_path / "a.json")]) == 0
     printed = capsys.readouterr().out
-    for name in ("intercept only (no data)", "tiny (severity fold 1) penultimate [3]",
-                 "tiny (severity fold 1) outputs [2]", "all of the above [5]"):
+    for name in ("intercept only (no data)", "run: tiny (2class fold 1) penultimate [3]",
+                 "run: tiny (2class fold 1) outputs [2]", "all of the above [5]"):
         assert name in printed
     written = json.loads((tmp_path / "a.json").read_text())["results"]
     assert [r["num_splits"] for r in written] == [2, 2, 2, 2] and written[3]["num_features"] == 5
@@ -368,8 +369,9 @@ def write_pixel_run(run_dir, protocol_dir, task: str, bias: float):
     from caaxr_tf import runs
 
     run_dir.mkdir()
-    config = {"task": task, "model": f"{task}_pixels", "protocol": "severity", "fold": 1, "image_size": 32,
-              "tfrecords": str(protocol_dir), "class_names": ["covid", "control"]}
+    protocol = "lungs" if task == "segmentation" else task
+    config = {"task": task, "model": f"{task}_pixels", "protocol": protocol, "fold": 1, "image_size": 32,
+              "tfrecords": str(protocol_dir.parent / protocol), "class_names": ["covid", "control"]}
     (run_dir / runs.CONFIG_FILE).write_text(yaml.safe_dump(config))
     inputs = keras.Input((32, 32, 1), name="image")
     outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer=keras.initializers.Constant(0.1),
@@ -392,7 +394,7 @@ def test_lung_infection_features_of_an_infection_run_with_a_lung_run(protocol_di
 
     scored, results = rf.evaluate_run_features(protocol_dir, [(tmp_path / "infection", "lung_infection")],
                                                num_splits=2, lung_run=tmp_path / "lungs")
-    assert results[1].name == "infection_pixels (severity fold 1) lung_infection [3]"
+    assert results[1].name == "infection: infection_pixels (infection fold 1) lung_infection [3]"
     infected = rf.protocol_images(protocol_dir, scored.image_ids, 32)[..., 0] >= 150.0
     expected = np.stack([infected[:, :, :16].mean(axis=(1, 2)), infected[:, :, 16:].mean(axis=(1, 2)),
                          infected.mean(axis=(1, 2))], axis=1)

@@ -526,12 +526,13 @@ def assign_half_splits(
     Fold k is `caaxr_tf.severity.splits.grouped_half_split` with seed k - 1 (the published
     evaluation's GroupShuffleSplit halves by patient); of its training half, ``val_fraction``
     of the patients (at least one, drawn with ``stable_seed(seed, *scope, "val", k)``) form the
-    validation split. Returns ``{image_id: [split of fold 1, split of fold 2, ...]}``.
+    validation split. Patients are compared by `caaxr_tf.severity.splits.patient_key` (``"2"``
+    and ``"02"`` are one patient). Returns ``{image_id: [split of fold 1, split of fold 2, ...]}``.
     """
-    from caaxr_tf.severity.splits import grouped_half_split
+    from caaxr_tf.severity.splits import grouped_half_split, patient_key
 
     image_ids = [image_id for image_id, _, _ in items]
-    patients = [patient_id for _, patient_id, _ in items]
+    patients = [patient_key(patient_id) for _, patient_id, _ in items]
     splits: dict[str, list[str]] = {image_id: [] for image_id in image_ids}
     for fold in range(1, folds + 1):
         half = grouped_half_split(patients, seed=fold - 1)

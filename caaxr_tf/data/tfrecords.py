@@ -805,12 +805,12 @@ def build_tfrecords(
     check_data_config(data_config)
     protocol_config = load_config("protocols", protocol_overrides)
     specs = protocols_lib.load_protocols(source, protocol_config)
-    if folds is not None:  # --folds overrides every protocol's folds
-        specs = {name: protocols_lib.with_folds(spec, folds) for name, spec in specs.items()}
     names = list(specs) if protocols in ("all", ["all"], ("all",)) else [protocols] if isinstance(protocols, str) else list(protocols)
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise ValueError(f"unknown protocol(s) {', '.join(unknown)} for source {source}; known: {', '.join(specs)}")
+    if folds is not None:  # --folds overrides the folds of every selected protocol (each checks its own limit)
+        specs = {name: protocols_lib.with_folds(spec, folds) if name in names else spec for name, spec in specs.items()}
     if not data_root.is_dir():
         raise FileNotFoundError(f"data root not found: {data_root}")
 
@@ -1005,7 +1005,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--protocol", default="all", choices=["all", *names],
                         help="a protocol of the source set, or all of them (default)")
     parser.add_argument("--folds", type=_int_at_least(1), default=None,
-                        help="number of folds of every protocol (default: configs/protocols.yaml)")
+                        help="number of folds of every selected protocol (default: configs/protocols.yaml)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=_int_at_least(1), default=os.cpu_count() or 1, help="decoding processes")
     parser.add_argument("--storage-size", type=_int_at_least(0), default=512,

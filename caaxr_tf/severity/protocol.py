@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from caaxr_tf.metrics.regression import METRIC_NAMES, regression_scores
-from caaxr_tf.severity.splits import DEFAULT_NUM_SPLITS, HalfSplit, grouped_half_splits
+from caaxr_tf.severity.splits import DEFAULT_NUM_SPLITS, HalfSplit, grouped_half_splits, ordered_groups
 
 BASELINE_NAME = "intercept only (no data)"
 METRIC_TITLES = {"mae": "MAE", "mse": "MSE", "r2": "R²", "pearson_r": "r"}
@@ -326,18 +326,48 @@ def format_protocol_table(
 # --------------------------------------------------------------------------- #
 
 
+MAX_SEED = 2**32 - 1  # numpy.random.RandomState seeds are 0 .. 2**32 - 1
+
+
+def output_file_problem(path: str | Path) -> str | None:
+    """Why a file cannot be written at ``path`` (None when it can, as far as can be told before
+    the work): it is a folder, or something on its way is a file."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder; expected a file name"
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"cannot be created: {parent} is not a folder"
+    return None
+
+
+def output_folder_problem(path: str | Path) -> str | None:
+    """Why a folder cannot be used or created at ``path`` (None when it can)."""
+    path = Path(path)
+    if path.exists():
+        return None if path.is_dir() else "is not a folder"
+    return output_file_problem(path)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from caaxr_tf.data.tfrecords import _int_at_least
+
     parser = argparse.ArgumentParser(
         prog="python -m caaxr_tf.severity.protocol",
         description="Intercept-only baseline of the published severity protocol on covid-chestxray.",
     )
     parser.add_argument("--data", required=True, help="the covid-chestxray folder")
-    parser.add_argument("--splits", type=int, default=DEFAULT_NUM_SPLITS, help="number of splits (default 50)")
-    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--splits", type=_int_at_least(1), default=DEFAULT_NUM_SPLITS,
+                        help="number of splits (default 50)")
+    parser.add_argument("--first-seed", type=_int_at_least(0), default=0)
     parser.add_argument("--markdown", action="store_true", help="a Markdown table instead of aligned text")
     parser.add_argument("--json", help="write the result (summary and per-split scores) here")
     parser.add_argument("--plot", help="write a scatter plot of the held-out predictions here (PNG)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.first_seed + args.splits - 1 > MAX_SEED:
+        parser.error(f"--first-seed {args.first_seed} with --splits {args.splits} needs seeds up to "
+                     f"{args.first_seed + args.splits - 1}; seeds go up to {MAX_SEED}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -345,6 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from caaxr_tf.data.sources.covid_chestxray_severity import TARGET_NAMES, patient_groups, read_severity_scores, severity_targets
 
     args = parse_args(argv)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = None if path is None else output_file_problem(path)
+        if problem:  # refused before the work, not after the table is printed
+            print(f"error: {option} {path} {problem}", file=sys.stderr)
+            return 2
     try:
         read = read_severity_scores(args.data)
     except InputError as error:
@@ -356,12 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {len(read.samples)} usable scored image(s); the protocol needs at least 2", file=sys.stderr)
         return 2
     groups = patient_groups(read.samples)
+    num_patients = len(ordered_groups(groups))  # "2" and "02" are one patient
+    if num_patients < 2:
+        print(f"error: {len(read.samples)} usable scored image(s) of {num_patients} patient(s); "
+              "the grouped half splits need at least 2 patients", file=sys.stderr)
+        return 2
     baseline = intercept_only_baseline(
         severity_targets(read.samples), groups,
         target_names=TARGET_NAMES, num_splits=args.splits, first_seed=args.first_seed,
     )
     print(
-        f"{len(read.samples)} scored images of {len(set(groups))} patients, {len(read.skipped)} skipped; "
+        f"{len(read.samples)} scored images of {num_patients} patients, {len(read.skipped)} skipped; "
         f"{args.splits} grouped half splits (seeds {args.first_seed}..{args.first_seed + args.splits - 1}), "
         "mean ± std (n − 1) over the splits"
     )

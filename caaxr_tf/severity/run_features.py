@@ -15,6 +15,8 @@ train and val). Every run gives one feature matrix of a registered feature kind
 ``masked_intensity``: image brightness inside and outside a segmentation run's predicted mask;
 ``lung_infection``: an infection-map run's infected fraction of the right lung, the left lung and
 both, inside the lungs of a ``--lung-run``); ``--combined`` also scores all of them side by side.
+A run trained on the scored images' scores (a fold of this protocol) is refused
+(`check_not_trained_on_scores`): its training half is in the test halves of other splits.
 
 Adding a feature kind: a function ``(model, images [N, S, S, 1] float32 0..255) -> (features
 [N, F], column names)`` registered with ``@register_feature_kind(name, tasks=(...))``; with
@@ -38,7 +40,7 @@ from caaxr_tf.severity.protocol import (
     format_protocol_table,
     intercept_only_baseline,
 )
-from caaxr_tf.severity.splits import HalfSplit
+from caaxr_tf.severity.splits import HalfSplit, ordered_groups
 
 FeatureFunction = Callable[[Any, np.ndarray], tuple[np.ndarray, list[str]]]
 
@@ -190,19 +192,23 @@ def read_protocol(protocol_dir: str | Path, num_splits: int | None = None) -> Sc
 
 def protocol_images(protocol_dir: str | Path, image_ids: Sequence[str], image_size: int) -> np.ndarray:
     """float32 ``[N, S, S, 1]`` images in 0..255 of ``image_ids`` (in that order), decoded and
-    resized by the tf.data pipeline's own functions (as training and evaluation see them)."""
+    resized by the tf.data pipeline's own functions (as training and evaluation see them).
+
+    Raises ``tf.errors.DataLossError`` naming the shard when a shard is damaged."""
     import tensorflow as tf
 
     from caaxr_tf.data.pipeline import decode_common, parse_record
     from caaxr_tf.data.schema import ALL_SHARDS, read_summary
+    from caaxr_tf.data.shards import naming_corrupt_shards
 
     protocol_dir = Path(protocol_dir)
     files = [str(protocol_dir / name) for name in read_summary(protocol_dir)["shards"][ALL_SHARDS]]
     dataset = tf.data.TFRecordDataset(files).map(parse_record).map(lambda r: decode_common(r, image_size)).batch(64)
     by_id: dict[str, np.ndarray] = {}
-    for batch in dataset:
-        for image_id, image in zip(batch["id"].numpy(), batch["image"].numpy()):
-            by_id[image_id.decode("utf-8")] = image
+    with naming_corrupt_shards(files):
+        for batch in dataset:
+            for image_id, image in zip(batch["id"].numpy(), batch["image"].numpy()):
+                by_id[image_id.decode("utf-8")] = image
     missing = [i for i in image_ids if i not in by_id]
     if missing:
         raise ValueError(f"{protocol_dir}: no record for image(s) {missing[:5]} of manifest.csv")
@@ -216,7 +222,9 @@ def protocol_images(protocol_dir: str | Path, image_ids: Sequence[str], image_si
 
 @dataclass
 class RunFeatures:
-    """One run's feature matrix ``[N, F]`` (rows in the protocol's manifest order)."""
+    """One run's feature matrix ``[N, F]`` (rows in the protocol's manifest order); ``label``
+    names the run by its folder (``<folder name>: <model> (<protocol> fold <k>) <kind>``), so
+    two runs are two rows of a table even when model, protocol and fold agree."""
 
     label: str
     kind: str
@@ -251,8 +259,68 @@ def run_features(run_dir: str | Path, protocol_dir: str | Path, image_ids: Seque
         cache[size] = protocol_images(protocol_dir, image_ids, size)
     model = load_run_model(run_dir, which)
     features, names = feature_kind.function(model, cache[size], **context)
-    label = f"{config.get('model', '?')} ({config.get('protocol', '?')} fold {config.get('fold', '?')}) {kind}"
-    return RunFeatures(label, kind, np.asarray(features, np.float64), names)
+    return RunFeatures(run_label(run_dir, config, kind), kind, np.asarray(features, np.float64), names)
+
+
+def run_label(run_dir: str | Path, config: dict[str, Any], kind: str, *, full_path: bool = False) -> str:
+    """``<run folder name>: <model> (<protocol> fold <k>) <kind>``; the resolved folder path
+    instead of its name with ``full_path`` (two runs in folders of the same name)."""
+    where = str(Path(run_dir).resolve()) if full_path else Path(run_dir).resolve().name
+    return f"{where}: {config.get('model', '?')} ({config.get('protocol', '?')} fold {config.get('fold', '?')}) {kind}"
+
+
+def unique_labels(runs: Sequence[tuple[str | Path, str | None]], sets: Sequence[RunFeatures]) -> None:
+    """Name runs whose labels collide (folders of the same name) by their full path; the same
+    run with the same feature kind twice is an error (its rows would merge in a table)."""
+    from caaxr_tf.runs import load_run_config
+
+    labels = [item.label for item in sets]
+    for (run, _), item in zip(runs, sets):
+        if labels.count(item.label) > 1:
+            item.label = run_label(run, load_run_config(run), item.kind, full_path=True)
+    seen: set[str] = set()
+    for (run, _), item in zip(runs, sets):
+        if item.label in seen:
+            raise ValueError(f"--run {run} is given twice with feature kind {item.kind}")
+        seen.add(item.label)
+
+
+def check_not_trained_on_scores(run_dir: str | Path, protocol_dir: str | Path, image_ids: Sequence[str]) -> None:
+    """Refuse a run that was trained on the scores of the scored images (e.g. on a fold of this
+    severity protocol): its training half holds images that other splits test on, so least
+    squares on its features would be scored on images whose scores the network has seen.
+
+    The run's training images are its fold's train and val rows of its protocol folder's
+    manifest.csv, when that protocol has regression targets; when its folder is gone, a
+    regression run of the same protocol name is refused. Raises ``ValueError``.
+    """
+    from caaxr_tf.data.schema import MANIFEST_FILE, read_summary
+    from caaxr_tf.runs import load_run_config
+
+    config = load_run_config(run_dir)
+    fold = int(config.get("fold") or 1)
+    trained_on = Path(str(config.get("tfrecords") or ""))
+    advice = ("its features would have seen the test halves of other splits; use a run trained on another "
+              "protocol (e.g. a classifier or a lungs segmentation run)")
+    try:
+        summary = read_summary(trained_on)
+    except (OSError, ValueError):
+        summary = None
+    if summary is None:
+        scored_protocol = read_summary(protocol_dir).get("protocol")
+        if config.get("task") == "regression" and config.get("protocol") == scored_protocol:
+            raise ValueError(f"{run_dir} was trained on fold {fold} of {trained_on} (a {scored_protocol} regression "
+                             f"run; that folder is not readable, so judged by its protocol name): {advice}")
+        return
+    if not summary.get("target_names") or not (trained_on / MANIFEST_FILE).is_file():
+        return  # no scores to learn from
+    with open(trained_on / MANIFEST_FILE, newline="", encoding="utf-8") as handle:
+        training = {row["image_id"] for row in csv.DictReader(handle)
+                    if row.get(f"split_fold{fold}") in ("train", "val")}
+    seen = training & set(image_ids)
+    if seen:
+        raise ValueError(f"{run_dir} was trained on fold {fold} of {trained_on}: {len(seen)} of the {len(image_ids)} "
+                         f"scored images of {protocol_dir} were in its training half, with their scores; {advice}")
 
 
 def evaluate_run_features(protocol_dir: str | Path, runs: Sequence[tuple[str | Path, str | None]], *,
@@ -263,9 +331,12 @@ def evaluate_run_features(protocol_dir: str | Path, runs: Sequence[tuple[str | P
     scored = read_protocol(protocol_dir, num_splits)
     common = dict(target_names=scored.target_names, splits=scored.splits)
     results = [intercept_only_baseline(scored.targets, scored.patient_ids, **common)]
+    for run, _ in runs:  # before any model is loaded
+        check_not_trained_on_scores(run, protocol_dir, scored.image_ids)
     cache: dict[int, np.ndarray] = {}
     sets = [run_features(run, protocol_dir, scored.image_ids, kind=kind, which=which, image_cache=cache,
                          lung_run=lung_run) for run, kind in runs]
+    unique_labels(runs, sets)
     for item in sets:
         results.append(evaluate_least_squares(item.features, scored.targets, scored.patient_ids,
                                               name=f"{item.label} [{item.features.shape[1]}]", **common))
@@ -306,14 +377,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from caaxr_tf.severity.protocol import output_file_problem, output_folder_problem
+
     args = parse_args(argv)
+    for option, path, check in (("--json", args.json, output_file_problem), ("--plots", args.plots, output_folder_problem)):
+        problem = None if path is None else check(path)
+        if problem:  # refused before the features are computed, not after the table is printed
+            print(f"error: {option} {path} {problem}", file=sys.stderr)
+            return 2
+    import tensorflow as tf
+
     try:
         scored, results = evaluate_run_features(args.tfrecords, args.run, num_splits=args.splits,
                                                 which=args.which, combined=args.combined, lung_run=args.lung_run)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{len(scored.image_ids)} scored images of {len(set(scored.patient_ids))} patients; "
+    except tf.errors.DataLossError as error:  # a damaged shard, named (as in caaxr_tf.evaluate)
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    print(f"{len(scored.image_ids)} scored images of {len(ordered_groups(scored.patient_ids))} patients; "
           f"{len(scored.splits)} grouped half splits of {args.tfrecords}; mean ± std (n − 1) over the splits")
     print(format_protocol_table(results, markdown=args.markdown))
     if args.json:

@@ -10,6 +10,9 @@ do not depend on its version (NumPy guarantees the ``RandomState`` stream).
 
 Patient ids are ordered as numbers when every id is a decimal integer (the authors' ids were
 read as integers, and ``"12" < "2"`` as text would give other splits), otherwise as text.
+An integer id names its patient by its value, as when read as an integer: ``"2"``, ``"02"``
+and ``"+2"`` are one patient (`patient_key`), so the order never depends on ties (nor on the
+process's hash seed).
 """
 
 from __future__ import annotations
@@ -33,9 +36,17 @@ class HalfSplit:
     test: np.ndarray
 
 
+def patient_key(group: str | int) -> str:
+    """The patient a group id names: a decimal integer id as its value in plain decimal
+    (``"02"``, ``"+2"``, ``" 2"`` -> ``"2"``), any other id stripped of surrounding spaces."""
+    text = str(group).strip()
+    return str(int(text)) if _is_integer(text) else text
+
+
 def ordered_groups(groups: Sequence[str | int]) -> list[str]:
-    """The distinct group ids as text, in numeric order when all are integers, else text order."""
-    distinct = {str(group).strip() for group in groups}
+    """The distinct patients (`patient_key`), in numeric order when all are integers, else
+    text order; distinct keys never tie, so the order is the same in every process."""
+    distinct = {patient_key(group) for group in groups}
     if all(_is_integer(group) for group in distinct):
         return sorted(distinct, key=int)
     return sorted(distinct)
@@ -50,7 +61,7 @@ def grouped_half_split(groups: Sequence[str | int], seed: int) -> HalfSplit:
 
     The test half holds ``ceil(G / 2)`` of the ``G`` patients, the training half the rest.
     """
-    labels = [str(group).strip() for group in groups]
+    labels = [patient_key(group) for group in groups]
     order = ordered_groups(labels)
     if len(order) < 2:
         raise ValueError(f"a half split needs at least 2 groups, got {len(order)}")

@@ -90,12 +90,13 @@ def _decode(raw: bytes) -> str:
 def read_score_rows(path: str | os.PathLike) -> list[tuple[int, dict[str, str]]]:
     """The data rows of a scores file as ``(line number, {column: stripped text})``.
 
-    Leading lines starting with ``##`` are skipped; the next line is the header. Line numbers
-    count every physical line from 1, comments included.
+    Leading lines starting with ``##`` and blank lines are skipped; the next line is the
+    header. Line numbers count every physical line from 1, comments included.
 
     Raises:
-        SchemaError: the file is missing or unreadable, or its header lacks ``SCORE_COLUMNS``
-            (the message lists the columns it has).
+        SchemaError: the file is missing or unreadable, holds no header line (empty, blank or
+            comments only), or its header lacks ``SCORE_COLUMNS`` (the message lists the
+            columns it has).
     """
     path = str(path)
     try:
@@ -107,10 +108,14 @@ def read_score_rows(path: str | os.PathLike) -> list[tuple[int, dict[str, str]]]
         raise SchemaError(path, "file", f"cannot be read ({error.strerror or error})") from error
     lines = text.splitlines()
     skipped = 0
-    while skipped < len(lines) and lines[skipped].lstrip().startswith(COMMENT_PREFIX):
+    while skipped < len(lines) and (not lines[skipped].strip() or lines[skipped].lstrip().startswith(COMMENT_PREFIX)):
         skipped += 1
     if skipped == len(lines):
-        raise SchemaError(path, "header", f"no header line; expected columns {list(SCORE_COLUMNS)}")
+        raise SchemaError(
+            path,
+            "header",
+            f"no header line ({len(lines)} blank or comment line(s)); expected columns {list(SCORE_COLUMNS)}",
+        )
     reader = csv.reader(io.StringIO("\n".join(lines[skipped:])))
     header = [name.strip() for name in next(reader)]
     missing = [name for name in SCORE_COLUMNS if name not in header]
@@ -139,8 +144,15 @@ def _parse_score(text: str, target: SeverityTarget) -> tuple[float | None, str]:
     if not math.isfinite(value):
         return None, f"not a finite number: {text!r}"
     if not target.low <= value <= target.high:
-        return None, f"{value:g} is outside {target.low:g}..{target.high:g}"
+        return None, f"{_shortest(value)} is outside {target.low:g}..{target.high:g}"
     return value, ""
+
+
+def _shortest(value: float) -> str:
+    """The shortest text that reads back as ``value`` (``repr``), without a trailing ``.0``:
+    8.0000001 stays 8.0000001 (``:g`` would print 8), 9.0 prints 9."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _metadata_by_filename(rows: Sequence[MetadataRow]) -> dict[str, MetadataRow]:
