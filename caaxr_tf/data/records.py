@@ -187,13 +187,20 @@ def read_csv_table(path: str | os.PathLike, required: Iterable[str] = ()) -> pan
 
     Tries UTF-8 (a byte-order mark is dropped) and falls back to Latin-1 (public metadata
     files mix encodings). Column names are stripped of surrounding spaces. A missing or
-    unreadable file, or one lacking any of ``required``, raises ``SchemaError`` naming the
-    file and the columns.
+    unreadable file, one that is not a regular file (a FIFO is never opened), or one lacking
+    any of ``required``, raises ``SchemaError`` naming the file and the columns.
     Data row ``i`` of the returned frame is row ``i + 2`` of the file (header = row 1).
     """
     import pandas as pd
 
+    from caaxr_tf.data.formats import check_regular_file  # here: formats imports this module
+
     path = str(path)
+    try:
+        if os.path.lexists(path):  # a missing file is reported below, as before
+            check_regular_file(path, "file")  # before opening: a FIFO would block
+    except InputError as error:
+        raise SchemaError(path, error.field, error.reason) from None
     frame = None
     for encoding in ("utf-8-sig", "latin-1"):
         try:

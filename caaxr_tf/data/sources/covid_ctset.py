@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE
 from caaxr_tf.data.ct_series import SERIES_FOLDER, check_ct_tiff, natural_key
-from caaxr_tf.data.formats import TIFF_SUFFIXES
+from caaxr_tf.data.formats import TIFF_SUFFIXES, check_regular_file
 from caaxr_tf.data.records import InputError, ReadResult, Sample, check_unique_ids, read_csv_table
 from caaxr_tf.data.sources import coerce_config, register_source, resolve_root
 
@@ -171,6 +171,12 @@ def read_covid_ctset(root: str | os.PathLike, config: CovidCtsetConfig | Mapping
             if wanted_series and located.key.series not in wanted_series:
                 result.exclude(EXCLUDED_SERIES)
                 continue
+            try:  # whatever check_headers says: a FIFO would block whoever opens it
+                check_regular_file(located.path, "file")
+            except InputError as error:
+                result.skipped.append(error.as_skipped())
+                bad_keys.add(located.key)
+                continue
             if config.check_headers:
                 try:
                     check_ct_tiff(located.path, SLICE_SHAPE)
@@ -247,7 +253,13 @@ def read_slice_labels(csv_path: Path, present: set[SliceKey], bad_keys: set[Slic
     ``SchemaError``.
     """
     if not csv_path.is_file():
-        result.skip(str(csv_path), "file", "labelled-slice CSV not found; slices get no slice labels")
+        reason = "labelled-slice CSV not found"
+        if os.path.lexists(csv_path):  # a FIFO or a folder: named, never opened
+            try:
+                check_regular_file(csv_path, "file")
+            except InputError as error:
+                reason = error.reason
+        result.skip(str(csv_path), "file", f"{reason}; slices get no slice labels")
         return {}
     table = read_csv_table(csv_path, CSV_COLUMNS)
     patient_covid = {item.key.patient: group_label(item.group) for item in files}

@@ -1,0 +1,144 @@
+"""Issue 27: CT, infection and input reliability (defects 8, 10, 11, 12 and the weaker spots).
+
+A FIFO under a test is released by ``released_if_opened`` should the code open it, so a
+regression fails the test (a wrong report) instead of hanging it; the command-line checks run
+in a subprocess with a timeout as well.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from caaxr_tf.data.ct_series import find_ct_series
+from caaxr_tf.data.records import SchemaError
+from caaxr_tf.data.sources.covid_chestxray_severity import read_severity_scores
+from caaxr_tf.data.sources.covid_ctset import read_covid_ctset
+from test_reliability_inputs import released_if_opened
+
+REPO = Path(__file__).resolve().parents[1]
+FIFO_REASON = "not a regular file (a FIFO (named pipe)); skipped"
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def write_series(folder: Path, count: int = 3, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for number in range(1, count + 1):
+        path = folder / f"IM{number:05d}.tif"
+        assert cv2.imwrite(str(path), rng.integers(0, 3000, (512, 512), dtype=np.uint16))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def ct_tree_with_fifos(tmp_path) -> tuple[Path, list[Path]]:
+    """covid1/patient1/SR_2 with three slices, a FIFO slice and a suffix-less FIFO (which the
+    DICOM search would open to look for the preamble)."""
+    root = tmp_path / "ctset"
+    series = root / "covid1" / "patient1" / "SR_2"
+    write_series(series)
+    fifos = [series / "IM00004.tif", series / "IM00005"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    return root, fifos
+
+
+# --------------------------------------------------------------------------- defect 8: FIFOs
+
+
+def test_ct_series_search_reports_fifos_without_opening_them(ct_tree_with_fifos):
+    root, fifos = ct_tree_with_fifos
+    for check_headers in (True, False):
+        with released_if_opened(fifos[0]), released_if_opened(fifos[1]):
+            scan = find_ct_series(root / "covid1" / "patient1", check_headers=check_headers)
+        reports = {(s.path, s.field): s.reason for s in scan.skipped}
+        assert reports == {(str(fifo), "file"): FIFO_REASON for fifo in fifos}, check_headers
+        assert [len(s) for s in scan.series] == [3]
+    # a FIFO named as the folder itself is named, not called missing
+    with released_if_opened(fifos[0]):
+        scan = find_ct_series(fifos[0])
+    assert [(s.path, s.field, s.reason) for s in scan.skipped] == [(str(fifos[0]), "path", FIFO_REASON)]
+
+
+def test_covid_ctset_reader_reports_fifo_slices_and_a_fifo_labels_csv(ct_tree_with_fifos):
+    root, fifos = ct_tree_with_fifos
+    fifos = [fifos[0], root / "covid1_patient2_SR_2_IM00001.tif", root / "all.csv"]
+    for fifo in fifos[1:]:
+        os.mkfifo(fifo)
+    for check_headers in (True, False):
+        with released_if_opened(fifos[0]), released_if_opened(fifos[1]), released_if_opened(fifos[2]):
+            result = read_covid_ctset(root, {"check_headers": check_headers})
+        reports = {(s.path, s.field): s.reason for s in result.skipped}
+        assert reports == {(str(fifo), "file"): FIFO_REASON + ("; slices get no slice labels" if fifo.suffix == ".csv"
+                                                              else "") for fifo in fifos}, check_headers
+        assert len(result.samples) == 3
+
+
+def test_ct_select_cli_reports_a_fifo_and_finishes(ct_tree_with_fifos):
+    root, fifos = ct_tree_with_fifos
+    completed = subprocess.run([sys.executable, "-m", "caaxr_tf.ct.select", str(root)], capture_output=True,
+                               text=True, env=subprocess_env(), timeout=120, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr
+    records = [json.loads(line) for line in completed.stdout.splitlines()]
+    skipped = {r["path"]: r["reason"] for r in records if r["type"] == "skipped"}
+    assert skipped == {str(fifo): FIFO_REASON for fifo in fifos}
+    assert [r["total"] for r in records if r["type"] == "series"] == [3]
+
+
+def test_make_tfrecords_covid_ctset_reports_a_fifo_slice_and_finishes(tiny_ct_root, tmp_path):
+    root = tmp_path / "ctset"
+    shutil.copytree(tiny_ct_root, root)
+    series = next(p for p in sorted(root.rglob("SR_*")) if p.is_dir())
+    fifo = series / "IM99999.tif"
+    os.mkfifo(fifo)
+    completed = subprocess.run(
+        [sys.executable, "-m", "caaxr_tf.data.tfrecords", "--data-root", str(root), "--out", str(tmp_path / "out"),
+         "--source", "covid-ctset", "--workers", "1", "--no-progress"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "ct" / "summary.json").read_text())
+    assert {"path": str(fifo), "field": "file", "reason": FIFO_REASON} in summary["skipped"]
+
+
+def write_severity_collection(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.png").write_bytes(b"not decoded by the reader")
+    with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patientid", "offset", "finding", "view", "modality", "folder", "filename"])
+        writer.writerow([1, 0, "COVID-19", "PA", "X-ray", "images", "a.png"])
+    (root / "annotations").mkdir()
+    return root / "annotations" / "covid-severity-scores.csv"
+
+
+def test_severity_scores_file_that_is_a_fifo_is_named_not_opened(tmp_path):
+    scores = write_severity_collection(tmp_path)
+    os.mkfifo(scores)
+    with released_if_opened(scores), pytest.raises(SchemaError) as caught:
+        read_severity_scores(tmp_path)
+    assert (caught.value.path, caught.value.field, caught.value.reason) == (str(scores.resolve()), "file", FIFO_REASON)
+    # metadata.csv as a FIFO (read after the scores file) is named too
+    scores.unlink()
+    scores.write_text("filename,geographic_mean,opacity_mean\na.png,1,1\n", encoding="utf-8")
+    metadata = tmp_path / "metadata.csv"
+    metadata.unlink()
+    os.mkfifo(metadata)
+    with released_if_opened(metadata), pytest.raises(SchemaError) as caught:
+        read_severity_scores(tmp_path)
+    assert (caught.value.path, caught.value.field, caught.value.reason)[1:] == ("file", FIFO_REASON)
+    assert Path(caught.value.path).resolve() == metadata.resolve()
+
