@@ -142,3 +142,25 @@ def test_severity_scores_file_that_is_a_fifo_is_named_not_opened(tmp_path):
     assert (caught.value.path, caught.value.field, caught.value.reason)[1:] == ("file", FIFO_REASON)
     assert Path(caught.value.path).resolve() == metadata.resolve()
 
+
+# --------------------------------------------------------------------------- defect 12: slice size at decode
+
+
+def test_ct_slice_of_another_size_is_skipped_at_decode_even_without_header_checks(tiny_ct_root, tmp_path):
+    from caaxr_tf.data import tfrecords as tfr
+
+    root = tmp_path / "ctset"
+    shutil.copytree(tiny_ct_root, root)
+    with open(root / "all.csv", encoding="utf-8") as handle:
+        first = next(csv.DictReader(handle))["filename"]
+    group, patient, _, series, name = first.split("_", 4)
+    wide = root / group / patient / f"SR_{series}" / name
+    assert wide.exists(), wide
+    pixels = cv2.imread(str(wide), cv2.IMREAD_UNCHANGED)
+    assert cv2.imwrite(str(wide), np.ascontiguousarray(pixels[:, :500]))  # 500 wide, 512 high
+    summaries = tfr.build_tfrecords(root, tmp_path / "out", source="covid-ctset", workers=1, progress=False,
+                                    log=lambda line: None, data_overrides=["covid_ctset.check_headers=false"])
+    reports = [s for s in summaries["ct"]["skipped"] if s["path"] == str(wide)]
+    assert reports == [{"path": str(wide), "field": "ImageWidth/ImageLength", "reason": "expected 512x512, found 500x512"}]
+    rows = (tmp_path / "out" / "ct" / "manifest.csv").read_text().splitlines()
+    assert not any(f"{patient}_SR_{series}_{Path(name).stem}," in row for row in rows)
