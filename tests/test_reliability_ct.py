@@ -164,3 +164,37 @@ def test_ct_slice_of_another_size_is_skipped_at_decode_even_without_header_check
     assert reports == [{"path": str(wide), "field": "ImageWidth/ImageLength", "reason": "expected 512x512, found 500x512"}]
     rows = (tmp_path / "out" / "ct" / "manifest.csv").read_text().splitlines()
     assert not any(f"{patient}_SR_{series}_{Path(name).stem}," in row for row in rows)
+
+
+# --------------------------------------------------------------------------- defect 11: --cam / --overlay
+
+
+@pytest.fixture(scope="module")
+def ct_cam_export(tmp_path_factory) -> Path:
+    """A tiny CT classifier exported with the ``cam`` output (``export --cam`` accepts CT runs)."""
+    import keras
+
+    from caaxr_tf.export import export_model
+
+    inputs = keras.Input((32, 32, 1))
+    features = keras.layers.Conv2D(2, 3, padding="same", name="conv")(keras.layers.Rescaling(1 / 5000)(inputs))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(features))
+    return export_model(keras.Model(inputs, outputs), tmp_path_factory.mktemp("ct_cam") / "ct" / "1", task="ct",
+                        class_names=["covid", "normal"], image_size=32, cam=True, verify=False)
+
+
+def test_predict_refuses_cam_and_overlay_on_a_ct_export_instead_of_ignoring_them(ct_cam_export, tmp_path, capsys):
+    from caaxr_tf import predict
+
+    patient = tmp_path / "covid1" / "patient1"
+    slices = write_series(patient / "SR_2")
+    for option in ("--cam", "--overlay"):
+        out = tmp_path / option.strip("-")
+        code = predict.main(["--model", str(ct_cam_export), option, str(out), str(patient), str(slices[0])])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == "", (option, captured)
+        assert captured.err.startswith(f"error: {option}: ") and "'ct' export" in captured.err, captured.err
+        assert not out.exists()
+    # without them the same inputs are predicted
+    assert predict.main(["--model", str(ct_cam_export), str(slices[0])]) == 0
+    assert json.loads(capsys.readouterr().out)["file"] == str(slices[0])
