@@ -198,3 +198,81 @@ def test_predict_refuses_cam_and_overlay_on_a_ct_export_instead_of_ignoring_them
     # without them the same inputs are predicted
     assert predict.main(["--model", str(ct_cam_export), str(slices[0])]) == 0
     assert json.loads(capsys.readouterr().out)["file"] == str(slices[0])
+
+
+# --------------------------------------------------------------------------- defect 10: external set overlap
+
+
+def write_manifest(protocol_dir: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    """rows: (image_id, patient_id, source, split_fold1)."""
+    protocol_dir.mkdir(parents=True, exist_ok=True)
+    with open(protocol_dir / "manifest.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "patient_id", "source", "label", "label_index", "split_fold1"])
+        writer.writerows([(i, p, s, "covid", "0", split) for i, p, s, split in rows])
+    return protocol_dir
+
+
+def test_training_overlap_by_image_id_and_by_patient(tmp_path):
+    from caaxr_tf.explain.evaluation import training_overlap
+
+    run = write_manifest(tmp_path / "run" / "2class", [("a", "p1", "covid-chestxray", "train"),
+                                                       ("b", "p2", "covid-chestxray", "val"),
+                                                       ("c", "p3", "covid-chestxray", "test")])
+    external = write_manifest(tmp_path / "external" / "2class", [
+        ("a", "p9", "covid-chestxray", "test"),   # the same image
+        ("b2", "p2", "covid-chestxray", "test"),  # another image of a training patient
+        ("c", "p3", "covid-chestxray", "test"),   # the run's own test image: no leak
+        ("d", "p1", "chexpert", "test"),          # patient "p1" of another source: no leak
+        ("e", "p4", "covid-chestxray", "train")])
+    overlap = training_overlap(run, 1, external, "all")
+    assert (overlap.image_ids, overlap.by_image_id, overlap.by_patient, overlap.external_images) == (["a", "b2"], 1, 1, 5)
+    assert training_overlap(run, 1, external, "train").image_ids == []
+
+
+@pytest.fixture(scope="module")
+def tiny_2class_run(tiny_data_root, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny set's 2class shards and a run folder around an untrained 32-pixel classifier."""
+    import keras
+    import yaml
+
+    from caaxr_tf.data.tfrecords import build_tfrecords
+
+    tfrecords = tmp_path_factory.mktemp("overlap_tfrecords")
+    build_tfrecords(tiny_data_root, tfrecords, source="caaxr", protocols=["2class"], workers=1, storage_size=64,
+                    progress=False, log=lambda line: None)
+    run_dir = tmp_path_factory.mktemp("overlap_run") / "run"
+    run_dir.mkdir()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 1))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs))
+    keras.Model(inputs, outputs).save(run_dir / "best.keras")
+    config = {"task": "classification", "model": "tiny", "protocol": "2class", "fold": 1, "image_size": 32,
+              "batch_size": 8, "tfrecords": str(tfrecords / "2class"), "class_names": ["covid", "non_covid"]}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return tfrecords, run_dir
+
+
+def test_evaluate_external_refuses_the_runs_own_training_images_or_excludes_them(tiny_2class_run, capsys):
+    from caaxr_tf import evaluate
+
+    tfrecords, run_dir = tiny_2class_run
+    with open(tfrecords / "2class" / "manifest.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    trained = sum(row["split_fold1"] in ("train", "val") for row in rows)
+    argv = ["--run", str(run_dir), "--tfrecords", str(tfrecords), "--split", "all", "--no-plots"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{trained} of the {len(rows)} images of the external set" in err and "--exclude-overlap" in err, err
+    assert not list((run_dir / "eval").glob("external_*")) if (run_dir / "eval").exists() else True
+
+    assert evaluate.main([*argv, "--exclude-overlap"]) == 0
+    assert f"{trained} of {len(rows)} external images left out" in capsys.readouterr().out
+    (path,) = (run_dir / "eval").glob("external_*_all.json")
+    result = json.loads(path.read_text())
+    assert result["num_images"] == len(rows) - trained > 0
+    assert result["training_overlap"]["excluded"] == result["training_overlap"]["by_image_id"] == trained
+    with open(path.with_suffix(".csv"), newline="", encoding="utf-8") as handle:
+        assert {row["split"] for row in csv.DictReader(handle)} == {"test"}
+    # the run's own test split shares no image or patient with its training data: no refusal
+    assert evaluate.main(["--run", str(run_dir), "--tfrecords", str(tfrecords), "--no-plots"]) == 0
