@@ -276,3 +276,81 @@ def test_evaluate_external_refuses_the_runs_own_training_images_or_excludes_them
         assert {row["split"] for row in csv.DictReader(handle)} == {"test"}
     # the run's own test split shares no image or patient with its training data: no refusal
     assert evaluate.main(["--run", str(run_dir), "--tfrecords", str(tfrecords), "--no-plots"]) == 0
+
+
+# --------------------------------------------------------------------------- weak spots: masks and listings
+
+
+def _png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), pixels)
+    return path
+
+
+def _xray(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (20, 16), dtype=np.uint8)
+
+
+def _lesion() -> np.ndarray:
+    mask = np.zeros((20, 16), np.uint8)
+    mask[4:12, 3:9] = 255
+    return mask
+
+
+def test_qata_empty_mask_warns_control_mask_skipped_and_fifos_reported(tmp_path):
+    from caaxr_tf.data.sources.qata import read_qata
+
+    images, truths, controls = tmp_path / "Train Set" / "Images", tmp_path / "Train Set" / "Ground-truths", \
+        tmp_path / "Control_Group"
+    _png(images / "a.png", _xray(1))
+    _png(truths / "mask_a.png", _lesion())
+    _png(images / "blank.png", _xray(2))
+    blank = _png(truths / "mask_blank.png", np.zeros((20, 16), np.uint8))
+    _png(controls / "n1.png", _xray(3))
+    stray = _png(controls / "mask_n1.png", np.zeros((20, 16), np.uint8))
+    fifos = [images / "pipe.png", truths / "mask_pipe2.png", controls / "pipe3.png"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    with released_if_opened(fifos[0]), released_if_opened(fifos[1]), released_if_opened(fifos[2]):
+        result = read_qata(tmp_path)
+    assert sorted(s.image_id for s in result.samples) == ["a.png", "blank.png", "n1.png"]
+    assert [(w.path, w.field) for w in result.warnings] == [(str(blank), "mask")]
+    assert "empty infection mask" in result.warnings[0].reason
+    reports = {(s.path, s.field): s.reason for s in result.skipped}
+    for fifo in fifos:
+        assert reports.pop((str(fifo), "file")) == FIFO_REASON
+    assert reports.pop((str(stray), "file")).startswith("named like a mask ('mask_' prefix) in a control folder")
+    assert list(reports) == [(str(tmp_path / "Test Set" / "Images"), "folder")]  # no test set in this tree
+
+    # the record builder passes the reader's warning on, naming the mask
+    from caaxr_tf.data import tfrecords as tfr
+
+    for fifo in fifos:
+        fifo.unlink()
+    for number in range(4, 9):  # enough images of both classes for five folds
+        _png(images / f"c{number}.png", _xray(number))
+        _png(truths / f"mask_c{number}.png", _lesion())
+        _png(controls / f"n{number}.png", _xray(10 + number))
+    lines = []
+    summaries = tfr.build_tfrecords(tmp_path, tmp_path / "out", source="qata", workers=1, progress=False,
+                                    log=lines.append)
+    assert summaries["infection"]["warnings"][0].startswith(f"{blank}: mask: empty infection mask")
+    assert f"WARNING: {summaries['infection']['warnings'][0]}" in lines
+
+
+def test_lung_masks_empty_mask_warns_and_fifo_reported(tmp_path):
+    from caaxr_tf.data.records import ReadResult, Sample
+    from caaxr_tf.data.sources.covid_chestxray_lungs import attach_lung_masks
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    samples = [Sample(n, n, "covid-chestxray", str(_png(images / f"{n}.png", _xray()))) for n in ("a", "b")]
+    _png(masks / "a_mask.png", _lesion())
+    blank = _png(masks / "b_mask.png", np.zeros((20, 16), np.uint8))
+    fifo = masks / "c_mask.png"
+    os.mkfifo(fifo)
+    with released_if_opened(fifo):
+        result = attach_lung_masks(ReadResult(samples=samples), masks, images)
+    assert [s.image_id for s in result.samples] == ["a", "b"]
+    assert [(w.path, w.field) for w in result.warnings] == [(str(blank), "mask")]
+    assert "empty lung mask" in result.warnings[0].reason
+    assert [(s.path, s.field, s.reason) for s in result.skipped] == [(str(fifo), "file", FIFO_REASON)]

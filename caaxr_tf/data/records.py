@@ -129,10 +129,13 @@ class ReadResult:
     skipped: list[Skipped] = field(default_factory=list)
     # Inputs left out on purpose, not because they are bad (e.g. "lateral view": 47).
     excluded: dict[str, int] = field(default_factory=dict)
+    # Inputs used but suspicious (e.g. an empty ground-truth mask), named like skipped ones.
+    warnings: list[Skipped] = field(default_factory=list)
 
     def extend(self, other: "ReadResult") -> None:
         self.samples.extend(other.samples)
         self.skipped.extend(other.skipped)
+        self.warnings.extend(other.warnings)
         for reason, count in other.excluded.items():
             self.exclude(reason, count)
 
@@ -141,6 +144,9 @@ class ReadResult:
 
     def skip(self, path: str, field_name: str, reason: str) -> None:
         self.skipped.append(Skipped(str(path), field_name, reason))
+
+    def warn(self, path: str, field_name: str, reason: str) -> None:
+        self.warnings.append(Skipped(str(path), field_name, reason))
 
 
 def resolve_inside(root: str | os.PathLike, relative: str) -> Path:

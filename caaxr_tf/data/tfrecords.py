@@ -890,6 +890,8 @@ def build_tfrecords(
             if empty:
                 raise ValueError(f"protocol {name}: no usable images for class(es) {', '.join(empty)} "
                                  f"(every candidate was skipped; see the skipped inputs)")
+            # readers' warnings (e.g. an empty ground-truth mask), each naming its file, first
+            warnings = [str(w) for src in spec.sources for w in readings[src].warnings] + warnings
             for warning in warnings:
                 log(f"WARNING: {warning}")
             reader_skips = [s for src in spec.sources for s in readings[src].skipped]
