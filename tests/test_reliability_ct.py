@@ -354,3 +354,24 @@ def test_lung_masks_empty_mask_warns_and_fifo_reported(tmp_path):
     assert [(w.path, w.field) for w in result.warnings] == [(str(blank), "mask")]
     assert "empty lung mask" in result.warnings[0].reason
     assert [(s.path, s.field, s.reason) for s in result.skipped] == [(str(fifo), "file", FIFO_REASON)]
+
+
+# --------------------------------------------------------------------------- weak spots: TIFF pages, DICOM rescale
+
+
+def test_multi_page_tiff_is_refused_not_read_as_its_first_page(tmp_path):
+    from caaxr_tf.data.ct_series import check_ct_tiff, read_ct_tiff
+    from caaxr_tf.data.images import load_image
+    from caaxr_tf.data.records import InputError
+
+    pages = [np.full((512, 512), value, np.uint16) for value in (1000, 2000)]
+    path = tmp_path / "stack.tif"
+    assert cv2.imwritemulti(str(path), pages)
+    for read in (check_ct_tiff, read_ct_tiff, load_image):
+        with pytest.raises(InputError) as caught:
+            read(path)
+        assert (caught.value.path, caught.value.field) == (str(path), "IFD"), read
+        assert caught.value.reason.startswith("multi-page TIFF"), caught.value.reason
+    single = tmp_path / "single.tif"
+    assert cv2.imwrite(str(single), pages[0])
+    assert check_ct_tiff(single).width == 512 and read_ct_tiff(single)[0, 0] == 1000 and load_image(single).bit_depth == 16

@@ -102,6 +102,7 @@ def read_ct_tiff(path: str | os.PathLike, shape: tuple[int, int] = SLICE_SHAPE) 
         raise InputError(path, "file", f"cannot be read ({error.strerror or error})") from error
     if data[:4].tobytes() not in TIFF_MAGIC:
         raise InputError(path, "file", "not a TIFF file (unknown signature)")
+    read_tiff_info(data.tobytes(), path)  # truncated or multi-page (OpenCV would decode page 1)
     pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
         raise InputError(path, "file", "could not be decoded (corrupt or truncated TIFF data)")
