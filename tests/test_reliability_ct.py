@@ -375,3 +375,27 @@ def test_multi_page_tiff_is_refused_not_read_as_its_first_page(tmp_path):
     single = tmp_path / "single.tif"
     assert cv2.imwrite(str(single), pages[0])
     assert check_ct_tiff(single).width == 512 and read_ct_tiff(single)[0, 0] == 1000 and load_image(single).bit_depth == 16
+
+
+def test_dicom_rescale_slope_zero_is_an_error_naming_the_field(tmp_path):
+    import pydicom
+
+    from caaxr_tf.data.ct_series import read_ct_dicom
+    from caaxr_tf.data.dicom import read_dicom
+    from caaxr_tf.data.records import InputError
+    from caaxr_tf.data.synthetic_ct import write_dicom_series
+
+    raw = np.random.default_rng(0).integers(0, 3000, (3, 512, 512), dtype=np.uint16)
+    paths = write_dicom_series(tmp_path / "series", raw, patient_id="p1", shuffle_names=False)
+    ds = pydicom.dcmread(paths[0])
+    ds.RescaleSlope = 0
+    ds.save_as(paths[0])
+    for read in (read_ct_dicom, read_dicom):
+        with pytest.raises(InputError) as caught:
+            read(paths[0])
+        assert (caught.value.path, caught.value.field) == (str(paths[0]), "RescaleSlope"), read
+        assert "blank" in caught.value.reason
+    scan = find_ct_series(tmp_path / "series")
+    assert [(s.path, s.field) for s in scan.skipped] == [(str(paths[0]), "RescaleSlope")]
+    assert [len(s) for s in scan.series] == [2]
+    assert read_ct_dicom(paths[1]).max() > 0
