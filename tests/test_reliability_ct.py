@@ -399,3 +399,17 @@ def test_dicom_rescale_slope_zero_is_an_error_naming_the_field(tmp_path):
     assert [(s.path, s.field) for s in scan.skipped] == [(str(paths[0]), "RescaleSlope")]
     assert [len(s) for s in scan.series] == [2]
     assert read_ct_dicom(paths[1]).max() > 0
+
+
+def test_ct_csv_rows_with_parent_or_absolute_paths_are_reported_not_used_by_basename(tmp_path):
+    root = tmp_path / "ctset"
+    write_series(root / "covid1" / "patient1" / "SR_2")
+    name = "covid1_patient1_SR_2_IM00001.tif"
+    rows = [f"../{name}", f"/elsewhere/{name}", "covid1_patient1_SR_2_IM00002.tif", f"sub/../{name.replace('1.tif', '3.tif')}"]
+    (root / "all.csv").write_text("filename,class\n" + "".join(f"{row},covid\n" for row in rows), encoding="utf-8")
+    result = read_covid_ctset(root)
+    reports = {s.field: s.reason for s in result.skipped if s.path == str(root / "all.csv")}
+    assert set(reports) == {"row 2: filename", "row 3: filename"}
+    assert "points outside" in reports["row 2: filename"] and "absolute path" in reports["row 3: filename"]
+    labelled = sorted(s.image_id for s in result.samples if "slice_covid" in s.labels)
+    assert labelled == ["patient1_SR_2_IM00002", "patient1_SR_2_IM00003"]
