@@ -413,3 +413,14 @@ def test_ct_csv_rows_with_parent_or_absolute_paths_are_reported_not_used_by_base
     assert "points outside" in reports["row 2: filename"] and "absolute path" in reports["row 3: filename"]
     labelled = sorted(s.image_id for s in result.samples if "slice_covid" in s.labels)
     assert labelled == ["patient1_SR_2_IM00002", "patient1_SR_2_IM00003"]
+
+
+def test_infection_metrics_text_names_the_evaluated_split():
+    from caaxr_tf.tasks import get_task
+
+    task = get_task("infection")(["covid", "control"])
+    metrics = {"pixel_f1": 0.5, "pixel_precision": 0.4, "pixel_recall": 0.6, "dice": 0.3, "dice_covid": 0.35,
+               "iou": 0.2, "sensitivity": 1.0, "specificity": 0.5, "min_pixels": 1, "threshold": 0.5,
+               "detection_auc": 0.75}
+    assert "(all val pixels;" in task.format_metrics({**metrics, "split": "val"})[0]
+    assert "(all test pixels;" in task.format_metrics({**metrics, "split": "test"})[0]
