@@ -424,3 +424,29 @@ def test_infection_metrics_text_names_the_evaluated_split():
                "detection_auc": 0.75}
     assert "(all val pixels;" in task.format_metrics({**metrics, "split": "val"})[0]
     assert "(all test pixels;" in task.format_metrics({**metrics, "split": "test"})[0]
+
+
+def test_build_warns_of_an_empty_validation_split_and_a_one_class_training_split(tmp_path):
+    from caaxr_tf.data import tfrecords as tfr
+
+    counts = {"fold1": {"train": {"covid": 3, "control": 2}, "val": {"covid": 1, "control": 0}},
+              "fold2": {"train": {"covid": 4, "control": 0}, "val": {}}}
+    warnings = tfr.split_warnings("infection", ["covid", "control"], counts, 2)
+    assert warnings == ["infection: fold 2: the validation split is empty (too few images or groups for the folds); "
+                        "a run on it cannot validate",
+                        "infection: fold 2: the training split holds one class only (covid: 4) of covid, control"]
+    assert tfr.split_warnings("seg", ["lesion"], {"fold1": {"train": {"lesion": 3}, "val": {"lesion": 1}}}, 1) == []
+
+    # a QaTa tree with one control image: some fold trains on COVID-19 images only
+    images, truths = tmp_path / "Train Set" / "Images", tmp_path / "Train Set" / "Ground-truths"
+    for number in range(8):
+        _png(images / f"c{number}.png", _xray(number))
+        _png(truths / f"mask_c{number}.png", _lesion())
+    _png(tmp_path / "Control_Group" / "n.png", _xray(99))
+    lines = []
+    summary = tfr.build_tfrecords(tmp_path, tmp_path / "out", source="qata", workers=1, progress=False,
+                                  log=lines.append)["infection"]
+    one_class = [w for w in summary["warnings"] if "the training split holds one class only (covid: " in w]
+    assert one_class and all(f"WARNING: {w}" in lines for w in one_class)
+    written = json.loads((tmp_path / "out" / "infection" / "summary.json").read_text())
+    assert written["warnings"] == summary["warnings"]
