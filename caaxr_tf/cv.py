@@ -354,6 +354,7 @@ class ExplainOptions:
     external: str | None = None  # OTHER_TFRECORDS[/PROTOCOL]
     class_map: str | None = None
     localization: str | None = None  # TFRECORDS[/PROTOCOL]
+    exclude_overlap: bool = False  # leave out external images in a run's train/val data (else an error)
 
     def columns(self) -> list[tuple[str, str]]:
         return ([*SHORTCUT_COLUMNS] if self.external else []) + ([*LOCALIZATION_COLUMNS] if self.localization else [])
@@ -372,7 +373,7 @@ def explain_columns(run_dir: Path, options: ExplainOptions, batch_size: int | No
         path = run_dir / EVAL_DIR / f"external_{data_tag(resolve_protocol_dir(options.external, protocol))}_{ALL_SPLITS}.json"
         result = _read_json(path) if path.exists() and not force else evaluate_external_run(
             run_dir, options.external, class_map=options.class_map, split=ALL_SPLITS, batch_size=batch_size,
-            plots=plots, log=log)
+            plots=plots, exclude_overlap=options.exclude_overlap, log=log)
         gap = result["shortcut"]
         row.update(internal_auc=gap["internal_auc"], external_auc=gap["external_auc"], shortcut_gap=gap["gap"])
     if options.localization:
@@ -447,8 +448,16 @@ def run_cv(
         from caaxr_tf.explain.evaluation import check_explainable, match_run_classes, resolve_protocol_dir
 
         check_explainable(task, "--external/--localization")
-        if explain.external:  # unmatched classes stop the CV before any training
-            match_run_classes(class_names, resolve_protocol_dir(explain.external, protocol), explain.class_map)
+        if explain.external:  # unmatched classes or training images in the external set stop the CV first
+            from caaxr_tf.explain.evaluation import ALL_SPLITS, TrainingOverlapError, training_overlap
+
+            external_dir = resolve_protocol_dir(explain.external, protocol)
+            match_run_classes(class_names, external_dir, explain.class_map)
+            if not explain.exclude_overlap:
+                for fold in folds:
+                    overlap = training_overlap(protocol_dir, fold, external_dir, ALL_SPLITS)
+                    if overlap.image_ids:
+                        raise TrainingOverlapError(overlap.message(external_dir))
         if explain.localization:
             resolve_protocol_dir(explain.localization, "seg")
     columns = task.metric_columns(subsets) + [key for key, _ in explain.columns()]
@@ -561,6 +570,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="classifiers: also evaluate on another source (columns internal_auc, external_auc, "
                              "shortcut_gap)")
     parser.add_argument("--class-map", default=None, metavar="OLD=NEW,...", help="with --external: class renames")
+    parser.add_argument("--exclude-overlap", action="store_true",
+                        help="with --external: leave out external images in a run's training/validation data "
+                             "(same image id or patient) instead of refusing")
     parser.add_argument("--localization", default=None, metavar="TFRECORDS[/PROTOCOL]",
                         help="classifiers: score the COVID Grad-CAM against a segmentation protocol's boxes "
                              "(columns cam_hit_rate, cam_energy, cam_iou)")
@@ -584,7 +596,7 @@ def main(argv: list[str] | None = None, trainer: Trainer | None = None) -> int:
             args.protocol, models, args.tfrecords, args.out, folds=args.folds, training=training_options(args),
             force=args.force, eval_only=args.eval_only, eval_batch_size=args.eval_batch_size,
             plots=not args.no_plots, trainer=trainer,
-            explain=ExplainOptions(args.external, args.class_map, args.localization),
+            explain=ExplainOptions(args.external, args.class_map, args.localization, args.exclude_overlap),
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -50,7 +50,10 @@ Explainability (classifier runs; ``caaxr_tf.explain``, docs/explainability.md):
   class that cannot be matched is an error naming it). ``--split all`` takes every image of
   that protocol. Writes ``external_<folder>_<protocol><tag>.json`` with the metrics, the class
   match and, when the run's own ``metrics.json`` exists, ``shortcut``: internal and external
-  COVID AUC and their difference; ``.csv`` per image, ``_roc.png``.
+  COVID AUC and their difference; ``.csv`` per image, ``_roc.png``. External images that are
+  in the run's training/validation data (same image id, or same source and patient id: the
+  same collection through another protocol) are an error naming how many; with
+  ``--exclude-overlap`` they are left out and ``training_overlap`` in the JSON counts them.
 Models may output a tensor (U-Net, SegNet, classifiers) or a dict whose ``mask`` entry is
 the mask probabilities (Mask R-CNN).
 
@@ -348,6 +351,7 @@ def evaluate_external_run(
     batch_size: int | None = None,
     plots: bool = True,
     cam: bool = False,
+    exclude_overlap: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Evaluate a classifier run on another source's shards (``TFRECORDS/PROTOCOL``, or
@@ -355,7 +359,10 @@ def evaluate_external_run(
 
     Writes ``RUN_DIR/eval/external_<folder>_<protocol><tag>.json`` (metrics, class match,
     shortcut gap when the run's own metrics.json exists), ``.csv`` and plots; returns the dict.
-    Raises ``ClassMatchError`` naming the unmatched classes before any image is read.
+    Raises ``ClassMatchError`` naming the unmatched classes before any image is read, and
+    ``TrainingOverlapError`` when external images are in the run's training/validation data
+    (same image id or patient, `training_overlap`) unless ``exclude_overlap`` leaves them out;
+    the JSON's ``training_overlap`` says how many overlapped and were excluded.
     """
     from caaxr_tf.explain.evaluation import (
         ALL_SPLITS,
@@ -363,7 +370,9 @@ def evaluate_external_run(
         evaluate_external,
         match_run_classes,
         resolve_protocol_dir,
+        TrainingOverlapError,
         shortcut_summary,
+        training_overlap,
         write_cam_grid,
     )
     from caaxr_tf.runs import EVAL_DIR, load_run_model
@@ -374,11 +383,18 @@ def evaluate_external_run(
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join((*SPLITS, ALL_SPLITS))}")
     protocol_dir = resolve_protocol_dir(tfrecords, str(config.get("protocol") or ""))
     match, _ = match_run_classes(task.class_names, protocol_dir, class_map)  # errors before the model loads
+    overlap = training_overlap(config["tfrecords"], int(config.get("fold") or 1), protocol_dir, split)
+    if overlap.image_ids and not exclude_overlap:
+        raise TrainingOverlapError(overlap.message(protocol_dir))
+    if overlap.image_ids and log is not None:
+        log(f"--exclude-overlap: {len(overlap.image_ids)} of {overlap.external_images} external images left out "
+            f"(in the run's training/validation data: {overlap.by_image_id} by image id, {overlap.by_patient} by patient)")
     model = load_run_model(run_dir, which)
     image_size = int(config.get("image_size") or 224)
     result = evaluate_external(predict_function(model), task.class_names, protocol_dir, class_map=class_map,
                                split=split, image_size=image_size,
-                               batch_size=int(batch_size or config.get("batch_size") or 32))
+                               batch_size=int(batch_size or config.get("batch_size") or 32),
+                               exclude_ids=overlap.image_ids)
     name = f"external_{data_tag(protocol_dir)}{output_tag(split, None, which) if split != ALL_SPLITS else '_all'}"
     eval_dir = run_dir / EVAL_DIR
     files = {"predictions": f"{name}.csv"}
@@ -405,6 +421,7 @@ def evaluate_external_run(
     internal = json.loads(internal_path.read_text(encoding="utf-8")) if internal_path.exists() else None
     output = json_safe({"run_dir": str(run_dir), "model": config.get("model"), "protocol": config.get("protocol"),
                         "fold": int(config.get("fold") or 1), "model_file": which, **result.metrics,
+                        "training_overlap": overlap.as_dict(excluded=exclude_overlap),
                         "shortcut": shortcut_summary(internal, result.metrics), "files": files,
                         "seconds": round(time.perf_counter() - started, 2)})
     write_json_atomic(eval_dir / f"{name}.json", output)
@@ -474,6 +491,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="classifiers: evaluate on another source's shards (default protocol: the run's)")
     parser.add_argument("--class-map", default=None, metavar="OLD=NEW,...",
                         help="with --tfrecords: rename classes of the run or the data so that they match")
+    parser.add_argument("--exclude-overlap", action="store_true",
+                        help="with --tfrecords: leave out external images that are in the run's training/validation "
+                             "data (same image id or patient) instead of refusing; the JSON says how many")
     parser.add_argument("--patients", default=None, metavar="DATA_ROOT",
                         help="ct task: the COVID-CTset folder; also evaluate the split's patients "
                              "(select, classify, patient rule)")
@@ -483,6 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--split all needs --tfrecords")
     if args.class_map is not None and args.tfrecords is None:
         parser.error("--class-map needs --tfrecords")
+    if args.exclude_overlap and args.tfrecords is None:
+        parser.error("--exclude-overlap needs --tfrecords")
     return args
 
 
@@ -517,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                                       which=args.model, batch_size=args.batch_size, plots=not args.no_plots)
         if args.tfrecords is not None:
             evaluate_external_run(args.run, args.tfrecords, class_map=args.class_map, split=args.split,
-                                  which=args.model, batch_size=args.batch_size, plots=not args.no_plots, cam=args.cam)
+                                  which=args.model, batch_size=args.batch_size, plots=not args.no_plots, cam=args.cam,
+                                  exclude_overlap=args.exclude_overlap)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,9 @@ A classifier exported with ``caaxr_tf.export --cam`` also gives ``cam_peak``: wh
 Grad-CAM of the predicted class is largest, in pixels of the model's input (``x``, ``y``),
 normalised to 0..1 (``x_norm``, ``y_norm``) and its value; ``--cam DIR`` writes one overlay
 PNG per image (the CAM in jet colours over the model's input, the peak marked) and adds its
-path as ``cam_overlay``. ``--cam`` with an export without the ``cam`` output is an error.
+path as ``cam_overlay``. ``--cam`` with an export without the ``cam`` output, or with a CT
+export, is an error, as is ``--overlay`` with an export whose task draws no overlay
+(classification, CT, regression).
 
 Inputs go through the export's ``serving_default`` signature, so they are preprocessed in the
 graph exactly as in training:
@@ -314,6 +316,12 @@ def iter_predictions(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     model = model or ServedModel(model_dir)
+    if cam_dir is not None and model.task.name == "ct":
+        raise ValueError(f"--cam: a {model.task.name!r} export gets no CAM overlays (patient folders are "
+                         "classified through slice selection); run without --cam")
+    if overlay_dir is not None and not model.task.has_overlay:
+        raise ValueError(f"--overlay: a {model.task.name!r} export has no overlay (segmentation, detection "
+                         "and infection exports have); run without --overlay")
     if cam_dir is not None and not model.has_cam:
         raise ValueError(f"{model.path} has no `cam` output: export the classifier with caaxr_tf.export --cam")
     overlay_dir = Path(overlay_dir) if overlay_dir is not None else None

@@ -214,11 +214,17 @@ def test_cross_source_matched_mapped_and_unmatched(classifier_run, tmp_path):
         evaluate_external_run(run_dir, other, batch_size=16, plots=False, log=None)
     assert not list((run_dir / "eval").glob("external_other_source*"))
 
+    # every image ("all"): the copy holds the run's training/validation images, refused unless left out
+    with pytest.raises(ValueError, match="training/validation data of the run"):
+        evaluate_external_run(run_dir, other, class_map="healthy=non_covid", split="all", batch_size=16,
+                              plots=False, log=None)
     mapped = evaluate_external_run(run_dir, other, class_map="healthy=non_covid", split="all", batch_size=16,
-                                   plots=False, log=None)
+                                   plots=False, exclude_overlap=True, log=None)
     manifest = {row["image_id"]: row for row in _read_csv(other / "manifest.csv")}
     rows = _read_csv(run_dir / "eval" / "external_other_source_2class_all.csv")
-    assert mapped["num_images"] == len(rows) == len(manifest)
+    trained = sum(row["split_fold1"] in ("train", "val") for row in manifest.values())
+    assert mapped["training_overlap"]["excluded"] == trained > 0
+    assert mapped["num_images"] == len(rows) == len(manifest) - trained
     assert mapped["class_match"]["data_classes"] == {"COVID": "covid", "healthy": "non_covid"}
     for row in rows:
         assert row["label"] == ("covid" if manifest[row["image_id"]]["label_index"] == "0" else "non_covid")
@@ -325,7 +331,8 @@ def test_cv_adds_shortcut_and_localization_columns(classifier_run, tmp_path):
         json.dumps({"table": {"cam": {"hit_rate": 0.125, "energy": 0.25, "iou": 0.0625}}}))
 
     rows = run_cv("2class", ["resnet18"], tfrecords, tmp_path / "cv", folds=[1], eval_only=True, plots=False,
-                  log=lambda line: None, explain=ExplainOptions(external=str(external), localization=str(tfrecords)))
+                  log=lambda line: None, explain=ExplainOptions(external=str(external), localization=str(tfrecords),
+                                                                exclude_overlap=True))
     assert rows[0]["status"] == "ok"
     assert {k: rows[0][k] for k in ("internal_auc", "external_auc", "shortcut_gap", "cam_hit_rate", "cam_energy",
                                     "cam_iou")} == {"internal_auc": 0.9, "external_auc": 0.65, "shortcut_gap": 0.25,
@@ -344,3 +351,8 @@ def test_cv_adds_shortcut_and_localization_columns(classifier_run, tmp_path):
         run_cv("2class", ["resnet18"], tfrecords, tmp_path / "cv2", folds=[1], eval_only=True, log=lambda line: None,
                explain=ExplainOptions(external=str(other)))
     assert not (tmp_path / "cv2").exists()
+    # the run's own protocol as the external set: its training images stop the CV before any run
+    with pytest.raises(ValueError, match="training/validation data of the run"):
+        run_cv("2class", ["resnet18"], tfrecords, tmp_path / "cv3", folds=[1], eval_only=True, log=lambda line: None,
+               explain=ExplainOptions(external=str(external)))
+    assert not (tmp_path / "cv3").exists()

@@ -22,7 +22,8 @@ on the order; ``slice_index`` does.
 Bad input is reported as ``Skipped(path, field, reason)`` and the rest is used: a file with a
 ``.tif`` name that is not a TIFF or is truncated, an 8-bit slice, a slice of another size
 than 512x512, a series left with fewer than two usable slices, files of other patients in a
-DICOM series (the patient with most slices is kept).
+DICOM series (the patient with most slices is kept). A FIFO, socket, device or broken link
+under a searched folder is reported and never opened (opening a FIFO blocks).
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ from pydicom.pixels import apply_modality_lut
 
 from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE
 from caaxr_tf.data.dicom import check_pixel_data, read_dataset
-from caaxr_tf.data.formats import TIFF_MAGIC, TIFF_SUFFIXES, TiffInfo, is_dicom, read_tiff_info
+from caaxr_tf.data.formats import (
+    TIFF_MAGIC,
+    TIFF_SUFFIXES,
+    TiffInfo,
+    check_regular_file,
+    is_dicom,
+    read_tiff_info,
+)
 from caaxr_tf.data.records import InputError, ReadResult, Sample, Skipped, check_unique_ids
 
 HU_OFFSET = 1024
@@ -87,12 +95,14 @@ def read_ct_tiff(path: str | os.PathLike, shape: tuple[int, int] = SLICE_SHAPE) 
         InputError: not a TIFF, undecodable, 8-bit, several channels or another size.
     """
     path = os.fspath(path)
+    check_regular_file(path, "file")  # before opening: a FIFO would block
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise InputError(path, "file", f"cannot be read ({error.strerror or error})") from error
     if data[:4].tobytes() not in TIFF_MAGIC:
         raise InputError(path, "file", "not a TIFF file (unknown signature)")
+    read_tiff_info(data.tobytes(), path)  # truncated or multi-page (OpenCV would decode page 1)
     pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
         raise InputError(path, "file", "could not be decoded (corrupt or truncated TIFF data)")
@@ -330,11 +340,25 @@ def find_ct_series(path: str | os.PathLike, shape: tuple[int, int] = SLICE_SHAPE
         scan.skipped.append(Skipped(str(root), "path", "expected a folder of slices, got a file"))
         return scan
     if not root.is_dir():
-        scan.skipped.append(Skipped(str(root), "path", "no such folder"))
+        reason = "no such folder"
+        if os.path.lexists(root):  # a FIFO, socket or device: named, never opened
+            try:
+                check_regular_file(root, "path")
+            except InputError as error:
+                reason = error.reason
+        scan.skipped.append(Skipped(str(root), "path", reason))
         return scan
     dicom_files: list[str] = []
-    for folder, directories, files in os.walk(root):
+    for folder, directories, names in os.walk(root):
         directories.sort(key=natural_key)
+        files = []
+        for name in sorted(names, key=natural_key):
+            try:  # before anything opens it (a header check or the DICOM preamble): a FIFO would block
+                check_regular_file(os.path.join(folder, name), "file")
+            except InputError as error:
+                scan.skipped.append(error.as_skipped())
+                continue
+            files.append(name)
         tiffs = [name for name in files if name.lower().endswith(TIFF_SUFFIXES)]
         if tiffs:
             _tiff_series(Path(folder), tiffs, shape, scan, check_headers)

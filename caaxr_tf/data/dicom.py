@@ -89,6 +89,14 @@ def check_pixel_data(path: str, ds: Dataset) -> None:
             f"{columns}x{rows} pixels ({rows * columns / 1e6:.1f} MP) exceed the limit of "
             f"{MAX_IMAGE_PIXELS / 1e6:g} MP; left out without decoding",
         )
+    if "ModalityLUTSequence" not in ds and ds.get("RescaleSlope") not in (None, ""):
+        try:
+            slope = float(ds.RescaleSlope)
+        except (TypeError, ValueError):
+            raise InputError(path, "RescaleSlope", f"not a number ({ds.RescaleSlope!r})") from None
+        if slope == 0 or not np.isfinite(slope):
+            raise InputError(path, "RescaleSlope", f"{slope:g}: every pixel would become RescaleIntercept "
+                             "(a blank image)")
     if "ModalityLUTSequence" in ds:
         bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
         if bits > MAX_LUT_STORED_BITS:

@@ -268,7 +268,8 @@ def read_tiff_info(source: str | os.PathLike | bytes, path: str | None = None) -
     it in errors) and check that its image data is all there.
 
     Raises:
-        InputError: not a TIFF file (``file``), a broken directory (``IFD``) or image data
+        InputError: not a TIFF file (``file``), a broken directory or a second one (``IFD``:
+            a multi-page file, whose first page alone decoders would read), or image data
             past the end of the file (``StripByteCounts``/``TileByteCounts``: truncated).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -349,4 +350,13 @@ def _read_ifd(path: str, handle: BinaryIO, data: bytes, order: str, big: bool, s
             pointer = struct.unpack(order + ("Q" if big else "I"), entry[entry_size - inline:])[0]
             raw = read(pointer, length)
         values[_TIFF_TAGS[tag]] = list(struct.unpack(order + item * count, raw))
+    position = offset + count_size + entries * entry_size  # where the next directory's offset is
+    next_offset = 0
+    if position + inline <= size:  # (a writer that left it out wrote one directory)
+        next_offset = struct.unpack(order + ("Q" if big else "I"), read(position, inline))[0]
+    if next_offset:
+        # decoders read the first image only: a stack of slices, or a thumbnail before the image,
+        # would be used as that first page without a word
+        raise InputError(path, "IFD", f"multi-page TIFF (a second image directory at byte {next_offset}); "
+                         "only single-image files are read")
     return values

@@ -129,10 +129,13 @@ class ReadResult:
     skipped: list[Skipped] = field(default_factory=list)
     # Inputs left out on purpose, not because they are bad (e.g. "lateral view": 47).
     excluded: dict[str, int] = field(default_factory=dict)
+    # Inputs used but suspicious (e.g. an empty ground-truth mask), named like skipped ones.
+    warnings: list[Skipped] = field(default_factory=list)
 
     def extend(self, other: "ReadResult") -> None:
         self.samples.extend(other.samples)
         self.skipped.extend(other.skipped)
+        self.warnings.extend(other.warnings)
         for reason, count in other.excluded.items():
             self.exclude(reason, count)
 
@@ -141,6 +144,9 @@ class ReadResult:
 
     def skip(self, path: str, field_name: str, reason: str) -> None:
         self.skipped.append(Skipped(str(path), field_name, reason))
+
+    def warn(self, path: str, field_name: str, reason: str) -> None:
+        self.warnings.append(Skipped(str(path), field_name, reason))
 
 
 def resolve_inside(root: str | os.PathLike, relative: str) -> Path:
@@ -187,13 +193,20 @@ def read_csv_table(path: str | os.PathLike, required: Iterable[str] = ()) -> pan
 
     Tries UTF-8 (a byte-order mark is dropped) and falls back to Latin-1 (public metadata
     files mix encodings). Column names are stripped of surrounding spaces. A missing or
-    unreadable file, or one lacking any of ``required``, raises ``SchemaError`` naming the
-    file and the columns.
+    unreadable file, one that is not a regular file (a FIFO is never opened), or one lacking
+    any of ``required``, raises ``SchemaError`` naming the file and the columns.
     Data row ``i`` of the returned frame is row ``i + 2`` of the file (header = row 1).
     """
     import pandas as pd
 
+    from caaxr_tf.data.formats import check_regular_file  # here: formats imports this module
+
     path = str(path)
+    try:
+        if os.path.lexists(path):  # a missing file is reported below, as before
+            check_regular_file(path, "file")  # before opening: a FIFO would block
+    except InputError as error:
+        raise SchemaError(path, error.field, error.reason) from None
     frame = None
     for encoding in ("utf-8-sig", "latin-1"):
         try:

@@ -132,6 +132,19 @@ def keeps_source_bytes(loaded: LoadedImage, storage_size: int) -> bool:
     return loaded.encoded is not None and (storage_size <= 0 or max(loaded.height, loaded.width) <= storage_size)
 
 
+def _load(sample: Sample) -> LoadedImage:
+    """A COVID-CTset slice is decoded by the CT reader, which checks it whatever the reader's
+    ``check_headers`` said (16-bit, one channel, 512x512: a slice of another size would be
+    stretched to the square input); every other image by ``load_image``."""
+    from caaxr_tf.data.sources.covid_ctset import SOURCE as CT_SOURCE
+
+    if sample.source == CT_SOURCE:
+        from caaxr_tf.data.ct_series import read_ct_tiff
+
+        return LoadedImage(read_ct_tiff(sample.path), 16)
+    return load_image(sample.path)
+
+
 def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[StagedImage | None, list[Skipped]]:
     """Decode, check and store one image. Returns the staged image (None if it is unusable)
     and everything that was dropped on the way."""
@@ -147,7 +160,7 @@ def stage_image(sample: Sample, staging_dir: str, storage_size: int) -> tuple[St
         except (OSError, ValueError, TypeError, KeyError):
             pass  # unreadable or of another layout: stage again
     try:
-        loaded = load_image(sample.path)
+        loaded = _load(sample)
         bits = effective_bit_depth(sample.path, loaded.pixels, loaded.bit_depth, sample.bit_depth)
         mask = None
         if sample.mask_path:

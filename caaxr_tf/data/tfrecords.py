@@ -723,6 +723,25 @@ def plan_member_shards(
     return {ALL_SHARDS: list(names)}, planned
 
 
+def split_warnings(name: str, class_names: Sequence[str], counts: Mapping[str, Any], folds: int) -> list[str]:
+    """Warnings about splits a training run cannot use well: an empty validation split (no
+    early stopping or best model to choose from), a training split of one class (a classifier
+    learns nothing to tell classes apart)."""
+    warnings = []
+    for fold in range(1, folds + 1):
+        splits = counts.get(f"fold{fold}") or {}
+        val, train = splits.get("val") or {}, splits.get("train") or {}
+        if not sum(val.values()):
+            warnings.append(f"{name}: fold {fold}: the validation split is empty (too few images or groups "
+                            "for the folds); a run on it cannot validate")
+        present = sorted(c for c, n in train.items() if n)
+        if len(class_names) > 1 and len(present) < 2:
+            held = ", ".join(f"{c}: {train[c]}" for c in present) or "no images"
+            warnings.append(f"{name}: fold {fold}: the training split holds one class only ({held}) of "
+                            f"{', '.join(class_names)}")
+    return warnings
+
+
 def _write_and_summarize(
     spec: protocols_lib.ProtocolSpec,
     chosen: Mapping[str, Sequence[Sample]],
@@ -746,6 +765,7 @@ def _write_and_summarize(
     write_text_atomic(protocol_dir / BUILDING_FILE, json.dumps(building, indent=2) + "\n")
     shards, counts, rows, shard_files = write_protocol(spec, chosen, stager, protocol_dir, seed, records_per_shard, progress)
     summary.update(counts=counts, shards=shards, shard_files=shard_files)
+    summary["warnings"] = list(summary["warnings"]) + split_warnings(spec.name, spec.class_names, counts, spec.folds)
     if spec.split_scheme == protocols_lib.GROUPED_HALVES:
         summary.update(split_scheme=spec.split_scheme, split_members=half_split_members(rows, spec.folds))
     write_text_atomic(protocol_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
@@ -890,6 +910,8 @@ def build_tfrecords(
             if empty:
                 raise ValueError(f"protocol {name}: no usable images for class(es) {', '.join(empty)} "
                                  f"(every candidate was skipped; see the skipped inputs)")
+            # readers' warnings (e.g. an empty ground-truth mask), each naming its file, first
+            warnings = [str(w) for src in spec.sources for w in readings[src].warnings] + warnings
             for warning in warnings:
                 log(f"WARNING: {warning}")
             reader_skips = [s for src in spec.sources for s in readings[src].skipped]
@@ -924,6 +946,9 @@ def build_tfrecords(
         for name, future in pending.items():
             future.result()
             log(format_counts(summaries[name]))
+            spec = specs[name]
+            for warning in split_warnings(name, spec.class_names, summaries[name]["counts"], spec.folds):
+                log(f"WARNING: {warning}")
         # Kept after a failure or interruption: a rerun reuses what it still matches.
         shutil.rmtree(out_dir / STAGING_DIR, ignore_errors=True)
     finally:

@@ -7,7 +7,9 @@ and ``caaxr_tf.cv``).
   pointing game, energy inside, IoU of the thresholded map, beside the centre-Gaussian and
   uniform baselines (`caaxr_tf.explain.localization`).
 * `evaluate_external`: the run's classes matched with another protocol's
-  (`caaxr_tf.explain.cross_source`), scored on that protocol's images.
+  (`caaxr_tf.explain.cross_source`), scored on that protocol's images. `training_overlap`
+  finds the external images the run trained or validated on (same image id or patient),
+  which ``evaluate --tfrecords`` refuses unless ``--exclude-overlap`` leaves them out.
 
 File names: ``localization_<source>_<protocol>`` and ``external_<source>_<protocol>``, where
 ``<source>`` is the other TFRecords folder's name (two parts of one collection, e.g. internal
@@ -237,9 +239,11 @@ def evaluate_external(
     split: str = "test",
     image_size: int = 224,
     batch_size: int = 32,
+    exclude_ids: Iterable[str] = (),
 ) -> ExternalResult:
     """Score ``predict`` (images -> the run's class probabilities) on another protocol's
-    ``split`` (``all``: every image), its classes matched to the run's."""
+    ``split`` (``all``: every image), its classes matched to the run's; images whose id is
+    in ``exclude_ids`` (e.g. `training_overlap`'s) are left out."""
     from caaxr_tf.explain.cross_source import external_metrics
     from caaxr_tf.tasks import get_task
     from caaxr_tf.tasks.base import check_finite
@@ -248,6 +252,7 @@ def evaluate_external(
     protocol_dir = Path(protocol_dir)
     match, summary = match_run_classes(run_classes, protocol_dir, class_map)
     data_task = get_task("classification")(match.data_classes)
+    excluded = set(exclude_ids)
     ids: list[str] = []
     splits: list[str] = []
     labels, scores = [], []
@@ -255,10 +260,14 @@ def evaluate_external(
                                          task=data_task):
         for images, targets, batch_ids in dataset:
             batch_ids = _ids(batch_ids)
-            batch_scores = class_scores(predict(images), len(run_classes))
+            keep = np.array([image_id not in excluded for image_id in batch_ids], dtype=bool)
+            if not keep.any():
+                continue
+            batch_scores = class_scores(predict(images), len(run_classes))[keep]
+            batch_ids = [image_id for image_id, kept in zip(batch_ids, keep) if kept]
             check_finite(batch_scores, batch_ids)
             scores.append(batch_scores)
-            labels.append(np.argmax(targets.numpy(), axis=1))
+            labels.append(np.argmax(targets.numpy(), axis=1)[keep])
             ids.extend(batch_ids)
             splits.extend([name] * len(batch_ids))
     if not ids:
@@ -275,6 +284,77 @@ def evaluate_external(
     rows = [[i, s, match.data_classes[d], names[t], names[p], *(f"{v:.6f}" for v in row)]
             for i, s, d, t, p, row in zip(ids, splits, labels_np, eval_labels, predicted, evaluated)]
     return ExternalResult(metrics, header, rows)
+
+
+class TrainingOverlapError(ValueError):
+    """The external set holds images the run trained or validated on."""
+
+
+@dataclass
+class TrainingOverlap:
+    """External images that are also in the run's training or validation data.
+
+    An image overlaps when its ``image_id`` is one of the run's train/val images, or its
+    patient (``source`` and ``patient_id``) is one of the run's train/val patients: the same
+    collection built through another protocol (or another source's folder of it) shares both.
+    """
+
+    run_protocol_dir: str
+    fold: int
+    external_images: int
+    image_ids: list[str]
+    by_image_id: int
+    by_patient: int
+
+    def as_dict(self, excluded: bool) -> dict[str, Any]:
+        return {"run_tfrecords": self.run_protocol_dir, "run_fold": self.fold,
+                "external_images": self.external_images, "overlapping_images": len(self.image_ids),
+                "by_image_id": self.by_image_id, "by_patient": self.by_patient,
+                "excluded": len(self.image_ids) if excluded else 0, "examples": self.image_ids[:5]}
+
+    def message(self, external_dir: Path) -> str:
+        examples = ", ".join(self.image_ids[:5]) + (", ..." if len(self.image_ids) > 5 else "")
+        return (f"{len(self.image_ids)} of the {self.external_images} images of the external set {external_dir} "
+                f"are in the training/validation data of the run (fold {self.fold} of {self.run_protocol_dir}): "
+                f"{self.by_image_id} by image id, {self.by_patient} by patient id (e.g. {examples}); evaluate on "
+                "a disjoint set, or pass --exclude-overlap to leave them out")
+
+
+def _manifest_rows(protocol_dir: Path, what: str) -> list[dict[str, str]]:
+    import csv
+
+    from caaxr_tf.data.schema import MANIFEST_FILE
+
+    path = Path(protocol_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot check the external set against the run's training data: {what} has no "
+                                f"{MANIFEST_FILE} ({path})")
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def training_overlap(run_protocol_dir: str | Path, fold: int, external_dir: str | Path,
+                     split: str = "test") -> TrainingOverlap:
+    """The images of ``external_dir``'s ``split`` (``all``: every image; others: fold 1, as
+    `evaluate_external` reads them) that are in fold ``fold``'s train or val split of the
+    run's protocol, by image id or by patient (see `TrainingOverlap`); from the manifests."""
+    run_rows = _manifest_rows(Path(run_protocol_dir), "the run's protocol")
+    column = f"split_fold{int(fold)}"
+    trained = [row for row in run_rows if row.get(column) in ("train", "val")]
+    image_ids = {row["image_id"] for row in trained}
+    patients = {(row.get("source", ""), row["patient_id"]) for row in trained if row.get("patient_id")}
+    external = _manifest_rows(Path(external_dir), "the external set")
+    if split != ALL_SPLITS:
+        external = [row for row in external if row.get("split_fold1") == split]
+    overlapping, by_id, by_patient = [], 0, 0
+    for row in external:
+        same_image = row["image_id"] in image_ids
+        same_patient = bool(row.get("patient_id")) and (row.get("source", ""), row["patient_id"]) in patients
+        by_id += same_image
+        by_patient += same_patient
+        if same_image or same_patient:
+            overlapping.append(row["image_id"])
+    return TrainingOverlap(str(run_protocol_dir), int(fold), len(external), sorted(overlapping), by_id, by_patient)
 
 
 def shortcut_summary(internal: Mapping[str, Any] | None, external: Mapping[str, Any]) -> dict[str, Any]:

@@ -175,6 +175,8 @@ class Task:
     # The model outputs class scores that Grad-CAM can explain (``caaxr_tf.explain``):
     # ``evaluate --cam/--localization/--tfrecords``, ``export --cam``, ``predict --cam``.
     supports_cam: ClassVar[bool] = False
+    # ``overlay`` draws a picture of a prediction (``caaxr_tf.predict --overlay``).
+    has_overlay: ClassVar[bool] = False
 
     @classmethod
     def config_sections(cls) -> tuple[str, ...]:

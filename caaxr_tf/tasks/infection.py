@@ -161,7 +161,7 @@ class InfectionTask(SegmentationTask):
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
         lines = [
-            f"  pixel F1     {format_value(metrics['pixel_f1'])}  (all test pixels; precision "
+            f"  pixel F1     {format_value(metrics['pixel_f1'])}  (all {metrics.get('split') or 'test'} pixels; precision "
             f"{format_value(metrics['pixel_precision'])}, recall {format_value(metrics['pixel_recall'])})",
             f"  DICE         {format_value(metrics['dice'])}  (per image; COVID-19 images only "
             f"{format_value(metrics.get('dice_covid'))})",

@@ -50,6 +50,7 @@ class SegmentationTask(Task):
     (a pixel is inside a box when its centre is)."""
 
     name = protocol_task = model_task = "segmentation"
+    has_overlay = True
     losses = ("binary_crossentropy", "bce_dice", "focal_dice")
     reported_outputs = ("mask",)
 

@@ -18,7 +18,10 @@ configs/data.yaml, the collection's layout from its ``covid_chestxray`` section:
 * a mask without an image, a second mask for one image, an unreadable or non-binary mask
   (caaxr_tf/data/masks.py: 0/255, up to 1 % other values tolerated) and a mask of another
   size than its image are reported as ``Skipped`` (the mask file, field ``mask``) and their
-  sample is left out; an unreadable image is reported on the image (field ``image``).
+  sample is left out; an unreadable image is reported on the image (field ``image``);
+* a file in the mask folder that is not a regular file (a FIFO is never opened) is reported
+  (field ``file``); an empty lung mask is used, with a warning naming it
+  (``ReadResult.warnings``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from caaxr_tf.data.formats import check_regular_file
 from caaxr_tf.data.images import load_image
 from caaxr_tf.data.masks import MAX_GRAY_FRACTION, check_same_size, read_binary_mask
 from caaxr_tf.data.records import InputError, ReadResult, Sample
@@ -97,7 +101,7 @@ def attach_lung_masks(
             out are told apart from masks without any image.
         max_gray_fraction: see caaxr_tf/data/masks.py.
     """
-    out = ReadResult(skipped=list(result.skipped), excluded=dict(result.excluded))
+    out = ReadResult(skipped=list(result.skipped), excluded=dict(result.excluded), warnings=list(result.warnings))
     masks_dir = Path(masks_dir).resolve()
     if not masks_dir.is_dir():
         out.skip(str(masks_dir), "folder", "lung mask folder not found; no sample has a lung mask")
@@ -106,7 +110,13 @@ def attach_lung_masks(
 
     masks: dict[str, Path] = {}
     for path in sorted(masks_dir.iterdir(), key=lambda p: (len(p.name), p.name)):
-        if not path.is_file() or path.name.startswith("."):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        if not path.is_file():  # a FIFO, socket, device or broken link: named, never opened
+            try:
+                check_regular_file(path, "file")
+            except InputError as error:
+                out.skipped.append(error.as_skipped())
             continue
         stem = mask_stem(path.name)
         if stem is None:
@@ -132,6 +142,9 @@ def attach_lung_masks(
         except InputError as error:
             out.skipped.append(error.as_skipped())
             continue
+        if not mask.any():
+            out.warn(str(mask_path), "mask", f"empty lung mask (no lung pixel) for {Path(sample.path).name}; "
+                     "used as it is")
         attached.append(sample.replace(mask_path=str(mask_path)))
 
     image_stems: set[str] = set()

@@ -26,7 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from caaxr_tf.data.records import ReadResult, Sample, SchemaError
+from caaxr_tf.data.formats import check_regular_file
+from caaxr_tf.data.records import InputError, ReadResult, Sample, SchemaError
 from caaxr_tf.data.sources import coerce_sections, register_source, resolve_root
 from caaxr_tf.data.sources.covid_chestxray import (
     CovidChestxrayConfig,
@@ -99,6 +100,11 @@ def read_score_rows(path: str | os.PathLike) -> list[tuple[int, dict[str, str]]]
             columns it has).
     """
     path = str(path)
+    try:
+        if os.path.lexists(path):  # a missing file is reported below, as before
+            check_regular_file(path, "file")  # before opening: a FIFO would block
+    except InputError as error:
+        raise SchemaError(path, error.field, error.reason) from None
     try:
         with open(path, "rb") as handle:
             text = _decode(handle.read())

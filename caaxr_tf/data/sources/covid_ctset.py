@@ -39,8 +39,15 @@ from typing import Any, Mapping
 
 from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE
 from caaxr_tf.data.ct_series import SERIES_FOLDER, check_ct_tiff, natural_key
-from caaxr_tf.data.formats import TIFF_SUFFIXES
-from caaxr_tf.data.records import InputError, ReadResult, Sample, check_unique_ids, read_csv_table
+from caaxr_tf.data.formats import TIFF_SUFFIXES, check_regular_file
+from caaxr_tf.data.records import (
+    InputError,
+    ReadResult,
+    Sample,
+    check_unique_ids,
+    read_csv_table,
+    resolve_inside,
+)
 from caaxr_tf.data.sources import coerce_config, register_source, resolve_root
 
 SOURCE = "covid-ctset"
@@ -171,6 +178,12 @@ def read_covid_ctset(root: str | os.PathLike, config: CovidCtsetConfig | Mapping
             if wanted_series and located.key.series not in wanted_series:
                 result.exclude(EXCLUDED_SERIES)
                 continue
+            try:  # whatever check_headers says: a FIFO would block whoever opens it
+                check_regular_file(located.path, "file")
+            except InputError as error:
+                result.skipped.append(error.as_skipped())
+                bad_keys.add(located.key)
+                continue
             if config.check_headers:
                 try:
                     check_ct_tiff(located.path, SLICE_SHAPE)
@@ -190,7 +203,7 @@ def read_covid_ctset(root: str | os.PathLike, config: CovidCtsetConfig | Mapping
         csv_path = Path(config.labels_csv)
         csv_path = csv_path if csv_path.is_absolute() else root / csv_path
         present = {item.key for item in files}
-        slice_labels = read_slice_labels(csv_path, present, bad_keys, files, result)
+        slice_labels = read_slice_labels(csv_path, present, bad_keys, files, result, root)
 
     candidates: list[Sample] = []
     for (patient, series_name) in sorted(series, key=lambda k: (natural_key(k[0]), natural_key(k[1]))):
@@ -240,14 +253,22 @@ def _drop_conflicting_patients(files: list[_SliceFile], result: ReadResult) -> l
 
 
 def read_slice_labels(csv_path: Path, present: set[SliceKey], bad_keys: set[SliceKey],
-                      files: list[_SliceFile], result: ReadResult) -> dict[SliceKey, float]:
+                      files: list[_SliceFile], result: ReadResult, root: Path | None = None) -> dict[SliceKey, float]:
     """``slice_covid`` per listed slice from a ``filename,class`` CSV; bad rows go to ``result``.
 
-    A missing file is reported and gives no labels; a CSV without the columns raises
-    ``SchemaError``.
+    A row's file name is matched by its last part, after checking that it stays inside
+    ``root`` (default: the CSV's folder): an absolute path or one whose ``..`` parts climb out
+    is reported and skipped (``records.resolve_inside``), not used by its base name. A missing
+    file is reported and gives no labels; a CSV without the columns raises ``SchemaError``.
     """
     if not csv_path.is_file():
-        result.skip(str(csv_path), "file", "labelled-slice CSV not found; slices get no slice labels")
+        reason = "labelled-slice CSV not found"
+        if os.path.lexists(csv_path):  # a FIFO or a folder: named, never opened
+            try:
+                check_regular_file(csv_path, "file")
+            except InputError as error:
+                reason = error.reason
+        result.skip(str(csv_path), "file", f"{reason}; slices get no slice labels")
         return {}
     table = read_csv_table(csv_path, CSV_COLUMNS)
     patient_covid = {item.key.patient: group_label(item.group) for item in files}
@@ -256,6 +277,11 @@ def read_slice_labels(csv_path: Path, present: set[SliceKey], bad_keys: set[Slic
     where = str(csv_path)
     for index, (filename, value) in enumerate(zip(table["filename"], table["class"])):
         row = index + 2
+        try:
+            resolve_inside(root or csv_path.parent, filename)
+        except ValueError as error:
+            result.skip(where, f"row {row}: filename", f"{error}; row left out")
+            continue
         parsed = parse_flat_name(Path(filename.strip()).name)
         if parsed is None:
             result.skip(where, f"row {row}: filename",

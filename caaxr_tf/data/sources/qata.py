@@ -33,10 +33,13 @@ Bad inputs are reported as ``Skipped`` (file, field) and the rest is read:
 * a mask without an image, a mask of another size than its image, an unreadable mask, a mask
   that is not binary (see caaxr_tf/data/masks.py: 0 and 255 (or 1); up to 1 % other values
   tolerated and binarised at 128): the mask, field ``mask``;
-* a file in an images/masks folder that is not a PNG/JPEG by name: the file, field ``file``;
+* a file in an images/masks folder that is not a PNG/JPEG by name, or not a regular file (a
+  FIFO is never opened; a broken link is named): the file, field ``file``;
+* a file named like a mask (``mask_prefix``) in a control folder: the file, field ``file``;
 * a configured folder that does not exist: the folder, field ``folder``.
 
-With v1, the 1,652 COVID-19 images that have no mask by design are reported as "without a
+An empty infection mask of a COVID-19 image is used, with a warning naming it
+(``ReadResult.warnings``). With v1, the 1,652 COVID-19 images that have no mask by design are reported as "without a
 mask" like any other. A root holding none of the configured folders raises ``SchemaError``.
 Every image and mask is decoded once (sizes, binariness and truncation are checked).
 """
@@ -48,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from caaxr_tf.data.formats import check_regular_file
 from caaxr_tf.data.images import load_image
 from caaxr_tf.data.masks import MAX_GRAY_FRACTION, check_same_size, read_binary_mask
 from caaxr_tf.data.records import InputError, ReadResult, Sample, SchemaError, check_unique_ids
@@ -93,7 +97,13 @@ def _listing(folder: Path, layout: QataConfig, result: ReadResult, recursive: bo
     entries = sorted(folder.rglob("*") if recursive else folder.iterdir())
     files = []
     for path in entries:
-        if not path.is_file() or path.name.startswith("."):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        if not path.is_file():  # a FIFO, socket, device or broken link: named, never opened
+            try:
+                check_regular_file(path, "file")
+            except InputError as error:
+                result.skipped.append(error.as_skipped())
             continue
         if _is_image_name(path.name, layout.image_suffixes):
             files.append(path)
@@ -144,6 +154,9 @@ def _read_covid_set(root: Path, set_dir: str, layout: QataConfig, result: ReadRe
         except InputError as error:
             result.skipped.append(error.as_skipped())
             continue
+        if not mask.any():
+            result.warn(str(mask_path), "mask", f"empty infection mask (no infected pixel) for the COVID-19 image "
+                        f"{image_path.name}; used as it is")
         samples.append(
             Sample(
                 image_id=image_path.name,
@@ -174,6 +187,10 @@ def _read_controls(root: Path, control_dir: str, layout: QataConfig, result: Rea
         return []
     samples = []
     for image_path in _listing(folder, layout, result, recursive=True):
+        if layout.mask_prefix and image_path.name.startswith(layout.mask_prefix):
+            result.skip(str(image_path), "file", f"named like a mask ({layout.mask_prefix!r} prefix) in a control "
+                        "folder; not used as a control X-ray")
+            continue
         try:
             image = load_image(image_path)
         except InputError as error:
