@@ -67,7 +67,7 @@ IMAGE_SIZE = 224
 PIPELINE_BATCH = 32
 PIPELINE_PROTOCOL = "2class"  # every source has it, and it holds the most images
 STORAGE_SIZE = 512  # the default of build_tfrecords and make_tfrecords.py --storage-size
-# model -> protocol it trains on (the batch size comes from configs/train.yaml: 4, 10, 16)
+# model -> protocol it trains on (the batch size comes from caaxr_tf/configs/train.yaml: 4, 10, 16)
 TRAIN_MODELS = {"unet": "seg", "mobilenetv2": "2class", "maskrcnn": "seg"}
 PAPER_BATCH = {"unet": 4, "mobilenetv2": 10, "maskrcnn": 16}
 INFERENCE_MODELS = {"mobilenetv2": "2class", "unet": "seg"}
@@ -1091,7 +1091,7 @@ def bench_train(bench: Bench) -> dict[str, Any]:
         config = train_config(bench, model, protocol)
         batch = int(config.batch_size)
         if batch != PAPER_BATCH[model]:
-            notes.append(f"{model}: configs/train.yaml gives batch {batch}, the paper {PAPER_BATCH[model]}.")
+            notes.append(f"{model}: caaxr_tf/configs/train.yaml gives batch {batch}, the paper {PAPER_BATCH[model]}.")
         bench.log(f"train: {model} input pipeline (make_datasets), batch {batch}")
         inputs = [measure_input(config, 200 if bench.quick else 1000) for _ in range(1 if bench.quick else 2)]
         # On CPU a step of the big models takes seconds: time few of them.

@@ -10,7 +10,7 @@ Layout under ``out_dir/<protocol>/``::
     summary.json                               counts per split and class, skipped inputs, warnings
 
 The sources are read through the source registry (``caaxr_tf.data.sources``), the protocols
-come from configs/protocols.yaml (``caaxr_tf.data.protocols``), the record schema is
+come from caaxr_tf/configs/protocols.yaml (``caaxr_tf.data.protocols``), the record schema is
 ``caaxr_tf.data.schema.feature_spec``. Records gain ``mask/encoded`` in protocols whose samples
 have pixel masks, ``targets`` in regression protocols and ``series/id``/``slice/index`` for
 slice sources; the records of other protocols are as before, byte for byte.
@@ -964,7 +964,7 @@ def format_counts(summary: Mapping[str, Any]) -> str:
 
 # --- the command ---------------------------------------------------------------------------
 
-USAGE = """Write the TFRecord shards of the protocols of one source set (configs/protocols.yaml).
+USAGE = """Write the TFRecord shards of the protocols of one source set (caaxr_tf/configs/protocols.yaml).
 
     caaxr-make-tfrecords --data-root DATA --out TFRECORDS [--source caaxr] [--protocol all]
         [--overwrite] [--verify]          (or: python tools/make_tfrecords.py ...)
@@ -991,7 +991,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line; ``--source`` and ``--protocol`` choices come from configs/protocols.yaml
+    """The command line; ``--source`` and ``--protocol`` choices come from caaxr_tf/configs/protocols.yaml
     (a protocol that the chosen source set lacks is an error naming the set's protocols)."""
     protocol_sets = protocols_lib.available_protocols()
     names = sorted({name for names in protocol_sets.values() for name in names})
@@ -1005,7 +1005,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--protocol", default="all", choices=["all", *names],
                         help="a protocol of the source set, or all of them (default)")
     parser.add_argument("--folds", type=_int_at_least(1), default=None,
-                        help="number of folds of every protocol (default: configs/protocols.yaml)")
+                        help="number of folds of every protocol (default: caaxr_tf/configs/protocols.yaml)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=_int_at_least(1), default=os.cpu_count() or 1, help="decoding processes")
     parser.add_argument("--storage-size", type=_int_at_least(0), default=512,
@@ -1016,9 +1016,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true",
                         help="read every shard back (CRCs, record counts, SHA-256) and rewrite damaged ones")
     parser.add_argument("--set", dest="data_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override configs/data.yaml, e.g. --set chexpert.uncertain=positive")
+                        help="override caaxr_tf/configs/data.yaml, e.g. --set chexpert.uncertain=positive")
     parser.add_argument("--set-protocol", dest="protocol_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override configs/protocols.yaml, e.g. --set-protocol caaxr.2class.classes.covid.count=100")
+                        help="override caaxr_tf/configs/protocols.yaml, e.g. --set-protocol caaxr.2class.classes.covid.count=100")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -1030,7 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = parse_args(argv)
-    except ValueError as error:  # a malformed configs/protocols.yaml
+    except ValueError as error:  # a malformed caaxr_tf/configs/protocols.yaml
         print(f"error: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
