@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import os
 import types
@@ -21,7 +22,16 @@ import yaml
 
 T = TypeVar("T")
 
-CONFIG_DIR = Path(os.environ.get("CAAXR_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+
+def packaged_config_dir() -> Path:
+    """The folder of the packaged YAML files, ``caaxr_tf/configs``, found with importlib.resources
+    (a file-system install: wheel, editable or source tree; not a zip import)."""
+    return Path(str(importlib.resources.files("caaxr_tf").joinpath("configs")))
+
+
+# The YAML files ship inside the package (caaxr_tf/configs, package data), so an installed wheel
+# finds them wherever it runs from; CAAXR_CONFIG_DIR points at another folder of the same files.
+CONFIG_DIR = Path(os.environ["CAAXR_CONFIG_DIR"]) if os.environ.get("CAAXR_CONFIG_DIR") else packaged_config_dir()
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -43,7 +53,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(name: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Load ``configs/<name>.yaml`` (or a path) and apply ``key.sub=value`` overrides."""
+    """Load ``caaxr_tf/configs/<name>.yaml`` (or a path) and apply ``key.sub=value`` overrides."""
     path = Path(name)
     if not path.suffix:
         path = CONFIG_DIR / f"{name}.yaml"

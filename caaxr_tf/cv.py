@@ -59,7 +59,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -68,7 +67,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from caaxr_tf.logs import quiet_tensorflow_logs
+
+quiet_tensorflow_logs()
 
 from caaxr_tf.evaluate import metrics_path  # noqa: E402
 from caaxr_tf.io import write_text_atomic  # noqa: E402

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from caaxr_tf.logs import quiet_tensorflow_logs
+
+quiet_tensorflow_logs()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +88,7 @@ def show_batches(tfrecord_root: Path, protocols: list[str]) -> None:
 # mask for many epochs on small lesions); ResNet-18 with Adam 1e-3 (the paper's SGD 1e-3 needs
 # far more steps from scratch) and BatchNorm statistics re-estimated after each epoch (after so few
 # steps the moving averages lag far behind the weights: test accuracy 0.43 with them, 0.73 with
-# re-estimated ones, at the same AUC). configs/train.yaml keeps the paper's settings for real runs.
+# re-estimated ones, at the same AUC). caaxr_tf/configs/train.yaml keeps the paper's settings for real runs.
 DEMO_RUNS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "seg": ("unet", {"epochs": 2, "steps_per_epoch": 50, "batch_size": 8, "learning_rate": 3e-3},
             ["model_kwargs.base_filters=8", "loss=bce_dice"]),

@@ -38,7 +38,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from caaxr_tf.logs import quiet_tensorflow_logs
+
+quiet_tensorflow_logs()
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -47,7 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from caaxr_tf.logs import quiet_tensorflow_logs
+
+quiet_tensorflow_logs()
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

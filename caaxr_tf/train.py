@@ -4,7 +4,7 @@
         --tfrecords TFRECORDS --out runs/3class-mobilenetv2-f1
 
 The command parses its arguments and hands over: the configuration is resolved and checked by
-``caaxr_tf.training.config`` (configs/train.yaml, ``--config``, flags, ``--set``), the run's task
+``caaxr_tf.training.config`` (caaxr_tf/configs/train.yaml, ``--config``, flags, ``--set``), the run's task
 comes from the task registry, and ``caaxr_tf.training.Trainer`` trains it (one custom loop for
 one device, MirroredStrategy and MultiWorkerMirroredStrategy).
 
@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from caaxr_tf.logs import quiet_tensorflow_logs
+
+quiet_tensorflow_logs()
 
 import yaml  # noqa: E402
 
@@ -51,7 +52,7 @@ __all__ = ["ConfigError", "NonFiniteLossError", "locate_protocol_dir", "main", "
 
 # Training flags shared with caaxr_tf.cv: (flag, argparse options, RunConfig key).
 TRAINING_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
-    ("--config", dict(help="YAML file merged over configs/train.yaml (flat keys or its sections)"), ""),
+    ("--config", dict(help="YAML file merged over caaxr_tf/configs/train.yaml (flat keys or its sections)"), ""),
     ("--epochs", dict(type=int), "epochs"),
     ("--steps-per-epoch", dict(type=int), "steps_per_epoch"),
     ("--validation-steps", dict(type=int), "validation_steps"),
@@ -69,7 +70,7 @@ TRAINING_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
 
 
 def protocol_names() -> list[str]:
-    """Every protocol that configs/protocols.yaml defines, over all source sets."""
+    """Every protocol that caaxr_tf/configs/protocols.yaml defines, over all source sets."""
     from caaxr_tf.data.protocols import available_protocols
 
     return sorted({name for names in available_protocols().values() for name in names})

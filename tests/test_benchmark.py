@@ -1,4 +1,4 @@
-"""caaxr_tf.benchmark (tools/benchmark.py): a --quick run's JSON structure (not its speed), the
+"""benchmarks.benchmark (tools/benchmark.py): a --quick run's JSON structure (not its speed), the
 target arithmetic, the training step against the trainer's, and the PyTorch peer's clean skip."""
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ TARGET_KEYS = {"section", "name", "figure", "reference", "op", "threshold", "des
 @pytest.fixture(scope="module")
 def bench():
     """The benchmark module (tools/benchmark.py is a thin wrapper around it)."""
-    import caaxr_tf.benchmark
+    import benchmarks.benchmark
 
-    return caaxr_tf.benchmark
+    return benchmarks.benchmark
 
 
 def torch_installed() -> bool:

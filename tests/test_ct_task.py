@@ -233,7 +233,7 @@ def test_split_patients_reads_the_manifest(tmp_path):
 def test_benchmark_paths_agree_with_each_other(patient_folder):
     """The benchmark's reference (OpenCV reads, model.predict per kept slice) and the library's
     path give the same decision as the hand-computed one."""
-    from caaxr_tf.ct import benchmark
+    from benchmarks import ct as benchmark
 
     (series, _) = find_ct_series(patient_folder).series
     model = marker_model()
@@ -267,7 +267,7 @@ def test_report_tables_have_one_row_per_fold_and_the_mean():
 
 
 def test_benchmark_memory_peak_can_be_reset_after_the_warm_up():
-    from caaxr_tf.ct.benchmark import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from benchmarks.ct import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     block = np.ones(256 * 2**20 // 8)  # 256 MiB touched, then freed
     del block

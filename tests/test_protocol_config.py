@@ -1,4 +1,4 @@
-"""Strict loading of configs/protocols.yaml: unknown keys, rules, sources; per-protocol settings."""
+"""Strict loading of caaxr_tf/configs/protocols.yaml: unknown keys, rules, sources; per-protocol settings."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def test_every_source_is_registered_with_its_sections():
         "covid-ctset": ("covid_ctset",),
         "qata": ("qata",),
     }
-    # every section of configs/data.yaml is read by some source, and nothing else is there
+    # every section of caaxr_tf/configs/data.yaml is read by some source, and nothing else is there
     assert set(sources.data_sections()) == set(load_config("data"))
 
 
@@ -50,7 +50,7 @@ def test_unknown_source_lists_the_known_ones():
 
 @pytest.mark.parametrize("name", EXPECTED_SOURCES)
 def test_config_defaults_equal_configs_data_yaml(name):
-    """A reader called with no config behaves as with configs/data.yaml."""
+    """A reader called with no config behaves as with caaxr_tf/configs/data.yaml."""
     spec = sources.get_source(name)
     assert sources.source_config(name, load_config("data")) == spec.config() == sources.source_config(name, None)
 

@@ -319,7 +319,7 @@ def test_config_file_with_layered_sections(tfrecords_root, tmp_path):
 
 def test_shipped_short_cpu_schedule_resolves_per_model(tfrecords_root, tmp_path):
     common = ["--protocol", "seg", "--tfrecords", str(tfrecords_root), "--out", str(tmp_path / "r"),
-              "--config", str(REPO / "configs" / "seg_cpu_short.yaml")]
+              "--config", str(REPO / "caaxr_tf" / "configs" / "seg_cpu_short.yaml")]
     unet = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "unet"]))
     maskrcnn = train_lib.resolve_config(train_lib.parse_args(common + ["--model", "maskrcnn"]))
     assert (unet.loss, unet.model_kwargs, unet.batch_size) == ("bce_dice", {"base_filters": 16}, 4)

@@ -41,7 +41,7 @@ EXCLUDED_VIEW = "non-frontal view"
 
 @dataclass(frozen=True)
 class BimcvConfig:
-    """The ``bimcv`` section of configs/data.yaml (read by the ``caaxr`` source).
+    """The ``bimcv`` section of caaxr_tf/configs/data.yaml (read by the ``caaxr`` source).
 
     Attributes:
         root: the BIMCV tree, relative to the data root unless absolute.

@@ -1,6 +1,6 @@
 """The evaluation protocols: which images form each class, and the grouped, stratified splits.
 
-A protocol (``configs/protocols.yaml``, under its source set) lists its classes; each class
+A protocol (``caaxr_tf/configs/protocols.yaml``, under its source set) lists its classes; each class
 takes the samples of one registered source that satisfy a rule (e.g. CheXpert ``healthy``).
 Splits put ``test_fraction`` of every class in a fixed test set and cut the rest into parts of
 ``val_fraction``; fold k validates on part k and trains on the remaining parts. A patient never

@@ -1,4 +1,4 @@
-"""Keep part of a metadata table by the values of its columns (``row_filter`` in configs/data.yaml).
+"""Keep part of a metadata table by the values of its columns (``row_filter`` in caaxr_tf/configs/data.yaml).
 
     row_filter:
       include: {url: [eurorad.org]}             # keep a row only if every listed column matches

@@ -10,7 +10,7 @@ Layout under ``out_dir/<protocol>/``::
     summary.json                               counts per split and class, skipped inputs, warnings
 
 The sources are read through the source registry (``caaxr_tf.data.sources``), the protocols
-come from configs/protocols.yaml (``caaxr_tf.data.protocols``), the record schema is
+come from caaxr_tf/configs/protocols.yaml (``caaxr_tf.data.protocols``), the record schema is
 ``caaxr_tf.data.schema.feature_spec``. Records gain ``mask/encoded`` in protocols whose samples
 have pixel masks, ``targets`` in regression protocols and ``series/id``/``slice/index`` for
 slice sources; the records of other protocols are as before, byte for byte.
@@ -63,6 +63,7 @@ from caaxr_tf.data.sources import check_data_config, read_source
 from caaxr_tf.data.staging import StagedImage, init_stage_worker, stage_task, staging_id
 from caaxr_tf.io import atomic_path, write_text_atomic
 from caaxr_tf.locks import FolderLock
+from caaxr_tf.logs import quiet_tensorflow_logs
 
 FORMAT_VERSION = 3  # 2: image/encoded may hold the source JPEG/PNG bytes; 3: non-test records once, in part shards
 PARTS_DIR = "parts"  # part<p>-*.tfrecord: the non-test records of part p, listed under every fold that uses them
@@ -989,7 +990,7 @@ def format_counts(summary: Mapping[str, Any]) -> str:
 
 # --- the command ---------------------------------------------------------------------------
 
-USAGE = """Write the TFRecord shards of the protocols of one source set (configs/protocols.yaml).
+USAGE = """Write the TFRecord shards of the protocols of one source set (caaxr_tf/configs/protocols.yaml).
 
     caaxr-make-tfrecords --data-root DATA --out TFRECORDS [--source caaxr] [--protocol all]
         [--overwrite] [--verify]          (or: python tools/make_tfrecords.py ...)
@@ -1016,7 +1017,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line; ``--source`` and ``--protocol`` choices come from configs/protocols.yaml
+    """The command line; ``--source`` and ``--protocol`` choices come from caaxr_tf/configs/protocols.yaml
     (a protocol that the chosen source set lacks is an error naming the set's protocols)."""
     protocol_sets = protocols_lib.available_protocols()
     names = sorted({name for names in protocol_sets.values() for name in names})
@@ -1030,7 +1031,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--protocol", default="all", choices=["all", *names],
                         help="a protocol of the source set, or all of them (default)")
     parser.add_argument("--folds", type=_int_at_least(1), default=None,
-                        help="number of folds of every selected protocol (default: configs/protocols.yaml)")
+                        help="number of folds of every selected protocol (default: caaxr_tf/configs/protocols.yaml)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=_int_at_least(1), default=os.cpu_count() or 1, help="decoding processes")
     parser.add_argument("--storage-size", type=_int_at_least(0), default=512,
@@ -1041,21 +1042,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true",
                         help="read every shard back (CRCs, record counts, SHA-256) and rewrite damaged ones")
     parser.add_argument("--set", dest="data_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override configs/data.yaml, e.g. --set chexpert.uncertain=positive")
+                        help="override caaxr_tf/configs/data.yaml, e.g. --set chexpert.uncertain=positive")
     parser.add_argument("--set-protocol", dest="protocol_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override configs/protocols.yaml, e.g. --set-protocol caaxr.2class.classes.covid.count=100")
+                        help="override caaxr_tf/configs/protocols.yaml, e.g. --set-protocol caaxr.2class.classes.covid.count=100")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``caaxr-make-tfrecords``: build the shards; 0 when done, 2 with one error line."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_logs()
     from caaxr_tf.locks import FolderLockedError
 
     try:
         args = parse_args(argv)
-    except ValueError as error:  # a malformed configs/protocols.yaml
+    except ValueError as error:  # a malformed caaxr_tf/configs/protocols.yaml
         print(f"error: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()

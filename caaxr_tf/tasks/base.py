@@ -16,7 +16,7 @@ task up here. The task of a run is the registered class whose ``protocol_task`` 
 named in the protocol's summary.json and whose ``model_task`` is the registry task of the
 model (Mask R-CNN, a ``detection`` model, on a ``segmentation`` protocol gives the detection
 task). Adding a task means adding one module under ``caaxr_tf/tasks/`` (every module of the
-package is imported on first use of the registry) and its section in configs/train.yaml.
+package is imported on first use of the registry) and its section in caaxr_tf/configs/train.yaml.
 
 This module imports no task module and nothing from the data pipeline at import time, so the
 pipeline can resolve task names without an import cycle.
@@ -180,7 +180,7 @@ class Task:
 
     @classmethod
     def config_sections(cls) -> tuple[str, ...]:
-        """The sections of configs/train.yaml this task's runs read, general to specific."""
+        """The sections of caaxr_tf/configs/train.yaml this task's runs read, general to specific."""
         return (cls.name,)
 
     @classmethod

@@ -4,7 +4,7 @@ Per slice, a classifier on the raw 16-bit value (HU + 1024) as a float, with no 
 records' own 512x512 (``caaxr_tf.ct.inputs.fit_raw``: a run at another ``image_size`` resizes,
 which only the cheap tests do). Training follows the published code: one-hot targets,
 categorical cross-entropy, the published augmentation (``caaxr_tf.ct.augment``), metrics
-accuracy and per-class sensitivity and precision (``configs/train.yaml``, section ``ct``).
+accuracy and per-class sensitivity and precision (``caaxr_tf/configs/train.yaml``, section ``ct``).
 
 Evaluation scores the split's labelled slices (accuracy, per-class sensitivity and precision,
 plus the classifier's AUCs); with ``EvalContext.patients`` (``python -m caaxr_tf.evaluate --run

@@ -1,6 +1,6 @@
 """The typed configuration of one training run, and how it is resolved.
 
-Resolution order (later wins): configs/train.yaml's ``defaults`` < its sections of the run's
+Resolution order (later wins): caaxr_tf/configs/train.yaml's ``defaults`` < its sections of the run's
 task (e.g. ``segmentation``, then ``detection``) < ``models.<name>`` < a ``--config`` file (flat
 keys or the same sections; the file wins over train.yaml within each level) < command-line flags
 < ``--set key=value``. The result is checked strictly (`RunConfig`): an unknown key is an error
@@ -89,7 +89,7 @@ class RunConfig:
     fold: int = field(metadata=_POSITIVE)
     tfrecords: str
     class_names: list[str]
-    # how (configs/train.yaml and overrides)
+    # how (caaxr_tf/configs/train.yaml and overrides)
     batch_size: int = field(metadata=_POSITIVE)
     epochs: int = field(metadata=_POSITIVE)
     optimizer: OptimizerConfig
@@ -168,7 +168,7 @@ def locate_protocol_dir(tfrecords: str | Path, protocol: str) -> Path:
 
 
 def layered_sections() -> tuple[str, ...]:
-    """The sections of configs/train.yaml (and of a --config file): defaults, one per task
+    """The sections of caaxr_tf/configs/train.yaml (and of a --config file): defaults, one per task
     (and task family), models."""
     from caaxr_tf.tasks import available_tasks, get_task
 

@@ -1,6 +1,6 @@
 """The source registry: one reader module per data source, registered with its config section.
 
-Every source module defines a config dataclass (its section of configs/data.yaml, with the same
+Every source module defines a config dataclass (its section of caaxr_tf/configs/data.yaml, with the same
 defaults) and one reader, registered by name::
 
     @register_source("chexpert", section="chexpert", config=ChexpertConfig)
@@ -11,10 +11,10 @@ its config dataclass then has one field per section, named after it. Callers go 
 ``read_source(name, data_root, data_config)``, which loads the sections strictly from the data
 config (an unknown key is a ``ConfigError`` naming the valid keys) and calls the reader.
 Readers never load the global config themselves: called directly with no config, they use the
-dataclass defaults, which equal configs/data.yaml's values (a test checks that).
+dataclass defaults, which equal caaxr_tf/configs/data.yaml's values (a test checks that).
 
 Adding a source = one module here (listed in ``BUILTIN_SOURCE_MODULES``) and its section in
-configs/data.yaml. A built-in source's module is imported when the source is first looked
+caaxr_tf/configs/data.yaml. A built-in source's module is imported when the source is first looked
 up (``available_sources`` lists names without importing anything, so the reading side can
 validate protocols without OpenCV or pydicom).
 """
@@ -48,7 +48,7 @@ Reader = Callable[[Path, Any], ReadResult]
 
 
 class UnknownSourceError(ValueError):
-    """A source name (e.g. in configs/protocols.yaml) that no source module registers."""
+    """A source name (e.g. in caaxr_tf/configs/protocols.yaml) that no source module registers."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def get_source(name: str) -> SourceSpec:
 
 
 def data_sections() -> dict[str, list[str]]:
-    """Each configs/data.yaml section and the sources that read it."""
+    """Each caaxr_tf/configs/data.yaml section and the sources that read it."""
     sections: dict[str, list[str]] = {}
     for spec in map(get_source, available_sources()):
         for section in spec.sections:

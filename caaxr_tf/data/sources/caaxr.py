@@ -3,7 +3,7 @@
 ``caaxr/Study-Level_Annotations.csv`` lists the annotated images (the COVID-positive pool) and
 their study-level findings; ``caaxr/BoundingBox.csv`` holds one abnormality box per row in
 pixel coordinates of the BIMCV PNG. The BIMCV tree is scanned by ``caaxr_tf.data.bimcv``. Column
-names and the box format come from the ``caaxr`` section of configs/data.yaml, the BIMCV
+names and the box format come from the ``caaxr`` section of caaxr_tf/configs/data.yaml, the BIMCV
 settings from its ``bimcv`` section (`CaaxrSourceConfig` holds both).
 
 A CSV without a configured column raises ``SchemaError`` before anything is read. Problems in
@@ -52,7 +52,7 @@ class StudyColumns:
 
 @dataclass(frozen=True)
 class CaaxrConfig:
-    """The ``caaxr`` section of configs/data.yaml.
+    """The ``caaxr`` section of caaxr_tf/configs/data.yaml.
 
     Attributes:
         root: the folder of the two CSVs, relative to the data root unless absolute.
@@ -75,7 +75,7 @@ class CaaxrConfig:
 
 @dataclass(frozen=True)
 class CaaxrSourceConfig:
-    """What the ``caaxr`` source reads: the ``caaxr`` and ``bimcv`` sections of configs/data.yaml."""
+    """What the ``caaxr`` source reads: the ``caaxr`` and ``bimcv`` sections of caaxr_tf/configs/data.yaml."""
 
     caaxr: CaaxrConfig = field(default_factory=CaaxrConfig)
     bimcv: BimcvConfig = field(default_factory=BimcvConfig)

@@ -47,7 +47,7 @@ _STUDY = re.compile(r"^study\d+$")
 
 @dataclass(frozen=True)
 class ChexpertConfig:
-    """The ``chexpert`` section of configs/data.yaml.
+    """The ``chexpert`` section of caaxr_tf/configs/data.yaml.
 
     Attributes:
         root: the CheXpert folder, relative to the data root unless absolute; the CSVs'

@@ -39,7 +39,7 @@ def _no_row_filter() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CovidChestxrayConfig:
-    """The ``covid_chestxray`` section of configs/data.yaml (also read by the
+    """The ``covid_chestxray`` section of caaxr_tf/configs/data.yaml (also read by the
     ``covid-chestxray-severity`` and ``covid-chestxray-lungs`` sources).
 
     Attributes:

@@ -10,7 +10,7 @@ images that also have a ``_mask.png`` (differing from it on 0.3-0.5 % of the pix
 The source reads the collection (``read_covid_chestxray``: frontal X-rays, findings, lung
 boxes), then `attach_lung_masks` sets ``mask_path`` on its samples and keeps only the samples
 that have a usable mask. The mask folder comes from the ``covid_chestxray_lungs`` section of
-configs/data.yaml, the collection's layout from its ``covid_chestxray`` section:
+caaxr_tf/configs/data.yaml, the collection's layout from its ``covid_chestxray`` section:
 
 * a sample without a mask is left out and counted: ``excluded["no lung mask"]``;
 * a mask whose image is on disk but not among the samples (a lateral view, a CT slice, a
@@ -47,7 +47,7 @@ EXCLUDED_IMAGE_NOT_READ = "lung mask of an image not read"
 
 @dataclass(frozen=True)
 class LungMasksConfig:
-    """The ``covid_chestxray_lungs`` section of configs/data.yaml.
+    """The ``covid_chestxray_lungs`` section of caaxr_tf/configs/data.yaml.
 
     Attributes:
         masks: the folder of ``<image stem>_mask.png`` files, relative to the collection folder.

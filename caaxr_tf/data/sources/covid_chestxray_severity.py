@@ -10,7 +10,7 @@ Each score is the mean of three radiologists: geographic extent (0-4 per lung, 0
 and opacity (0-3 per lung, 0-6 in all). Rows are joined with metadata.csv by file name
 (patient id, view, modality, through `read_metadata_rows`) and with the images folder.
 Samples carry ``labels={"geographic_extent": x, "opacity": y}``. The scores file comes from the
-``covid_chestxray_severity`` section of configs/data.yaml, the collection's layout from its
+``covid_chestxray_severity`` section of caaxr_tf/configs/data.yaml, the collection's layout from its
 ``covid_chestxray`` section (`SeveritySourceConfig` holds both).
 """
 
@@ -63,7 +63,7 @@ SCORE_COLUMNS: tuple[str, ...] = (FILENAME_COLUMN, *(target.column for target in
 
 @dataclass(frozen=True)
 class SeverityConfig:
-    """The ``covid_chestxray_severity`` section of configs/data.yaml.
+    """The ``covid_chestxray_severity`` section of caaxr_tf/configs/data.yaml.
 
     Attributes:
         scores: the scores file, relative to the collection folder (``covid_chestxray.root``).

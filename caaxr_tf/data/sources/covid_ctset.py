@@ -84,7 +84,7 @@ class SliceKey:
 
 @dataclass(frozen=True)
 class CovidCtsetConfig:
-    """The ``covid_ctset`` section of configs/data.yaml.
+    """The ``covid_ctset`` section of caaxr_tf/configs/data.yaml.
 
     Attributes:
         root: the COVID-CTset folder (group folders or the training part's flat folder),

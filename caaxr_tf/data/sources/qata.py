@@ -13,7 +13,7 @@ The release (Degerli et al., 2021; Kaggle "QaTa-COV19 Dataset" by Aysen Degerli)
 
 Control images (no COVID-19, empty infection mask) sit in folders of their own without
 masks. ``root`` is the folder that holds the COVID-19 sets; `QataConfig` (the ``qata`` section
-of configs/data.yaml) names the folders (defaults: the v2 layout, ``--data-root`` pointing at
+of caaxr_tf/configs/data.yaml) names the folders (defaults: the v2 layout, ``--data-root`` pointing at
 ``QaTa-COV19-v2``; for v1 use ``covid_sets: ["."]``).
 The control folders are searched recursively; their names in the public release could not
 be checked here, so ``control_dirs`` defaults to ``("Control_Group",)`` and should be set to
@@ -64,7 +64,7 @@ CONTROL_FINDING = "control"
 
 @dataclass(frozen=True)
 class QataConfig:
-    """The ``qata`` section of configs/data.yaml: where a QaTa-COV19 tree keeps its files.
+    """The ``qata`` section of caaxr_tf/configs/data.yaml: where a QaTa-COV19 tree keeps its files.
 
     Attributes:
         root: the folder holding the sets, relative to the data root unless absolute.

@@ -1,7 +1,7 @@
 """Time per patient of the CT pipeline (selection + classification) against the published way.
 
     python tools/benchmark.py ct [--ct-slices 35,130,406] [--ct-image-size 512] [--repeats N]
-    python -m caaxr_tf.ct.benchmark [--slices 35,130,406] [--image-size 512] [--repeats N] [--json OUT]
+    python -m benchmarks.ct [--slices 35,130,406] [--image-size 512] [--repeats N] [--json OUT]
 
 One synthetic patient per sequence length (one series of 16-bit TIFF slices, written by the
 synthetic CT generator) and one model, ``fpn_resnet50v2`` with random weights (the time does
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from benchmarks import child_env
 
 SEQUENCES = (35, 130, 406)
 MODEL = "fpn_resnet50v2"
@@ -202,8 +204,8 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure_memory(folder: Path, image_size: int, workers: int, path: str = "caaxr") -> dict[str, Any]:
     spec = {"folder": str(folder), "image_size": image_size, "workers": workers, "path": path}
-    process = subprocess.run([sys.executable, "-m", "caaxr_tf.ct.benchmark", "--child", json.dumps(spec)],
-                             capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    process = subprocess.run([sys.executable, "-m", "benchmarks.ct", "--child", json.dumps(spec)],
+                             capture_output=True, text=True, env=child_env())
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if process.returncode != 0 or not lines:
         raise RuntimeError(f"memory child failed (exit {process.returncode}): {process.stderr[-2000:]}")
@@ -255,7 +257,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m caaxr_tf.ct.benchmark", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ct", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", default=",".join(map(str, SEQUENCES)), help="sequence lengths")
     parser.add_argument("--image-size", type=int, default=512, help="model input (the published 512)")

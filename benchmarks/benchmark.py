@@ -29,7 +29,7 @@ Sections:
 * ``ct`` (not part of ``all``): seconds per CT patient (slice selection + classification,
   ``fpn_resnet50v2``) for sequences of 35, 130 and 406 slices against the published way
   (OpenCV reads, ``model.predict`` slice by slice), and the memory a 406-slice patient adds;
-  see ``caaxr_tf.ct.benchmark`` (``--ct-slices``, ``--ct-image-size``).
+  see ``benchmarks.ct`` (``--ct-slices``, ``--ct-image-size``).
 
 Each figure is the median of several repeats; the table and the JSON give the ratio to its
 reference and whether each target is met. Measurements that would disturb each other (the
@@ -57,8 +57,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from benchmarks import REPO, child_env
+from caaxr_tf.logs import quiet_tensorflow_logs
+
+quiet_tensorflow_logs()
 
 SCHEMA_VERSION = 1
 SECTIONS = ("pipeline", "tfrecords", "train", "inference")
@@ -67,7 +69,7 @@ IMAGE_SIZE = 224
 PIPELINE_BATCH = 32
 PIPELINE_PROTOCOL = "2class"  # every source has it, and it holds the most images
 STORAGE_SIZE = 512  # the default of build_tfrecords and make_tfrecords.py --storage-size
-# model -> protocol it trains on (the batch size comes from configs/train.yaml: 4, 10, 16)
+# model -> protocol it trains on (the batch size comes from caaxr_tf/configs/train.yaml: 4, 10, 16)
 TRAIN_MODELS = {"unet": "seg", "mobilenetv2": "2class", "maskrcnn": "seg"}
 PAPER_BATCH = {"unet": 4, "mobilenetv2": 10, "maskrcnn": 16}
 INFERENCE_MODELS = {"mobilenetv2": "2class", "unet": "seg"}
@@ -248,8 +250,8 @@ def run_child(job: str, spec: dict[str, Any], *, sample_memory: bool = False, ti
         out_path, err_path = Path(scratch) / "stdout", Path(scratch) / "stderr"
         with open(out_path, "w") as out, open(err_path, "w") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", "caaxr_tf.benchmark", "--child", job, json.dumps(spec)],
-                stdout=out, stderr=err, cwd=str(REPO), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                [sys.executable, "-m", "benchmarks.benchmark", "--child", job, json.dumps(spec)],
+                stdout=out, stderr=err, cwd=str(REPO), env=child_env(),
             )
             peak = sample_tree_rss(process, timeout) if sample_memory else None
             try:
@@ -1091,7 +1093,7 @@ def bench_train(bench: Bench) -> dict[str, Any]:
         config = train_config(bench, model, protocol)
         batch = int(config.batch_size)
         if batch != PAPER_BATCH[model]:
-            notes.append(f"{model}: configs/train.yaml gives batch {batch}, the paper {PAPER_BATCH[model]}.")
+            notes.append(f"{model}: caaxr_tf/configs/train.yaml gives batch {batch}, the paper {PAPER_BATCH[model]}.")
         bench.log(f"train: {model} input pipeline (make_datasets), batch {batch}")
         inputs = [measure_input(config, 200 if bench.quick else 1000) for _ in range(1 if bench.quick else 2)]
         # On CPU a step of the big models takes seconds: time few of them.
@@ -1276,8 +1278,8 @@ def bench_inference(bench: Bench) -> dict[str, Any]:
 
 
 def bench_ct(bench: Bench) -> dict[str, Any]:
-    """Seconds per CT patient against the published way, and memory (``caaxr_tf.ct.benchmark``)."""
-    from caaxr_tf.ct import benchmark as ct_benchmark
+    """Seconds per CT patient against the published way, and memory (``benchmarks.ct``)."""
+    from benchmarks import ct as ct_benchmark
 
     args = bench.args
     lengths = [int(n) for n in str(args.ct_slices).split(",") if n.strip()]
