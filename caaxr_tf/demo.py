@@ -158,7 +158,8 @@ def export_and_predict(out: Path, data_root: Path, protocols: list[str]) -> None
         run_dir, name = out / "cv" / protocol / model / "fold1", f"caaxr_{protocol}_{model}"
         export_dir = export_run(run_dir, out / "saved_models" / name, overwrite=True, version=1)
         print(f"      exported {run_dir} -> {export_dir}")
-        for result in predict_files(export_dir, [str(f) for f in files], overlay_dir=out / "overlays"):
+        overlays = out / "overlays" if protocol == "seg" else None  # a classifier draws no overlay
+        for result in predict_files(export_dir, [str(f) for f in files], overlay_dir=overlays):
             result = {k: v for k, v in result.items() if k not in ("boxes", "scores", "classes")}
             result["file"] = Path(result["file"]).name
             print("      " + json.dumps(result, sort_keys=True))
