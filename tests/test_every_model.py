@@ -111,14 +111,13 @@ def protocol_tasks_no_model_reaches() -> list[tuple[str, str]]:
     """``(protocol task, model)`` for each protocol task of PROTOCOLS that the per-model test
     never trains on (its models' kind trains on an earlier protocol task, e.g. segmentation
     models on ``segmentation`` rather than ``infection``): the first registered model that can."""
-    from caaxr_tf.tasks.base import _REGISTRY, _load_builtin_tasks
+    from caaxr_tf.tasks.base import TASKS
 
-    _load_builtin_tasks()
     models = sorted(available_models(), key=lambda name: (name != "unet", name))
     reached = {MODEL_PROTOCOLS.get(name) or protocol_for(model_task(name)) for name in models}
     pairs = []
     for protocol_task in PROTOCOLS:
-        kinds = {cls.model_task for cls in _REGISTRY.values() if cls.protocol_task == protocol_task}
+        kinds = {cls.model_task for cls in TASKS.values() if cls.protocol_task == protocol_task}
         candidates = [name for name in models if model_task(name) in kinds]
         if protocol_task not in reached and candidates:
             pairs.append((protocol_task, candidates[0]))

@@ -14,14 +14,11 @@ generator seeded by ``(seed, image index)``, so any number of workers gives the 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import multiprocessing
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -29,8 +26,9 @@ from typing import Any, Iterable, Sequence
 import cv2
 import numpy as np
 
+from caaxr_tf.data.layouts import LAYOUTS, Layout, register_layout, write_layout  # noqa: F401  (LAYOUTS: older name)
+from caaxr_tf.data.layouts import write_atomic as _write_atomic
 from caaxr_tf.data.sources.chexpert import OBSERVATIONS
-from caaxr_tf.io import atomic_path
 
 MANIFEST_NAME = "synthetic.json"
 CHEXPERT_DIR = "CheXpert-v1.0-small"
@@ -721,14 +719,6 @@ def render(spec: ImageSpec, seed: int = 0) -> Rendered:
 # --- encoding and writing ----------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name and rename (``caaxr_tf.io.atomic_path``), so a final name
-    never holds a partial file. No fsync: a rerun regenerates the same bytes."""
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-
-
 def _encode_bimcv(spec: ImageSpec, rendered: Rendered, rng: np.random.Generator) -> bytes:
     top = 2 ** spec.bit_depth - 1
     # Each acquisition uses its own window of the stored range.
@@ -844,21 +834,6 @@ def _write_tables(out: Path, entries: list[dict[str, Any]], specs: list[ImageSpe
     return sorted(tables)
 
 
-def _remove_stale(out: Path, keep: set[str]) -> None:
-    """Remove files an earlier (e.g. larger) run listed in its manifest that this run did not write."""
-    try:
-        old = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    for relative in old.get("files", []):
-        if relative not in keep and ".." not in Path(relative).parts:
-            (out / relative).unlink(missing_ok=True)
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-
-
 def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, workers: int = 1,
              progress: bool = False) -> dict[str, Any]:
     """Write the synthetic dataset under ``out_dir`` and return its manifest.
@@ -875,50 +850,25 @@ def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, wor
         The manifest also written to ``out_dir/synthetic.json``: ``scale``, ``seed``,
         ``counts`` per category, ``files`` and one entry per image in ``images``.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = plan(scale, seed)
-    tasks = [(str(out), spec, seed) for spec in specs]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return write_layout(CAAXR, out_dir, scale=scale, seed=seed, workers=workers, progress=progress)
 
-        bar = tqdm(total=len(tasks), desc=f"synthetic {scale}", unit="img", file=sys.stderr)
-    entries: list[dict[str, Any]] = []
-    if workers == 1:
-        for task in tasks:
-            entries.append(_write_one(task))
-            if bar is not None:
-                bar.update()
-    else:
-        context = multiprocessing.get_context("spawn")  # safe after TensorFlow is imported
-        with context.Pool(workers, initializer=_init_worker) as pool:
-            for entry in pool.imap(_write_one, tasks, chunksize=8):
-                entries.append(entry)
-                if bar is not None:
-                    bar.update()
-    if bar is not None:
-        bar.close()
 
-    tables = _write_tables(out, entries, specs)
+def _finish_layout(out: Path, entries: list[dict[str, Any]], specs: Sequence[ImageSpec], scale: str,
+                   seed: int) -> dict[str, Any]:
+    """Write the CSV tables; the manifest's fields after ``scale`` and ``seed``."""
+    tables = _write_tables(out, entries, list(specs))
     files = tables + [e["path"] for e in entries]
     files += [e["path"][: -len(".png")] + ".json" for e in entries if e["source"] == "bimcv"]
-    _remove_stale(out, set(files) | {MANIFEST_NAME})
     counts = {category: 0 for category in CATEGORIES}
     for entry in entries:
         counts[entry["category"]] += 1
-    manifest = dict(
-        scale=scale, seed=seed, counts=counts,
+    return dict(
+        counts=counts,
         boxes=sum(len(e["boxes"]) for e in entries),
         bimcv_subjects=len({e["patient_id"] for e in entries if e["source"] == "bimcv"}),
         chexpert_patients=len({e["patient_id"] for e in entries if e["source"] == "chexpert"}),
         files=sorted(files), images=entries,
     )
-    # Written last: its presence marks a complete dataset.
-    _write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
-    return manifest
 
 
 def describe(manifest: dict[str, Any], out: Path, seconds: float) -> str:
@@ -937,41 +887,18 @@ def describe(manifest: dict[str, Any], out: Path, seconds: float) -> str:
     return "\n".join(lines)
 
 
-# The synthetic sets, by layout: the module with generate(out, scale, seed, workers, progress),
-# SCALES and describe(manifest, out, seconds).
-LAYOUTS = {
-    "caaxr": "caaxr_tf.data.synthetic",       # BIMCV + CAAXR CSVs + CheXpert: --source caaxr
-    "qata": "caaxr_tf.data.synthetic_qata",   # QaTa-COV19 tree with infection masks: --source qata
-    "ct": "caaxr_tf.data.synthetic_ct",       # COVID-CTset 16-bit TIFF series: --source covid-ctset
-}
+CAAXR = register_layout(Layout(
+    name="caaxr", title="synthetic", unit="img", manifest_name=MANIFEST_NAME, scales=SCALES, plan=plan,
+    task=lambda out, spec, scale, seed: (out, spec, seed), write=_write_one, finish=_finish_layout,
+    describe=describe, chunksize=8), __name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``caaxr-make-synthetic``: write a synthetic set in one of the real layouts."""
-    import importlib
+    """``caaxr-make-synthetic``: write a synthetic set in one of the real layouts
+    (``caaxr_tf.data.layouts.main``)."""
+    from caaxr_tf.data.layouts import main as make_synthetic
 
-    parser = argparse.ArgumentParser(
-        prog="caaxr-make-synthetic",
-        description="Write a synthetic data set in a real layout: caaxr (BIMCV, CAAXR CSVs, CheXpert), "
-                    "qata (QaTa-COV19 with infection masks) or ct (COVID-CTset).",
-    )
-    parser.add_argument("--layout", default="caaxr", choices=list(LAYOUTS), help="which set (default caaxr)")
-    parser.add_argument("--out", required=True, help="data root to write (created if missing)")
-    parser.add_argument("--scale", default="tiny", help="caaxr: tiny, small, realistic, paper; qata and ct: tiny, small")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args(argv)
-    module = importlib.import_module(LAYOUTS[args.layout])
-    if args.scale not in module.SCALES:
-        parser.error(f"--scale {args.scale!r} is not a scale of the {args.layout} layout; "
-                     f"choose from {', '.join(sorted(module.SCALES))}")
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
-    start = time.perf_counter()
-    manifest = module.generate(args.out, scale=args.scale, seed=args.seed, workers=args.workers,
-                               progress=args.scale != "tiny")
-    print(module.describe(manifest, Path(args.out), time.perf_counter() - start))
-    return 0
+    return make_synthetic(argv)
 
 
 if __name__ == "__main__":

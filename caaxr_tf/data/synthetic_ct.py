@@ -23,8 +23,6 @@ bytes.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -36,6 +34,7 @@ import numpy as np
 
 from caaxr_tf.ct.selection import DARK_BELOW, REGION_COLS, REGION_ROWS, SLICE_SHAPE
 from caaxr_tf.data.ct_series import HU_OFFSET, hu_to_raw
+from caaxr_tf.data.layouts import Layout, register_layout, write_layout
 from caaxr_tf.data.synthetic import _csv_bytes, _write_atomic
 
 MANIFEST_NAME = "synthetic_ct.json"
@@ -361,16 +360,6 @@ def _csv_rows(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return rows
 
 
-def _remove_stale(out: Path, keep: set[str]) -> None:
-    try:
-        old = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    for relative in old.get("files", []):
-        if relative not in keep and ".." not in Path(relative).parts:
-            (out / relative).unlink(missing_ok=True)
-
-
 def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, workers: int = 1,
              progress: bool = False) -> dict[str, Any]:
     """Write the synthetic COVID-CTset under ``out_dir`` and return its manifest.
@@ -380,40 +369,18 @@ def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, wor
     ``z``, ``lung_open``, ``dark_pixels``, ``lesion_pixels``, ``label``), its ``bad_files``
     (``kind``, ``path``, ``field``) and the patient's lesions.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = [(str(out), spec, seed) for spec in plan(scale, seed)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return write_layout(CT, out_dir, scale=scale, seed=seed, workers=workers, progress=progress)
 
-        bar = tqdm(total=len(tasks), desc=f"synthetic CT {scale}", unit="series", file=sys.stderr)
-    entries: list[dict[str, Any]] = []
-    if workers == 1:
-        for task in tasks:
-            entries.append(_write_series(task))
-            if bar is not None:
-                bar.update()
-    else:
-        context = multiprocessing.get_context("spawn")  # safe after TensorFlow is imported
-        with context.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-            for entry in pool.imap(_write_series, tasks):
-                entries.append(entry)
-                if bar is not None:
-                    bar.update()
-    if bar is not None:
-        bar.close()
 
+def _finish_layout(out: Path, entries: list[dict[str, Any]], specs: Sequence[SeriesSpec], scale: str,
+                   seed: int) -> dict[str, Any]:
+    """Write the labelled-slice CSV; the manifest's fields after ``scale`` and ``seed``."""
     rows = _csv_rows(entries)
     _write_atomic(out / LABELS_CSV, _csv_bytes(("filename", "class"), rows))
     files = [LABELS_CSV] + [item["file"] for entry in entries for item in entry["slices"]]
     files += [bad["path"] for entry in entries for bad in entry["bad_files"] if bad["kind"] != "one_slice"]
-    _remove_stale(out, set(files) | {MANIFEST_NAME})
     patients = {(e["patient_id"], e["covid"]) for e in entries}
-    manifest = dict(
-        scale=scale, seed=seed,
+    return dict(
         counts=dict(
             covid_patients=sum(1 for _, covid in patients if covid),
             normal_patients=sum(1 for _, covid in patients if not covid),
@@ -424,8 +391,6 @@ def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, wor
         ),
         files=sorted(files), series=entries,
     )
-    _write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
-    return manifest
 
 
 def write_dicom_series(folder: str | os.PathLike, raw_slices: np.ndarray, *, patient_id: str,
@@ -490,6 +455,12 @@ def describe(manifest: dict[str, Any], out: Path, seconds: float) -> str:
     counts = manifest["counts"]
     return (f"synthetic CT ({manifest['scale']}, seed {manifest['seed']}) in {out}: "
             + ", ".join(f"{name} {value}" for name, value in counts.items()) + f"; {seconds:.1f} s")
+
+
+CT = register_layout(Layout(
+    name="ct", title="synthetic CT", unit="series", manifest_name=MANIFEST_NAME, scales=SCALES, plan=plan,
+    task=lambda out, spec, scale, seed: (out, spec, seed), write=_write_series, finish=_finish_layout,
+    describe=describe), __name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,8 +31,6 @@ seeded by ``(seed, index)``, so any number of workers writes the same bytes.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -43,6 +41,7 @@ import cv2
 import numpy as np
 
 from caaxr_tf.data.images import encode_png
+from caaxr_tf.data.layouts import Layout, register_layout, write_layout
 from caaxr_tf.data.synthetic import (
     _Anatomy,
     _compose_frontal,
@@ -234,21 +233,6 @@ def _expectation(spec: QataSpec) -> dict[str, Any]:
     return dict(expect="skipped", skip_path=spec.mask_path, skip_field="mask")
 
 
-def _remove_stale(out: Path, keep: set[str]) -> None:
-    """Remove files an earlier run listed in its manifest that this run did not write."""
-    try:
-        old = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    for relative in old.get("files", []):
-        if relative not in keep and ".." not in Path(relative).parts:
-            (out / relative).unlink(missing_ok=True)
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-
-
 def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, workers: int = 1,
              progress: bool = False) -> dict[str, Any]:
     """Write the synthetic QaTa-COV19 tree under ``out_dir`` and return its manifest.
@@ -265,40 +249,15 @@ def generate(out_dir: str | os.PathLike, scale: str = "tiny", seed: int = 0, wor
         ``counts`` per kind, ``files`` and one entry per spec in ``images`` (``expect``,
         ``skip_path``, ``skip_field``, sizes, ``lesion_pixels``, ``gray_pixels``).
     """
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = plan(scale)
-    tasks = [(str(out), spec, scale, seed) for spec in specs]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return write_layout(QATA, out_dir, scale=scale, seed=seed, workers=workers, progress=progress)
 
-        bar = tqdm(total=len(tasks), desc=f"synthetic QaTa {scale}", unit="img", file=sys.stderr)
-    entries: list[dict[str, Any]] = []
-    if workers == 1:
-        for task in tasks:
-            entries.append(_write_one(task))
-            if bar is not None:
-                bar.update()
-    else:
-        context = multiprocessing.get_context("spawn")  # safe after TensorFlow is imported
-        with context.Pool(workers, initializer=_init_worker) as pool:
-            for entry in pool.imap(_write_one, tasks, chunksize=8):
-                entries.append(entry)
-                if bar is not None:
-                    bar.update()
-    if bar is not None:
-        bar.close()
 
+def _finish_layout(out: Path, entries: list[dict[str, Any]], specs: Sequence[QataSpec], scale: str,
+                   seed: int) -> dict[str, Any]:
+    """The manifest's fields after ``scale`` and ``seed`` (no tables to write)."""
     files = sorted(p for e in entries for p in (e["image_path"], e["mask_path"]) if p is not None)
-    _remove_stale(out, set(files) | {MANIFEST_NAME})
     counts = {kind: sum(e["kind"] == kind for e in entries) for kind in KINDS}
-    manifest = dict(scale=scale, seed=seed, counts=counts, files=files, images=entries)
-    # Written last: its presence marks a complete tree.
-    _write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
-    return manifest
+    return dict(counts=counts, files=files, images=entries)
 
 
 def describe(manifest: dict[str, Any], out: Path, seconds: float) -> str:
@@ -307,6 +266,12 @@ def describe(manifest: dict[str, Any], out: Path, seconds: float) -> str:
     lines += [f"  {kind:<16}{count:>6}" for kind, count in manifest["counts"].items()]
     lines.append(f"written in {seconds:.1f} s")
     return "\n".join(lines)
+
+
+QATA = register_layout(Layout(
+    name="qata", title="synthetic QaTa", unit="img", manifest_name=MANIFEST_NAME, scales=SCALES,
+    plan=lambda scale, seed: plan(scale), task=lambda out, spec, scale, seed: (out, spec, scale, seed),
+    write=_write_one, finish=_finish_layout, describe=describe, chunksize=8), __name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

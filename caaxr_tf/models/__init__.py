@@ -7,13 +7,12 @@ classifiers (X-ray and CT slices) and severity-score regressors.
 Every model takes raw grayscale images `[N, H, W, 1]` in 0..255 and does its
 own normalisation, except the CT slice classifiers (`fpn_resnet50v2`, `resnet50v2`,
 `xception`), which take raw CT values (HU + 1024) unscaled, as published.
+
+Adding a model = one module in this package with a builder decorated `@register_model`:
+`MODELS` (a `caaxr_tf.registry.Registry`) imports every module of the package, here, when
+the package is imported (so the custom layers of saved models deserialize).
 """
 
-from caaxr_tf.models import classifier, regressor, segnet, unet  # noqa: F401  (registers the models)
-from caaxr_tf.models import ct_models  # noqa: F401  (registers fpn_resnet50v2, resnet50v2, xception)
-from caaxr_tf.models import mask_rcnn  # noqa: F401  (registers maskrcnn)
-from caaxr_tf.models import unet_encoder  # noqa: F401  (registers unet_resnet50, unet_densenet121)
-from caaxr_tf.models import unetpp  # noqa: F401  (registers unetpp)
 from caaxr_tf.models.classifier import BACKBONES, build_classifier, build_pooled_backbone
 from caaxr_tf.models.layers import (
     GrayscaleToRGB,
@@ -22,7 +21,7 @@ from caaxr_tf.models.layers import (
     MaxUnpooling2D,
 )
 from caaxr_tf.models.regressor import ClampOutputs, build_regressor, serving_regressor
-from caaxr_tf.models.registry import available_models, build_model, model_task, register_model
+from caaxr_tf.models.registry import MODELS, available_models, build_model, model_task, register_model
 from caaxr_tf.models.resnet18 import ResNet18
 from caaxr_tf.models.segnet import build_segnet
 from caaxr_tf.models.unet import build_unet
@@ -30,8 +29,11 @@ from caaxr_tf.models.unet_encoder import ENCODERS, build_unet_encoder
 from caaxr_tf.models.unetpp import build_unetpp
 from caaxr_tf.models.weights import WeightsUnavailableError, load_weights_file
 
+MODELS.discover()
+
 __all__ = [
     "BACKBONES",
+    "MODELS",
     "ClampOutputs",
     "ENCODERS",
     "GrayscaleToRGB",

@@ -7,13 +7,12 @@ Builders are registered with `@register_model(name, task=...)` and called as
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import keras
 
-TASKS = ("segmentation", "detection", "classification", "regression")
+from caaxr_tf.registry import Registry
 
 Builder = Callable[..., keras.Model]
 
@@ -25,45 +24,48 @@ class ModelSpec:
     builder: Builder
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+# Every module of the caaxr_tf.models package is imported on the first lookup (each registers
+# its builders); see caaxr_tf/registry.py.
+MODELS: Registry[ModelSpec] = Registry("model", package="caaxr_tf.models",
+                                       origin=lambda spec: repr(spec.builder))
+
+
+def model_kinds() -> tuple[str, ...]:
+    """The kinds a model can be: the ``model_task`` of the registered tasks."""
+    from caaxr_tf.tasks import TASKS
+
+    return tuple(sorted({cls.model_task for cls in TASKS.values()}))
+
+
+def _check_kind(task: str) -> None:
+    kinds = model_kinds()
+    if task not in kinds:
+        raise ValueError(f"task must be one of {kinds}, got {task!r}")
 
 
 def register_model(name: str, *, task: str = "classification") -> Callable[[Builder], Builder]:
-    """Decorator registering `builder` under `name` for `task`."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    """Decorator registering `builder` under `name` for `task` (a task's ``model_task``, checked
+    when the model is looked up)."""
 
     def decorator(builder: Builder) -> Builder:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing.builder is not builder:
-            raise ValueError(f"model name {name!r} is already registered by {existing.builder!r}")
-        _REGISTRY[name] = ModelSpec(name=name, task=task, builder=builder)
+        MODELS.register(name, ModelSpec(name=name, task=task, builder=builder))
         return builder
 
     return decorator
 
 
-def _ensure_builtin_models() -> None:
-    # Importing the package imports every model module, which registers them.
-    importlib.import_module("caaxr_tf.models")
-
-
 def _spec(name: str) -> ModelSpec:
-    _ensure_builtin_models()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; known models: {', '.join(available_models())}"
-        ) from None
+    spec = MODELS.get(name)
+    _check_kind(spec.task)
+    return spec
 
 
 def available_models(task: str | None = None) -> list[str]:
     """Sorted registered model names, optionally only those for `task`."""
-    _ensure_builtin_models()
-    if task is not None and task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    return sorted(n for n, s in _REGISTRY.items() if task is None or s.task == task)
+    if task is not None:
+        _check_kind(task)
+        return [name for name, spec in MODELS.items() if spec.task == task]
+    return MODELS.names()
 
 
 def model_task(name: str) -> str:

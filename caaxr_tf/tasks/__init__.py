@@ -8,6 +8,7 @@ this package to resolve task names, and the task modules import the pipeline.
 """
 
 from caaxr_tf.tasks.base import (
+    TASKS,
     EvalContext,
     EvalResult,
     Task,
@@ -20,6 +21,7 @@ from caaxr_tf.tasks.base import (
 )
 
 __all__ = [
+    "TASKS",
     "EvalContext",
     "EvalResult",
     "Task",

@@ -15,8 +15,9 @@ The trainer, the evaluator, cross-validation, export and predict are generic: th
 task up here. The task of a run is the registered class whose ``protocol_task`` is the task
 named in the protocol's summary.json and whose ``model_task`` is the registry task of the
 model (Mask R-CNN, a ``detection`` model, on a ``segmentation`` protocol gives the detection
-task). Adding a task means adding one module under ``caaxr_tf/tasks/`` (every module of the
-package is imported on first use of the registry) and its section in caaxr_tf/configs/train.yaml.
+task). Adding a task means adding one module under ``caaxr_tf/tasks/`` (``TASKS``, a
+``caaxr_tf.registry.Registry``, imports every module of the package on first use) and its
+section in caaxr_tf/configs/train.yaml.
 
 This module imports no task module and nothing from the data pipeline at import time, so the
 pipeline can resolve task names without an import cycle.
@@ -24,67 +25,52 @@ pipeline can resolve task names without an import cycle.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+
+from caaxr_tf.registry import Registry
 
 if TYPE_CHECKING:
     import keras
     import numpy as np
     import tensorflow as tf
 
-_REGISTRY: dict[str, type["Task"]] = {}
-
 
 class UnknownTaskError(ValueError):
     """A task name (e.g. from a summary.json or a run's config.yaml) that no task module defines."""
 
 
+# Every module of the caaxr_tf.tasks package is imported on the first lookup (each registers its
+# task classes); see caaxr_tf/registry.py.
+TASKS: Registry[type["Task"]] = Registry("task", package="caaxr_tf.tasks", error=UnknownTaskError)
+
+
 def register_task(cls: type["Task"]) -> type["Task"]:
     """Class decorator: register ``cls`` under ``cls.name``."""
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"task {cls.name!r} is already registered by {existing.__module__}.{existing.__name__}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_builtin_tasks() -> None:
-    """Import every module of the caaxr_tf.tasks package (each registers its task)."""
-    import pkgutil
-
-    package = importlib.import_module("caaxr_tf.tasks")
-    for module in pkgutil.iter_modules(package.__path__):
-        if module.name != "base":
-            importlib.import_module(f"caaxr_tf.tasks.{module.name}")
+    return TASKS.register(cls.name, cls)
 
 
 def available_tasks() -> list[str]:
-    _load_builtin_tasks()
-    return sorted(_REGISTRY)
+    return TASKS.names()
 
 
 def get_task(name: str) -> type["Task"]:
     """The task class registered as ``name``; ``UnknownTaskError`` lists the known ones."""
-    _load_builtin_tasks()
-    try:
-        return _REGISTRY[str(name)]
-    except KeyError:
-        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_REGISTRY))}") from None
+    return TASKS.get(name)
 
 
 def task_for(protocol_task: str, model_task: str) -> type["Task"]:
     """The task that runs a ``model_task`` model on a ``protocol_task`` protocol."""
-    _load_builtin_tasks()
-    if protocol_task not in {cls.protocol_task for cls in _REGISTRY.values()}:
+    classes = TASKS.values()
+    if protocol_task not in {cls.protocol_task for cls in classes}:
         raise UnknownTaskError(
-            f"unknown protocol task {protocol_task!r}; known tasks: {', '.join(sorted(_REGISTRY))}"
+            f"unknown protocol task {protocol_task!r}; known tasks: {', '.join(TASKS.names())}"
         )
-    for cls in _REGISTRY.values():
+    for cls in classes:
         if cls.protocol_task == protocol_task and cls.model_task == model_task:
             return cls
-    kinds = sorted({cls.model_task for cls in _REGISTRY.values() if cls.protocol_task == protocol_task})
+    kinds = sorted({cls.model_task for cls in classes if cls.protocol_task == protocol_task})
     raise UnknownTaskError(f"a {model_task} model cannot run on a {protocol_task} protocol "
                            f"(it takes {' or '.join(kinds)} models)")
 

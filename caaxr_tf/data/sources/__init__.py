@@ -13,9 +13,10 @@ config (an unknown key is a ``ConfigError`` naming the valid keys) and calls the
 Readers never load the global config themselves: called directly with no config, they use the
 dataclass defaults, which equal caaxr_tf/configs/data.yaml's values (a test checks that).
 
-Adding a source = one module here (listed in ``BUILTIN_SOURCE_MODULES``) and its section in
-caaxr_tf/configs/data.yaml. A built-in source's module is imported when the source is first looked
-up (``available_sources`` lists names without importing anything, so the reading side can
+Adding a source = one module here, named after the source (``covid-ctset``:
+``covid_ctset.py``), and its section in caaxr_tf/configs/data.yaml: ``SOURCES`` (a
+``caaxr_tf.registry.Registry``) finds it, and imports it when the source is first looked up
+(``available_sources`` lists names without importing anything, so the reading side can
 validate protocols without OpenCV or pydicom).
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +31,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from caaxr_tf.config import ConfigError, from_mapping
 from caaxr_tf.data.records import ReadResult
-
-# Built-in source name -> the module that registers it.
-BUILTIN_SOURCE_MODULES = {
-    "caaxr": "caaxr_tf.data.sources.caaxr",
-    "chexpert": "caaxr_tf.data.sources.chexpert",
-    "covid-chestxray": "caaxr_tf.data.sources.covid_chestxray",
-    "covid-chestxray-severity": "caaxr_tf.data.sources.covid_chestxray_severity",
-    "covid-chestxray-lungs": "caaxr_tf.data.sources.covid_chestxray_lungs",
-    "qata": "caaxr_tf.data.sources.qata",
-    "covid-ctset": "caaxr_tf.data.sources.covid_ctset",
-}
+from caaxr_tf.registry import Registry
 
 C = TypeVar("C")
 Reader = Callable[[Path, Any], ReadResult]
@@ -67,7 +57,15 @@ class SourceSpec:
         return (self.read.__doc__ or "").strip().splitlines()[0] if self.read.__doc__ else ""
 
 
-_REGISTRY: dict[str, SourceSpec] = {}
+def _spec_origin(spec: SourceSpec) -> str:
+    return spec.read.__module__
+
+
+# A built-in source is the module of this package named after it (``-`` spelt ``_``): its names
+# are known without importing any source module, and a lookup imports only the source's module.
+SOURCES: Registry[SourceSpec] = Registry(
+    "source", package=__name__, module_entry=lambda module: module.replace("_", "-"),
+    error=UnknownSourceError, origin=_spec_origin)
 
 
 def register_source(name: str, *, section: str | Sequence[str], config: type) -> Callable[[Reader], Reader]:
@@ -86,10 +84,7 @@ def register_source(name: str, *, section: str | Sequence[str], config: type) ->
                             f"exactly one field per section, it has {sorted(fields)}")
 
     def decorator(read: Reader) -> Reader:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing.read is not read:
-            raise ValueError(f"source {name!r} is already registered by {existing.read.__module__}")
-        _REGISTRY[name] = SourceSpec(name, sections, config, read)
+        SOURCES.register(name, SourceSpec(name, sections, config, read))
         return read
 
     return decorator
@@ -97,21 +92,12 @@ def register_source(name: str, *, section: str | Sequence[str], config: type) ->
 
 def available_sources() -> list[str]:
     """The source names (built-in and registered), sorted; imports no source module."""
-    return sorted(set(BUILTIN_SOURCE_MODULES) | set(_REGISTRY))
+    return SOURCES.names()
 
 
 def get_source(name: str) -> SourceSpec:
     """The registered source ``name``; ``UnknownSourceError`` lists the known ones."""
-    name = str(name)
-    if name not in _REGISTRY and name in BUILTIN_SOURCE_MODULES:
-        importlib.import_module(BUILTIN_SOURCE_MODULES[name])
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = available_sources()
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UnknownSourceError(f"unknown source {name!r}{hint}; known sources: {', '.join(known)}") from None
+    return SOURCES.get(name)
 
 
 def data_sections() -> dict[str, list[str]]:
@@ -192,8 +178,15 @@ def read_source(name: str, data_root: str | os.PathLike, data_config: Mapping[st
     return spec.read(Path(data_root), source_config(name, data_config))
 
 
+def __getattr__(name: str) -> Any:
+    if name == "BUILTIN_SOURCE_MODULES":  # the older name of ``SOURCES.builtin_modules()``
+        return SOURCES.builtin_modules()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BUILTIN_SOURCE_MODULES",
+    "SOURCES",
     "SourceSpec",
     "UnknownSourceError",
     "available_sources",
