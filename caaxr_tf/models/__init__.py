@@ -14,6 +14,7 @@ from caaxr_tf.models import ct_models  # noqa: F401  (registers fpn_resnet50v2, 
 from caaxr_tf.models import mask_rcnn  # noqa: F401  (registers maskrcnn)
 from caaxr_tf.models import unet_encoder  # noqa: F401  (registers unet_resnet50, unet_densenet121)
 from caaxr_tf.models import unetpp  # noqa: F401  (registers unetpp)
+from caaxr_tf.weights import layers as _imported_layers  # noqa: F401  (registers layers of imported weights)
 from caaxr_tf.models.classifier import BACKBONES, build_classifier, build_pooled_backbone
 from caaxr_tf.models.layers import (
     GrayscaleToRGB,

@@ -519,3 +519,47 @@ def load_imported(weights: str | Path) -> ImportedWeights:
         with np.load(path) as data:
             kernel, bias = data["kernel"], data["bias"]
     return ImportedWeights(net, kernel, bias, metadata)
+
+
+_BN_NAMES = ("weight", "bias", "running_mean", "running_var")
+
+
+def export_state_dict(net: keras.Model, family: str) -> dict[str, np.ndarray]:
+    """The inverse of the import: a Keras backbone's variables under PyTorch names and layouts
+    (``torchvision`` naming). Round-trips exactly through `import_weights`; used by tests to
+    make full-size state dicts without torch."""
+    inverse_dense = {v: k for k, v in _DENSE_PARTS.items()}
+    inverse_res = {v: k for k, v in _RES_PARTS.items()}
+    state = {}
+    for layer in net.layers:
+        if not layer.weights:
+            continue
+        name = layer.name
+        if family == "densenet":
+            match = re.fullmatch(r"conv(\d+)_block(\d+)_(0_bn|1_conv|1_bn|2_conv)", name)
+            pool = re.fullmatch(r"pool(\d+)_(bn|conv)", name)
+            if name in ("conv1_conv", "conv1_bn", "bn"):
+                module = {"conv1_conv": "features.conv0", "conv1_bn": "features.norm0", "bn": "features.norm5"}[name]
+            elif match:
+                module = (f"features.denseblock{int(match.group(1)) - 1}.denselayer{match.group(2)}."
+                          f"{inverse_dense[match.group(3)]}")
+            elif pool:
+                module = f"features.transition{int(pool.group(1)) - 1}.{'norm' if pool.group(2) == 'bn' else 'conv'}"
+            else:
+                raise WeightConversionError(f"no PyTorch name for Keras layer {name}")
+        else:
+            match = re.fullmatch(r"stage(\d+)_block(\d+)_(1_conv|1_bn|2_conv|2_bn|proj_conv|proj_bn)", name)
+            if name in ("stem_conv", "stem_bn"):
+                module = {"stem_conv": "conv1", "stem_bn": "bn1"}[name]
+            elif match:
+                module = f"layer{match.group(1)}.{int(match.group(2)) - 1}.{inverse_res[match.group(3)]}"
+            else:
+                raise WeightConversionError(f"no PyTorch name for Keras layer {name}")
+        values = [np.asarray(v) for v in layer.get_weights()]
+        if isinstance(layer, layers.BatchNormalization):
+            state.update({f"{module}.{n}": v for n, v in zip(_BN_NAMES, values)})
+        else:
+            state[f"{module}.weight"] = values[0].transpose(3, 2, 0, 1)
+            if len(values) > 1:
+                state[f"{module}.bias"] = values[1]
+    return state
