@@ -231,3 +231,44 @@ def test_full_size_timm_resnet18(tmp_path):
 
     torch.manual_seed(0)
     _torch_parity(timm.create_model("resnet18", pretrained=False), "timm", "resnet18", tmp_path)
+
+
+def test_cli_reports_a_mapping_error(tmp_path, capsys):
+    from caaxr_tf.cli import main as caaxr
+
+    code = caaxr(["import-weights", "--from", "timm", str(DATA / "torchvision_densenet_small.safetensors"),
+                  "--model", "densenet121", "--out", str(tmp_path / "w.weights.h5")])
+    assert code == 2 and "expected" in capsys.readouterr().err
+    assert not (tmp_path / "w.weights.h5").exists()
+
+
+def test_cli_writes_weights_contract_and_head(tmp_path, capsys):
+    from caaxr_tf.cli import main as caaxr
+
+    out = tmp_path / "small.weights.h5"
+    assert caaxr(["import-weights", "--from", "torchvision", str(DATA / "torchvision_resnet_small.safetensors"),
+                  "--model", "resnet", "--out", str(out), "--input-size", "64",
+                  "--class-names", '["a", "b", "c"]']) == 0
+    contract = json.loads((tmp_path / "small.import.json").read_text())
+    assert contract["head"]["class_names"] == ["a", "b", "c"] and contract["backbone"] is None
+    assert contract["preprocessing"]["name"] == "imagenet"
+
+
+def test_classifier_refuses_weights_imported_for_another_backbone(tmp_path):
+    from caaxr_tf.models.classifier import build_classifier
+
+    imported = import_weights("torchvision", DATA / "torchvision_densenet_small.safetensors", "densenet",
+                              input_size=64)
+    path = imported.save(tmp_path / "small.weights.h5")
+    with pytest.raises(ValueError, match="was imported for densenet.*not resnet18"):
+        build_classifier("resnet18", 2, weights=str(path), input_shape=(64, 64, 1))
+
+
+def test_export_state_dict_round_trips():
+    from caaxr_tf.weights.convert import build_resnet, export_state_dict
+
+    net = build_resnet(blocks=[1, 1, 1, 1], widths=[8, 16, 32, 64], stem_filters=8, input_shape=(64, 64, 3))
+    state = export_state_dict(net, "resnet")
+    back = import_weights("timm", "x.safetensors", "resnet", input_size=64, state=state).backbone
+    for a, b in zip(net.weights, back.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
