@@ -67,12 +67,13 @@ def input_spec(image_size: int, channels: int = 1) -> dict[str, Any]:
         "shape": [image_size, image_size, channels],
         "channels": "grey (one channel); RGB files are converted to grey",
         "formats": ["PNG (8 or 16 bit)", "JPEG (8 bit)", "DICOM (via caaxr predict)"],
-        "bit_depth": "the serving signature takes the file bytes and `bit_depth` (8 or 16); 16-bit values are "
-                     "scaled to 0..255 by 255 / 65535, DICOM by its stored bits",
+        "bit_depth": "the serving signature takes the file bytes and `bit_depth`: values are read as 16 bit "
+                     "(8-bit data times 257); bit_depth 9..15 (e.g. 12-bit BIMCV) sets the range to 2**bit_depth - 1, "
+                     "anything else to 65535; the range is scaled to 0..255 (uint8)",
         "value_range": [0, 255],
-        "inversion": "`invert` true for MONOCHROME1 (white = air) images: pixels become 255 - x; caaxr predict "
-                     "sets it from DICOM PhotometricInterpretation and --invert",
-        "resize": f"bilinear to {image_size}x{image_size}, aspect ratio not kept",
+        "inversion": "`invert` true for MONOCHROME1 (white = air) images: v becomes range - v before scaling; "
+                     "caaxr predict sets it from DICOM PhotometricInterpretation, sidecars and --invert",
+        "resize": f"antialiased bicubic to {image_size}x{image_size} on the raw values, aspect ratio not kept",
     }
 
 

@@ -316,7 +316,8 @@ def preprocessing_contract(source: str, in_channels: int, input_size: int) -> di
         return {"name": "torchxrayvision", "channels": in_channels, "image_size": input_size,
                 "value_range": [-1024.0, 1024.0], "mean": [127.5], "std": [127.5 / 1024.0],
                 "description": "grey 0..255 -> (2 * x / 255 - 1) * 1024 (xrv.datasets.normalize(img, 255)), "
-                               f"one channel, {input_size} px centre crop + resize"}
+                               f"one channel, {input_size} px (torchxrayvision trained on centre-cropped images; "
+                               "the CAAXR pipeline resizes the whole image)"}
     return {"name": "imagenet", "channels": 3, "image_size": input_size, "value_range": "imagenet-standardised",
             "mean": [255.0 * m for m in IMAGENET_MEAN], "std": [255.0 * s for s in IMAGENET_STD],
             "description": "RGB 0..255 -> (x / 255 - ImageNet mean) / ImageNet std; grey images replicated to RGB"}
