@@ -93,6 +93,13 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     return obj
 
 
+def _first_line(error: BaseException) -> str:
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return (text.splitlines() or [type(error).__name__])[0][:200]
+
+
 def read_torch(path: str | Path, *, trusted: bool = False) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
@@ -107,7 +114,7 @@ def read_torch(path: str | Path, *, trusted: bool = False) -> dict[str, np.ndarr
     except Exception as error:  # noqa: BLE001 - a pickled model needs weights_only=False
         if not trusted:
             raise StateDictError(
-                f"{path}: not a plain state dict ({str(error).splitlines()[0][:200]}); if it is a pickled "
+                f"{path}: not a plain state dict ({_first_line(error)}); if it is a pickled "
                 "whole model from a source you trust (e.g. the torchxrayvision downloads), pass "
                 "--trust-pickle (trusted=True): unpickling runs code from the file"
             ) from None
