@@ -26,6 +26,7 @@ FIXTURES = [
 TOLERANCE = 1e-4
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name,source,model", FIXTURES)
 def test_stored_reference_parity(name, source, model):
     reference = np.load(DATA / f"{name}.npz")
@@ -49,6 +50,7 @@ def test_xrv_contract_and_calibration_recorded():
     assert meta["head"]["calibration"] == "torchxrayvision op_norm"
 
 
+@pytest.mark.numerics
 def test_save_and_load_round_trip(tmp_path):
     reference = np.load(DATA / "xrv_densenet_small.npz")
     imported = import_weights("torchxrayvision", DATA / "xrv_densenet_small.safetensors", "densenet", input_size=64)
