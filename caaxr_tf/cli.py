@@ -55,6 +55,8 @@ VERBS: dict[str, Verb] = {
                               "the published severity evaluation (least squares per grouped half split)"),
     "severity-features": Verb("caaxr_tf.severity.run_features",
                               "severity regression on features of this project's trained runs"),
+    "import-weights": Verb("caaxr_tf.weights.cli",
+                           "convert a torchxrayvision/timm/torchvision checkpoint into a Keras backbone (--weights)"),
     "ct-select": Verb("caaxr_tf.ct.select", "select the open-lung slices of CT series (JSON lines)"),
     "ct-report": Verb("caaxr_tf.ct.report", "per-fold and mean tables of CT runs, per slice and per patient"),
 }
@@ -67,6 +69,7 @@ USAGE_ERRORS = (
     ("caaxr_tf.tasks.base", "UnknownTaskError"),
     ("caaxr_tf.data.sources", "UnknownSourceError"),
     ("caaxr_tf.explain.cross_source", "ClassMatchError"),
+    ("caaxr_tf.weights.convert", "WeightConversionError"),
 )
 FAILURE_ERRORS = (
     ("caaxr_tf.data.records", "InputError"),  # and SchemaError
@@ -74,6 +77,8 @@ FAILURE_ERRORS = (
     ("caaxr_tf.locks", "FolderLockedError"),
     ("caaxr_tf.models.weights", "WeightsUnavailableError"),
     ("caaxr_tf.training.callbacks", "NonFiniteLossError"),
+    ("caaxr_tf.weights.state_dict", "StateDictError"),
+    ("caaxr_tf.model_package", "ModelPackageError"),
     ("builtins", "FileNotFoundError"),
 )
 

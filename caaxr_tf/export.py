@@ -593,6 +593,10 @@ def export_run(
             model, temporary, task=task, class_names=class_names, image_size=image_size,
             metadata=metadata, verify=verify, cam=cam,
         )
+        from caaxr_tf.model_package import write_package  # the model card beside the SavedModel
+
+        info = json.loads((temporary / METADATA_PATH).read_text(encoding="utf-8"))
+        write_package(temporary, info, config, run_dir, name=out.name)
         for old in _version_dirs(out, version) if overwrite else []:
             retired.append((old, out / f".retired-{old.name}-{os.getpid()}.tmp"))
             os.rename(*retired[-1])
@@ -631,6 +635,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-verify", action="store_true", help="skip the check of the reloaded export")
     parser.add_argument("--cam", action="store_true",
                         help="add the Grad-CAM output `cam` [N, S, S] of the predicted class (classifiers only)")
+    parser.add_argument("--preset", default=None, metavar="DIR",
+                        help="also write a KerasHub-style preset of the run (config.json, model.weights.h5, "
+                             "metadata.json; caaxr_tf.models.preset.load_preset)")
     parser.add_argument("--lung-run", default=None, metavar="RUN",
                         help="infection runs: a lungs-protocol run served in the same graph (map restricted to "
                              "the lungs, per-lung infected fractions)")
@@ -648,6 +655,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.preset:
+        from caaxr_tf.models.preset import save_run_preset
+
+        print(f"wrote preset {save_run_preset(args.run, args.preset, which=args.which)}")
     print(f"exported {args.run} to {target}")
     print(f"updated {Path(args.out).parent / MODELS_CONFIG}")
     return 0

@@ -199,6 +199,7 @@ class ServedModel:
 
     def __init__(self, model_dir: str | Path):
         self.path = resolve_model_dir(model_dir)
+        self.package = self._package()
         self.loaded = tf.saved_model.load(str(self.path))
         self.signature = self.loaded.signatures[SERVING_SIGNATURE]
         self.outputs = set(self.signature.structured_outputs)
@@ -214,6 +215,8 @@ class ServedModel:
 
         metadata_path = self.path / METADATA_PATH
         metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.exists() else {}
+        if not metadata and self.package:  # the model package alone describes the export
+            metadata = {key: self.package[key] for key in ("task", "class_names")}
         name = metadata.get("task")
         if name is None:
             name = ("classification" if "probabilities" in self.outputs else "detection" if "num_detections"
@@ -225,6 +228,13 @@ class ServedModel:
                               **ranges)
         task.check_outputs(self.outputs)
         return task
+
+    def _package(self) -> dict[str, Any] | None:
+        """The export's model package (``caaxr_tf.model_package``), checked; None for an export
+        without one. A missing or inconsistent package file is a ModelPackageError naming it."""
+        from caaxr_tf.model_package import has_package, read_package
+
+        return read_package(self.path) if has_package(self.path) else None
 
     def __call__(self, images: Sequence[PreparedImage]) -> dict[str, np.ndarray]:
         outputs = self.signature(
@@ -268,6 +278,8 @@ def _record(model: ServedModel, image: PreparedImage, outputs: dict[str, np.ndar
         else:
             record[key] = np.round(value.astype(np.float64), 6).tolist() if value.dtype.kind == "f" else value.tolist()
     record["input"] = {"format": image.format, "invert": image.invert, "bit_depth": image.bit_depth}
+    if model.package:
+        record["model"] = {"name": model.package["name"], "decision": model.package["thresholds"]["rule"]}
     return record
 
 

@@ -13,6 +13,7 @@ Adding a model = one module in this package with a builder decorated `@register_
 the package is imported (so the custom layers of saved models deserialize).
 """
 
+from caaxr_tf.weights import layers as _imported_layers  # noqa: F401  (registers layers of imported weights)
 from caaxr_tf.models.classifier import BACKBONES, build_classifier, build_pooled_backbone
 from caaxr_tf.models.layers import (
     GrayscaleToRGB,

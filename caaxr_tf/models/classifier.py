@@ -107,6 +107,25 @@ def _speed_up_batch_norm(model: keras.Model) -> None:
         layer.momentum = min(layer.momentum, FROM_SCRATCH_BN_MOMENTUM)
 
 
+def _imported_contract(backbone: str, weights: str) -> dict | None:
+    """The ``.import.json`` beside a weights file written by ``caaxr import-weights`` (None if
+    there is none): its preprocessing replaces the backbone's ImageNet preprocessing."""
+    if weights in (NONE, IMAGENET):
+        return None
+    from caaxr_tf.weights.convert import read_sidecar, sidecar_path
+
+    contract = read_sidecar(weights)
+    if contract is not None and contract.get("backbone") != backbone:
+        raise ValueError(
+            f"{weights} was imported for {contract.get('backbone') or contract.get('model')} "
+            f"({sidecar_path(weights)}), not {backbone}"
+        )
+    if contract is not None:
+        logger.info("%s: imported %s weights, preprocessing %s", backbone, contract.get("source"),
+                    contract["preprocessing"]["name"])
+    return contract
+
+
 def build_pooled_backbone(
     backbone: str,
     weights: str = NONE,
@@ -130,8 +149,13 @@ def build_pooled_backbone(
     weights = normalize_weights(weights)
     spec = BACKBONES[backbone]
     rgb_shape = input_shape[:2] + (3,)
+    imported = _imported_contract(backbone, weights)
 
     features = _build_backbone(backbone, spec, rgb_shape, weights, backbone_kwargs)
+    if imported is not None:
+        from caaxr_tf.weights.convert import set_torch_bn_epsilon
+
+        set_torch_bn_epsilon(features)
     features.trainable = weights == NONE
     if weights == NONE:
         logger.info("%s: random initialisation, backbone trainable", backbone)
@@ -141,7 +165,12 @@ def build_pooled_backbone(
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = GrayscaleToRGB(name="to_rgb")(inputs) if input_shape[-1] == 1 else inputs
-    x = ImageNetPreprocessing(spec.preprocessing, name="preprocess")(x)
+    if imported is not None:  # the imported network's own input contract (e.g. torchxrayvision)
+        from caaxr_tf.weights.layers import preprocessing_layer
+
+        x = preprocessing_layer(imported["preprocessing"], name="preprocess")(x)
+    else:
+        x = ImageNetPreprocessing(spec.preprocessing, name="preprocess")(x)
     x = features(x)
     if pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
