@@ -29,6 +29,10 @@ say, or refuses before writing anything:
   fingerprint its partial outputs are discarded.
 
 Only one run writes under ``out_dir`` at a time (``caaxr_tf.locks.FolderLock``).
+
+``--runner beam`` (``runner="beam"``) decodes the images in an Apache Beam pipeline
+(``caaxr_tf.data.beam_build``, imported only then) instead of the local process pool; the rest
+is this module's code for both runners, so they write the same bytes.
 """
 
 from __future__ import annotations
