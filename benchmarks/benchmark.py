@@ -1053,8 +1053,8 @@ def bench_tfrecords_beam(bench: Bench) -> dict[str, Any]:
                 label=f"peak RSS of the process tree, {runner}")
     notes = [
         f"Outputs byte-identical between the runners (sha256 of every file): {all(identical)} in {len(identical)} run(s).",
-        "CPU time counts only waited-for children: the Beam worker processes are; the DirectRunner's own threads "
-        "in the parent are too.",
+        "CPU time: the build process and its waited-for children; the DirectRunner's worker processes (started "
+        "through a shell that it waits for) are counted, and so are its job-service threads in the parent.",
         "The Beam figure includes the DirectRunner's start-up (worker processes, job service) and the driver's "
         "shard writing, which both runners do alike.",
     ]
@@ -1469,8 +1469,9 @@ def report_tables(report: dict[str, Any]) -> str:
     )
     dataset = report["dataset"]
     parts.append(f"Data: {dataset.get('source')} from {dataset.get('data_root')}"
-                 f"{' (synthetic ' + dataset['synthetic'] + ')' if dataset.get('synthetic') else ''}; "
-                 f"{dataset.get('protocol')}: {dataset.get('images')} images, {dataset.get('train_images')} in training.")
+                 f"{' (synthetic ' + dataset['synthetic'] + ')' if dataset.get('synthetic') else ''}"
+                 + (f"; {dataset.get('protocol')}: {dataset.get('images')} images, {dataset.get('train_images')} in "
+                    "training." if dataset.get("protocol") else "."))
     for name, section in report["sections"].items():
         parts.append(f"\n## {name}")
         if section.get("status") != "ok":
