@@ -1,5 +1,6 @@
 # Two entry points on a fresh clone: `make demo` and `make test`.
-# Each creates .venv (Python 3.11) if absent and installs the package with its test extra.
+# Each creates .venv (Python 3.11) if absent and installs the package with its test, serving and beam extras
+# (beam: tests/test_beam_build.py; it pins protobuf to 6.x, see README "Building the shards on Apache Beam").
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
@@ -11,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,serving]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,serving,beam]'
 	touch $(STAMP)
 
 install: $(STAMP)

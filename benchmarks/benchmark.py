@@ -26,6 +26,11 @@ Sections:
 * ``inference``: latency per image of the exported SavedModel (``serving_default`` on encoded
   PNGs, ``predict_preprocessed`` on float32 images) at batch 1 and 32 against the Keras model.
 
+* ``tfrecords-beam`` (not part of ``all``; needs ``pip install 'caaxr-tf[beam]'``): the same
+  all-protocol build with ``--runner beam`` (Beam's DirectRunner, ``--workers`` processes)
+  against the local process pool with as many workers, taken in turns in fresh child processes:
+  images/s and the peak summed RSS of each process tree, and whether every output file is
+  identical (sha256) between the two.
 * ``ct`` (not part of ``all``): seconds per CT patient (slice selection + classification,
   ``fpn_resnet50v2``) for sequences of 35, 130 and 406 slices against the published way
   (OpenCV reads, ``model.predict`` slice by slice), and the memory a 406-slice patient adds;
@@ -65,6 +70,9 @@ quiet_tensorflow_logs()
 SCHEMA_VERSION = 1
 SECTIONS = ("pipeline", "tfrecords", "train", "inference")
 CT_SECTION = "ct"  # asked for by name only (minutes per patient on a CPU at 512 px)
+BEAM_SECTION = "tfrecords-beam"  # asked for by name only: needs the beam extra (apache-beam)
+EXTRA_SECTIONS = (CT_SECTION, BEAM_SECTION)
+BEAM_DIRECT = "--runner=DirectRunner --direct_num_workers={workers} --direct_running_mode=multi_processing"
 IMAGE_SIZE = 224
 PIPELINE_BATCH = 32
 PIPELINE_PROTOCOL = "2class"  # every source has it, and it holds the most images
@@ -517,6 +525,19 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
             phases["write"] += time.perf_counter() - started
 
     tfr.Stager.stage, tfr.write_protocol = timed_stage, timed_write
+    if spec.get("runner") == "beam":
+        from caaxr_tf.data import beam_build
+
+        beam_stage = beam_build.BeamStager.stage
+
+        def timed_beam_stage(self, samples, description):
+            started = time.perf_counter()
+            try:
+                return beam_stage(self, samples, description)
+            finally:
+                phases["stage"] += time.perf_counter() - started
+
+        beam_build.BeamStager.stage = timed_beam_stage
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)
     rss_before = rss_now()
@@ -529,7 +550,8 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     summaries = tfr.build_tfrecords(spec["data_root"], out, source=spec["source"], protocols=spec["protocols"],
                                     workers=int(spec["workers"]), storage_size=int(spec.get("storage_size", 512)),
-                                    progress=False, log=lambda line: None)
+                                    progress=False, log=lambda line: None, runner=spec.get("runner", "local"),
+                                    beam_options=spec.get("beam_options"))
     seconds = time.perf_counter() - started
     cpu = cpu_seconds() - cpu  # the pool is joined by now, so its workers are counted
     ids: set[str] = set()
@@ -579,7 +601,7 @@ class Bench:
 
     # --- data preparation
 
-    def prepare_data(self) -> None:
+    def prepare_data(self, tfrecords: bool = True) -> None:
         args = self.args
         if args.data_root:
             self.data_root = Path(args.data_root).resolve()
@@ -587,6 +609,10 @@ class Bench:
                 raise SystemExit(f"error: data root not found: {self.data_root}")
         else:
             self.data_root = self.synthetic_root(args.synthetic, self.work / f"data-{args.synthetic}")
+        if not tfrecords:
+            self.dataset_info = {"source": args.source, "data_root": str(self.data_root),
+                                 "synthetic": None if args.data_root else args.synthetic}
+            return
         self.tfrecords = self.work / f"tfrecords-{args.source}"
         self.log(f"TFRecords for {PIPELINE_PROTOCOL} and seg under {self.tfrecords}")
         from caaxr_tf.data.tfrecords import build_tfrecords
@@ -973,6 +999,68 @@ def bench_tfrecords(bench: Bench) -> dict[str, Any]:
     notes.append("The build time counts from build_tfrecords() with TensorFlow already imported; the worker pool's "
                  "start-up is inside it.")
     return {"figures": figures, "notes": notes, "settings": {"repeats": repeats, "memory_sizes": list(sizes)}}
+
+
+def output_digests(out: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def bench_tfrecords_beam(bench: Bench) -> dict[str, Any]:
+    """build_tfrecords (all protocols) with --runner beam (DirectRunner, multi_processing)
+    against the local pool, same worker count, in turns; images/s, peak RSS of the process tree,
+    byte identity of the outputs."""
+    try:
+        import apache_beam  # noqa: F401
+    except ImportError:
+        return {"status": "skipped", "reason": "apache-beam is not installed (the beam extra)", "figures": {}}
+    args = bench.args
+    repeats = 1 if bench.quick else max(1, min(2, bench.repeats))
+    workers = bench.workers
+    options = BEAM_DIRECT.format(workers=workers)
+    scratch = bench.work / "tfrecords-beam-bench"
+    runs: dict[str, list[dict[str, Any]]] = {"local": [], "beam": []}
+    identical: list[bool] = []
+    for repeat in range(repeats):
+        for runner in ("local", "beam"):  # in turns, so a change of load hits both
+            bench.log(f"tfrecords-beam: build_tfrecords (all protocols), runner {runner}, {workers} worker(s), "
+                      f"run {repeat + 1}/{repeats}")
+            spec = {"data_root": str(bench.data_root), "out": str(scratch / runner), "source": args.source,
+                    "protocols": "all", "workers": workers, "storage_size": STORAGE_SIZE, "keep": True,
+                    "runner": runner}
+            if runner == "beam":
+                spec["beam_options"] = options
+            runs[runner].append(run_child("build", spec, sample_memory=True))
+        local, beam = output_digests(scratch / "local"), output_digests(scratch / "beam")
+        identical.append(bool(local) and local == beam)
+        bench.log(f"tfrecords-beam: {len(local)} output files, identical: {identical[-1]}")
+    figures: dict[str, dict[str, Any]] = {}
+    for runner in ("local", "beam"):
+        items = runs[runner]
+        label = (f"build_tfrecords, local pool, {workers} worker(s)" if runner == "local"
+                 else f"build_tfrecords, --runner beam ({options})")
+        figures[f"build_{runner}"] = figure(
+            [r["images"] / r["seconds"] for r in items], "images/s", reference="build_local" if runner == "beam" else None,
+            cpu_values=[r["images"] / r["cpu_seconds"] for r in items], label=label, workers=workers,
+            seconds=median([r["seconds"] for r in items]), stage_seconds=median([r["stage_seconds"] for r in items]),
+            images=items[0]["images"], records=items[0]["records"])
+        trees = [r.get("peak_rss_tree") for r in items]
+        if all(t is not None for t in trees):
+            figures[f"peak_rss_{runner}"] = figure(
+                [t / MIB for t in trees], "MiB", reference="peak_rss_local" if runner == "beam" else None,
+                label=f"peak RSS of the process tree, {runner}")
+    notes = [
+        f"Outputs byte-identical between the runners (sha256 of every file): {all(identical)} in {len(identical)} run(s).",
+        "CPU time: the build process and its waited-for children; the DirectRunner's worker processes (started "
+        "through a shell that it waits for) are counted, and so are its job-service threads in the parent.",
+        "The Beam figure includes the DirectRunner's start-up (worker processes, job service) and the driver's "
+        "shard writing, which both runners do alike.",
+    ]
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"figures": figures, "notes": notes, "settings": {"repeats": repeats, "beam_options": options,
+                                                           "identical": identical}}
 
 
 # --------------------------------------------------------------------------- train
@@ -1381,8 +1469,9 @@ def report_tables(report: dict[str, Any]) -> str:
     )
     dataset = report["dataset"]
     parts.append(f"Data: {dataset.get('source')} from {dataset.get('data_root')}"
-                 f"{' (synthetic ' + dataset['synthetic'] + ')' if dataset.get('synthetic') else ''}; "
-                 f"{dataset.get('protocol')}: {dataset.get('images')} images, {dataset.get('train_images')} in training.")
+                 f"{' (synthetic ' + dataset['synthetic'] + ')' if dataset.get('synthetic') else ''}"
+                 + (f"; {dataset.get('protocol')}: {dataset.get('images')} images, {dataset.get('train_images')} in "
+                    "training." if dataset.get("protocol") else "."))
     for name, section in report["sections"].items():
         parts.append(f"\n## {name}")
         if section.get("status") != "ok":
@@ -1417,7 +1506,7 @@ def report_tables(report: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sections", nargs="+", choices=[*SECTIONS, CT_SECTION, "all"], help="what to measure")
+    parser.add_argument("sections", nargs="+", choices=[*SECTIONS, *EXTRA_SECTIONS, "all"], help="what to measure")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic set, few repeats (< 5 minutes)")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data-root", help="a data root in the real layouts (see docs/data_layouts.md)")
@@ -1438,8 +1527,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ct-image-size", type=int, default=512, help="ct: model input (the published 512)")
     args = parser.parse_args(argv)
     if "all" in args.sections:
-        args.sections = list(SECTIONS) + [s for s in args.sections if s == CT_SECTION]
-    args.sections = [s for s in (*SECTIONS, CT_SECTION) if s in args.sections]
+        args.sections = list(SECTIONS) + [s for s in args.sections if s in EXTRA_SECTIONS]
+    args.sections = [s for s in (*SECTIONS, *EXTRA_SECTIONS) if s in args.sections]
     if args.data_root is None and args.synthetic is None:
         args.synthetic = "tiny" if args.quick else "small"
     if args.synthetic and args.source != "caaxr":
@@ -1468,13 +1557,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args, work)
     report["settings"]["repeats"] = bench.repeats
     runners = {"pipeline": bench_pipeline, "tfrecords": bench_tfrecords, "train": bench_train,
-               "inference": bench_inference, CT_SECTION: bench_ct}
+               "inference": bench_inference, CT_SECTION: bench_ct, BEAM_SECTION: bench_tfrecords_beam}
     sections: dict[str, dict[str, Any]] = {}
     try:
         with LoadSampler() as sampler:
             report["machine"] = machine_info()
             if set(args.sections) - {CT_SECTION}:  # the ct section makes its own patients
-                bench.prepare_data()
+                # the beam comparison needs the data only, not the pipeline section's TFRecords
+                bench.prepare_data(tfrecords=bool(set(args.sections) - {CT_SECTION, BEAM_SECTION}))
             for name in args.sections:
                 section_started = time.perf_counter()
                 try:

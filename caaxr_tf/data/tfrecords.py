@@ -29,6 +29,10 @@ say, or refuses before writing anything:
   fingerprint its partial outputs are discarded.
 
 Only one run writes under ``out_dir`` at a time (``caaxr_tf.locks.FolderLock``).
+
+``--runner beam`` (``runner="beam"``) decodes the images in an Apache Beam pipeline
+(``caaxr_tf.data.beam_build``, imported only then) instead of the local process pool; the rest
+is this module's code for both runners, so they write the same bytes.
 """
 
 from __future__ import annotations
@@ -77,6 +81,13 @@ class OutputConflictError(ValueError):
 
 class WorkerDiedError(RuntimeError):
     """A decoding process died (e.g. killed by the out-of-memory killer) twice on one image."""
+
+
+class BeamPipelineError(RuntimeError):
+    """The Beam staging pipeline (``--runner beam``) failed; nothing was written under a final name."""
+
+
+RUNNERS = ("local", "beam")
 
 
 def make_example(
@@ -804,8 +815,18 @@ def build_tfrecords(
     log: Callable[[str], None] = print,
     overwrite: bool = False,
     verify: bool = False,
+    runner: str = "local",
+    beam_options: str | Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Build the shards of the chosen protocols; returns each protocol's summary.
+
+    ``runner``: ``local`` (the default) decodes the images on a local process pool; ``beam``
+    runs that per-image stage as an Apache Beam pipeline (``caaxr_tf.data.beam_build``, imported
+    only then) with ``beam_options`` (a command-line string, e.g. ``"--runner=DirectRunner
+    --direct_num_workers=2 --direct_running_mode=multi_processing"``; default: the DirectRunner on
+    ``workers`` processes). Everything else -- selection, splits, manifest, shards, summary.json,
+    the rerun rules -- is the same code for both, so both write the same bytes; the runner is not
+    part of the fingerprint.
 
     ``overwrite`` replaces protocols built with other arguments or inputs (otherwise they
     raise ``OutputConflictError`` before anything is written; an up-to-date protocol is kept
@@ -822,6 +843,10 @@ def build_tfrecords(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a folder")
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if beam_options is not None and runner != "beam":
+        raise ValueError("beam_options (--beam-options) needs runner 'beam' (--runner beam)")
     data_config = load_config("data", data_overrides)
     check_data_config(data_config)
     protocol_config = load_config("protocols", protocol_overrides)
@@ -837,7 +862,18 @@ def build_tfrecords(
 
     # One stager per storage size (a protocol may set its own, e.g. CT slices keep theirs).
     sizes = {name: effective_storage_size(specs[name], storage_size) for name in names}
-    stagers = {size: Stager(staging_dir(out_dir, size, storage_size), size, workers or os.cpu_count() or 1, progress)
+    if runner == "beam":
+        try:
+            from caaxr_tf.data.beam_build import BeamStager  # apache_beam: only for --runner beam
+        except ImportError as error:
+            raise ValueError(f"--runner beam needs Apache Beam (pip install 'caaxr-tf[beam]'): {error}") from None
+
+        def new_stager(folder: Path, size: int) -> Stager:
+            return BeamStager(folder, size, workers or os.cpu_count() or 1, progress, beam_options, log=log)
+    else:
+        def new_stager(folder: Path, size: int) -> Stager:
+            return Stager(folder, size, workers or os.cpu_count() or 1, progress)
+    stagers = {size: new_stager(staging_dir(out_dir, size, storage_size), size)
                for size in dict.fromkeys(sizes.values())}
     for stager in stagers.values():
         stager.start()
@@ -893,6 +929,17 @@ def build_tfrecords(
                 f"{out_dir} holds protocol(s) that these arguments would not produce; nothing was written:\n"
                 f"{details}\nuse another --out, or --overwrite to replace them"
             )
+
+        if runner == "beam":
+            # One pipeline per storage size for the first draws of every protocol to build (a
+            # pipeline's start-up is the costly part); select_and_stage below finds them staged
+            # and runs another pipeline only for replacements of unusable images.
+            first: dict[int, list[Sample]] = {}
+            for name, spec, members, _, _, _ in jobs:
+                if plans[name].action != "up to date":
+                    first.setdefault(sizes[name], []).extend(first_draws(spec, members, seed))
+            for size, samples in first.items():
+                stagers[size].stage(samples, f"beam: staging at {size or 'original'} px")
 
         for name, spec, members, excluded, stamp, settings in jobs:
             protocol_dir = out_dir / name
@@ -952,6 +999,8 @@ def build_tfrecords(
                 log(f"WARNING: {warning}")
         # Kept after a failure or interruption: a rerun reuses what it still matches.
         shutil.rmtree(out_dir / STAGING_DIR, ignore_errors=True)
+        if runner == "beam":
+            log_beam_metrics(stagers.values(), {n: summaries[n] for n in pending}, log)
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
         for stager in stagers.values():
@@ -961,6 +1010,36 @@ def build_tfrecords(
             if created_out and out_dir.is_dir() and not any(out_dir.iterdir()):
                 out_dir.rmdir()  # a run refused before writing leaves no empty folder behind
     return summaries
+
+
+def first_draws(spec: protocols_lib.ProtocolSpec, members: Mapping[str, Sequence[Sample]], seed: int,
+                margin: float = 0.02) -> list[Sample]:
+    """The images ``select_and_stage`` draws first for each class (its target count from the
+    seeded order, those with the protocol's target values), plus a small margin (2 %, at least
+    one) of the next ones, likely replacements. Staging more than is used changes no output: only
+    the images ``select_and_stage`` draws are reported or written."""
+    drawn: list[Sample] = []
+    for class_spec in spec.classes:
+        order = protocols_lib.candidate_order(members[class_spec.name], seed, spec.source, spec.name, class_spec.name)
+        target = len(order) if class_spec.count is None else class_spec.count
+        extra = 0 if target >= len(order) else max(1, math.ceil(target * margin))
+        drawn.extend(s for s in order[: target + extra] if not isinstance(target_values(s, spec), Skipped))
+    return drawn
+
+
+def log_beam_metrics(stagers: Iterable[Stager], summaries: Mapping[str, Mapping[str, Any]],
+                     log: Callable[[str], None]) -> None:
+    """The Beam counters of every staging pipeline, summed, and the shard bytes the driver wrote."""
+    totals: Counter = Counter()
+    pipelines = 0
+    for stager in stagers:
+        totals.update(getattr(stager, "counters", {}))
+        pipelines += getattr(stager, "pipelines", 0)
+    shard_bytes = sum(entry.get("bytes", 0) for summary in summaries.values()
+                      for entry in (summary.get("shard_files") or {}).values())
+    log(f"beam metrics ({pipelines} pipeline(s)): images read {totals.get('images_read', 0)}, "
+        f"images skipped {totals.get('images_skipped', 0)}, staged bytes written "
+        f"{totals.get('staged_bytes_written', 0)}; shard bytes (driver) {shard_bytes}")
 
 
 def format_counts(summary: Mapping[str, Any]) -> str:
@@ -1046,7 +1125,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set-protocol", dest="protocol_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override caaxr_tf/configs/protocols.yaml, e.g. --set-protocol caaxr.2class.classes.covid.count=100")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    parser.add_argument("--runner", choices=list(RUNNERS), default="local",
+                        help="where the per-image decoding runs: local (a process pool, the default) or beam "
+                             "(an Apache Beam pipeline; pip install 'caaxr-tf[beam]'); both write the same bytes")
+    parser.add_argument("--beam-options", default=None, metavar="OPTIONS",
+                        help="Beam pipeline options as one string, with --runner beam, written with '=': "
+                             "--beam-options='--runner=FlinkRunner ...' (default: "
+                             "'--runner=DirectRunner --direct_num_workers=<--workers> "
+                             "--direct_running_mode=multi_processing')")
+    args = parser.parse_args(argv)
+    if args.beam_options is not None and args.runner != "beam":
+        parser.error("--beam-options needs --runner beam")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1076,8 +1166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
             overwrite=args.overwrite,
             verify=args.verify,
+            runner=args.runner,
+            beam_options=args.beam_options,
         )
-    except (SchemaError, OSError, ValueError, FolderLockedError, WorkerDiedError) as error:
+    except (SchemaError, OSError, ValueError, FolderLockedError, WorkerDiedError, BeamPipelineError) as error:
         # OSError: e.g. a full disk while staging or writing (no file is left under a final name)
         print(f"error: {error}", file=sys.stderr)
         return 2
