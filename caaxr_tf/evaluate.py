@@ -82,6 +82,28 @@ import numpy as np  # noqa: E402
 from caaxr_tf.io import json_safe, write_json_atomic, write_text_atomic  # noqa: E402
 from caaxr_tf.tasks.base import format_value  # noqa: E402
 from caaxr_tf.metrics.classification import classification_metrics, covid_index  # noqa: E402,F401  (re-exported)
+from caaxr_tf.models.outputs import predict_function  # noqa: E402,F401  (moved; re-exported)
+from caaxr_tf.tables import csv_text  # noqa: E402,F401  (moved; re-exported)
+from caaxr_tf.data.pipeline import make_dataset  # noqa: E402
+from caaxr_tf.data.schema import read_summary, shard_files  # noqa: E402
+from caaxr_tf.data.shards import naming_corrupt_shards  # noqa: E402
+from caaxr_tf.explain.evaluation import (  # noqa: E402
+    ALL_SPLITS,
+    TrainingOverlapError,
+    check_explainable,
+    data_tag,
+    evaluate_external,
+    evaluate_localization,
+    match_run_classes,
+    plot_localization,
+    resolve_protocol_dir,
+    shortcut_summary,
+    training_overlap,
+    write_cam_grid,
+)
+from caaxr_tf.explain.localization import format_table  # noqa: E402
+from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_config, load_run_model  # noqa: E402
+from caaxr_tf.tasks import EvalContext, get_task, task_of_run  # noqa: E402
 
 SPLITS = ("test", "val")
 MODEL_FILES = ("best", "final")
@@ -104,23 +126,11 @@ def options_tag(options: dict[str, Any]) -> str:
 
 def metrics_path(run_dir: str | Path, split: str = "test", subset: str | None = None, which: str = "best") -> Path:
     """Where `evaluate_run` writes the metrics of this evaluation."""
-    from caaxr_tf.runs import EVAL_DIR
-
     return Path(run_dir) / EVAL_DIR / f"metrics{output_tag(split, subset, which)}.json"
-
-
-def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def run_task(config: dict[str, Any], summary: dict[str, Any]):
     """The Task object of a run folder's config (class names from the run, else the protocol)."""
-    from caaxr_tf.tasks import task_of_run
-
     task_class = task_of_run(config.get("task") or summary["task"], config.get("model"))
     return task_class([str(c) for c in (config.get("class_names") or summary["classes"])],
                       target_names=config.get("target_names") or summary.get("target_names") or ())
@@ -128,9 +138,6 @@ def run_task(config: dict[str, Any], summary: dict[str, Any]):
 
 def _check_inputs(run_dir: Path, split: str, subset: str | None, which: str) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     """Config, protocol folder and summary of a run; one-line errors for what is missing."""
-    from caaxr_tf.data.schema import read_summary, shard_files
-    from caaxr_tf.runs import BEST_MODEL, FINAL_MODEL, load_run_config
-
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if which not in MODEL_FILES:
@@ -188,15 +195,10 @@ def evaluate_run(
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
     split is damaged.
     """
-    from caaxr_tf.data.schema import shard_files
-    from caaxr_tf.data.shards import naming_corrupt_shards
-
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     config, tfrecords, summary = _check_inputs(Path(run_dir).resolve(), split, subset, which)
     if cam:
-        from caaxr_tf.explain.evaluation import check_explainable
-
         check_explainable(run_task(config, summary), "--cam")
     with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
         return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
@@ -217,10 +219,6 @@ def _evaluate_run(
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
 ) -> dict[str, Any]:
-    from caaxr_tf.data.pipeline import make_dataset
-    from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
-    from caaxr_tf.tasks import EvalContext
-
     started = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     config, tfrecords, summary = _check_inputs(run_dir, split, subset, which)
@@ -265,8 +263,6 @@ def _evaluate_run(
         **result.metrics,
     }
     if cam:
-        from caaxr_tf.explain.evaluation import write_cam_grid
-
         write_cam_grid(model, dataset, task.class_names, context.path("cam_grid", "png"), f"Grad-CAM: {context.title}")
     files = dict(context.files)
     files["predictions"] = f"predictions{tag}.csv"
@@ -284,8 +280,6 @@ def _evaluate_run(
 def _explain_inputs(run_dir: str | Path, which: str, what: str):
     """Run folder, config, summary and Task of a classifier run, checked (``what`` names the
     option in errors)."""
-    from caaxr_tf.explain.evaluation import check_explainable
-
     run_dir = Path(run_dir).resolve()
     config, _, summary = _check_inputs(run_dir, "test", None, which)
     task = run_task(config, summary)
@@ -309,10 +303,6 @@ def evaluate_localization_run(
     Writes ``RUN_DIR/eval/localization_<folder>_<protocol><tag>.json`` (the table of the CAM
     and the baselines), ``.csv`` (per image) and ``.png``; returns the JSON dict.
     """
-    from caaxr_tf.explain.evaluation import data_tag, evaluate_localization, plot_localization, resolve_protocol_dir
-    from caaxr_tf.explain.localization import format_table
-    from caaxr_tf.runs import EVAL_DIR, load_run_model
-
     started = time.perf_counter()
     run_dir, config, task = _explain_inputs(run_dir, which, "--localization")
     protocol_dir = resolve_protocol_dir(protocol, "seg")
@@ -365,19 +355,6 @@ def evaluate_external_run(
     (same image id or patient, `training_overlap`) unless ``exclude_overlap`` leaves them out;
     the JSON's ``training_overlap`` says how many overlapped and were excluded.
     """
-    from caaxr_tf.explain.evaluation import (
-        ALL_SPLITS,
-        data_tag,
-        evaluate_external,
-        match_run_classes,
-        resolve_protocol_dir,
-        TrainingOverlapError,
-        shortcut_summary,
-        training_overlap,
-        write_cam_grid,
-    )
-    from caaxr_tf.runs import EVAL_DIR, load_run_model
-
     started = time.perf_counter()
     run_dir, config, task = _explain_inputs(run_dir, which, "--tfrecords")
     if split not in (*SPLITS, ALL_SPLITS):
@@ -409,9 +386,6 @@ def evaluate_external_run(
         files["roc"] = f"{name}_roc.png"
         plot_roc(labels, scores, match.class_names, eval_dir / files["roc"], f"ROC: {title}")
     if cam:
-        from caaxr_tf.data.pipeline import make_dataset
-        from caaxr_tf.tasks import get_task
-
         files["cam_grid"] = f"{name}_cam_grid.png"
         grid_split = "test" if split == ALL_SPLITS else split
         dataset = make_dataset(protocol_dir, grid_split, fold=1, batch_size=16, image_size=image_size, training=False,
@@ -436,34 +410,8 @@ def evaluate_external_run(
     return output
 
 
-def predict_function(model) -> Callable[[Any], Any]:
-    """``images -> numpy outputs`` through one graph traced for any batch size."""
-    import tensorflow as tf
-
-    try:
-        spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
-    except (AttributeError, TypeError, IndexError, ValueError):  # a subclassed model without known inputs
-        spec = None
-    if spec is None:
-        step = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    else:
-        step = tf.function(lambda images: model(images, training=False), input_signature=[spec])
-
-    def predict(images) -> Any:
-        outputs = step(tf.convert_to_tensor(images, tf.float32))
-        if isinstance(outputs, dict):
-            return {key: value.numpy() for key, value in outputs.items()}
-        if isinstance(outputs, (list, tuple)):
-            return outputs[0].numpy()  # a multi-output model's first output
-        return outputs.numpy()
-
-    return predict
-
-
 def format_metrics(metrics: dict[str, Any], task=None) -> str:
     """A short plain-text table of one evaluation."""
-    from caaxr_tf.tasks import get_task
-
     subset = f", subset {metrics['subset']}" if metrics.get("subset") else ""
     lines = [
         f"{metrics.get('model')} ({metrics.get('protocol')}, fold {metrics.get('fold')}, {metrics.get('model_file')}) "

@@ -73,6 +73,12 @@ from caaxr_tf.export import (  # noqa: E402
     list_versions,
 )
 from caaxr_tf.io import write_bytes_atomic  # noqa: E402
+from caaxr_tf.ct.patients import classify_patient  # noqa: E402
+from caaxr_tf.data.bimcv import read_sidecar  # noqa: E402
+from caaxr_tf.data.formats import TIFF_MAGIC  # noqa: E402
+from caaxr_tf.data.pipeline import preprocess_image  # noqa: E402
+from caaxr_tf.explain.overlay import cam_overlay_rgb, encode_png, peak_location  # noqa: E402
+from caaxr_tf.tasks import get_task  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CAM_OUTPUT = "cam"  # the Grad-CAM output of ``caaxr_tf.export --cam``
@@ -154,8 +160,6 @@ def prepare_image(
     file_depth = 16 if is_png and len(data) > PNG_BIT_DEPTH_OFFSET and data[PNG_BIT_DEPTH_OFFSET] == 16 else 8
     sidecar = Path(path).with_suffix(".json")
     if sidecars and is_png and sidecar.exists():
-        from caaxr_tf.data.bimcv import read_sidecar
-
         tags = read_sidecar(sidecar)
         invert, bit_depth = tags.invert, tags.bit_depth or 0
     elif file_depth == 8:
@@ -166,8 +170,6 @@ def prepare_image(
 def prepare_ct_slice(path: str) -> PreparedImage | None:
     """A 16-bit TIFF or DICOM CT slice as a 16-bit PNG of raw values (HU + 1024), or None for
     other files (PNGs are sent as they are). OpenCV and pydicom are imported only here."""
-    from caaxr_tf.data.formats import TIFF_MAGIC
-
     with open(path, "rb") as handle:
         head = handle.read(4)
     if head in TIFF_MAGIC:
@@ -210,8 +212,6 @@ class ServedModel:
     def _task(self):
         """The export's task (from its metadata; an export without metadata is recognised by its
         outputs), checked against the outputs."""
-        from caaxr_tf.tasks import get_task
-
         metadata_path = self.path / METADATA_PATH
         metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.exists() else {}
         name = metadata.get("task")
@@ -242,8 +242,6 @@ class ServedModel:
 
     def preprocess(self, image: PreparedImage) -> np.ndarray:
         """The model's input for ``image``: uint8 [S, S] (for overlays)."""
-        from caaxr_tf.data.pipeline import preprocess_image
-
         pixels = preprocess_image(tf.constant(image.encoded), image.bit_depth, image.invert, self.image_size)
         return pixels.numpy()[:, :, 0]
 
@@ -256,8 +254,6 @@ def _record(model: ServedModel, image: PreparedImage, outputs: dict[str, np.ndar
     """The task's fields, then every other output with at most two dimensions per image."""
     record: dict[str, Any] = {"file": image.path, **model.task.prediction_record(outputs, index)}
     if CAM_OUTPUT in outputs:
-        from caaxr_tf.explain.overlay import peak_location
-
         record["cam_peak"] = peak_location(outputs[CAM_OUTPUT][index])
     for key in sorted(set(outputs) - set(model.task.reported_outputs) - {CAM_OUTPUT}):
         value = np.asarray(outputs[key][index])
@@ -290,8 +286,6 @@ def _overlay_path(overlay_dir: Path, source: str, taken: set[Path], kind: str = 
 def write_cam_overlay(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
     """The CAM over the model's input (uint8 [S, S]) as a PNG, written atomically (numpy
     drawing and ``tf.io.encode_png``: no OpenCV on the reading side)."""
-    from caaxr_tf.explain.overlay import cam_overlay_rgb, encode_png
-
     write_bytes_atomic(path, encode_png(cam_overlay_rgb(pixels, cam)))
     return path
 
@@ -339,7 +333,6 @@ def predict_patients(model: ServedModel, folder: str | Path, *, batch_size: int 
     """CT exports: one record per patient under ``folder`` (its series selected, the kept
     slices classified, both thresholds applied); a folder with no usable series gives an
     ``error`` record listing what was skipped."""
-    from caaxr_tf.ct.patients import classify_patient
     from caaxr_tf.data.ct_series import find_ct_series
 
     scan = find_ct_series(folder)

@@ -1,46 +1,18 @@
-"""The run folder written by ``caaxr_tf.train`` and read by evaluation, export and CV.
+"""A run folder written by ``caaxr_tf.train``, opened for evaluation, export, prediction and CV.
 
-    RUN_DIR/config.yaml    resolved configuration (see docs/run_dir.md)
-    RUN_DIR/best.keras     best model by the monitored validation metric
-    RUN_DIR/final.keras    model after the last epoch
-    RUN_DIR/history.csv    one row per epoch
-    RUN_DIR/logs/          TensorBoard event files (train/, validation/)
-    RUN_DIR/backup/        checkpoints to resume an interrupted run (removed when it completes)
-    RUN_DIR/eval/          metrics.json and plots from ``caaxr_tf.evaluate``
+The folder's files are named in `caaxr_tf.run_files` (re-exported here).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-import yaml
-
-CONFIG_FILE = "config.yaml"
-BEST_MODEL = "best.keras"
-FINAL_MODEL = "final.keras"
-HISTORY_FILE = "history.csv"
-LOG_DIR = "logs"
-BACKUP_DIR = "backup"
-EVAL_DIR = "eval"
-
-
-def load_run_config(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run folder written by caaxr_tf.train")
-    with open(path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
-
-
-def load_run_model(run_dir: str | Path, which: str = "best"):
-    """Load the best (or final) model of a run, with the project's custom objects registered."""
-    import keras
-
-    import caaxr_tf.metrics  # noqa: F401  (registers custom objects)
-    import caaxr_tf.models  # noqa: F401
-
-    path = Path(run_dir) / (BEST_MODEL if which == "best" else FINAL_MODEL)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the run in {run_dir} has not saved a {which} model yet")
-    return keras.saving.load_model(path, compile=False)
+from caaxr_tf.run_files import (  # noqa: F401  (re-exported)
+    BACKUP_DIR,
+    BEST_MODEL,
+    CONFIG_FILE,
+    EVAL_DIR,
+    FINAL_MODEL,
+    HISTORY_FILE,
+    LOG_DIR,
+    load_run_config,
+    load_run_model,
+)

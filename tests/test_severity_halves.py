@@ -131,7 +131,8 @@ def test_assign_half_splits_matches_group_shuffle_split_and_keeps_patients_whole
 def test_records_are_written_once_and_folds_are_selected_by_id(protocol_dir):
     import tensorflow as tf
 
-    from caaxr_tf.data.pipeline import make_dataset, parse_record
+    from caaxr_tf.data.pipeline import parse_record
+    from caaxr_tf.tasks.datasets import make_dataset
     from caaxr_tf.data.schema import shard_files
 
     summary = json.loads((protocol_dir / "summary.json").read_text())
@@ -291,7 +292,7 @@ def test_run_features_and_least_squares_on_the_protocol_splits(protocol_dir, tmp
     from sklearn.linear_model import LinearRegression
     from sklearn.metrics import mean_absolute_error
 
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
     from caaxr_tf.severity import run_features as rf
 
     model = write_feature_run(tmp_path / "run", protocol_dir)

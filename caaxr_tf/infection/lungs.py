@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from caaxr_tf.infection.maps import _batch, lung_infection_fractions
+
 LUNG_THRESHOLD = 0.5
 FEATURE_NAMES = ("right_lung_infected_fraction", "left_lung_infected_fraction", "lungs_infected_fraction")
 
@@ -33,7 +35,7 @@ class LungRun:
     ``[N, H, W, 1]`` at the images' own size (images: float ``[N, H, W, 1]`` in 0..255)."""
 
     def __init__(self, run_dir: str | Path, which: str = "best"):
-        from caaxr_tf.runs import load_run_config, load_run_model
+        from caaxr_tf.run_files import load_run_config, load_run_model
 
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
@@ -67,7 +69,7 @@ def resized_lung_probabilities(lung_model, images, lung_image_size: int):
     are resized to the lung model's input (bilinear), its output resized back."""
     import tensorflow as tf
 
-    from caaxr_tf.tasks.segmentation import mask_output
+    from caaxr_tf.models.outputs import mask_output
 
     height, width = tf.shape(images)[1], tf.shape(images)[2]
     inputs = tf.image.resize(images, [lung_image_size, lung_image_size], method="bilinear")
@@ -81,7 +83,7 @@ def with_lung_model(infection_model, lung_model, image_size: int, lung_image_siz
     renamed ``lungs_<name>``."""
     import keras
 
-    from caaxr_tf.tasks.segmentation import mask_output
+    from caaxr_tf.models.outputs import mask_output
 
     if lung_model.name == infection_model.name:  # e.g. two "unet"s: a functional model needs unique names
         lung_model.name = f"lungs_{lung_model.name}"  # renamed in place; weights and config are untouched
@@ -132,8 +134,6 @@ def lung_infection_features(infection_maps: np.ndarray, lung_maps: np.ndarray, *
     The feature for the severity regression (columns `FEATURE_NAMES`); lungs split with
     `caaxr_tf.infection.maps.split_lungs` (components, else the midline).
     """
-    from caaxr_tf.infection.maps import _batch, lung_infection_fractions
-
     maps, lungs = _batch(infection_maps, "infection_maps"), _batch(lung_maps, "lung_maps")
     if maps.shape != lungs.shape:
         raise ValueError(f"infection maps {maps.shape} and lung maps {lungs.shape} differ in shape")
@@ -149,9 +149,9 @@ def image_infection_features(images: np.ndarray, infection_run: str | Path, lung
     """``[N, 3]`` per-lung infected fractions of raw images (float ``[N, S, S, 1]`` 0..255 at the
     infection run's image size): both runs' best models, the map restricted to the lungs, then
     `lung_infection_features`. For feature extraction by other modules (severity)."""
-    from caaxr_tf.evaluate import predict_function
-    from caaxr_tf.runs import load_run_model
-    from caaxr_tf.tasks.segmentation import mask_output
+    from caaxr_tf.models.outputs import predict_function
+    from caaxr_tf.run_files import load_run_model
+    from caaxr_tf.models.outputs import mask_output
 
     predict = predict_function(load_run_model(Path(infection_run), "best"))
     lungs = LungRun(lung_run)

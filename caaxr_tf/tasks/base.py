@@ -314,14 +314,14 @@ class Task:
                        image_size: int) -> "tf.Tensor":
         """``serving_default``: a batch of encoded images → the model's input batch, exactly as
         the tf.data pipeline prepares it (default: ``caaxr_tf.export.decode_images``)."""
-        from caaxr_tf.export import decode_images
+        from caaxr_tf.data.serving import decode_images
 
         return decode_images(images, invert, bit_depth, image_size)
 
     def check_preprocessed(self, images: "tf.Tensor", image_size: int) -> "tf.Tensor":
         """``predict_preprocessed``: ``images`` after the checks of a client's own preprocessing
         (default: shape [N, S, S, 1] and values in 0..255)."""
-        from caaxr_tf.export import check_preprocessed
+        from caaxr_tf.data.serving import check_preprocessed
 
         return check_preprocessed(images, image_size)
 

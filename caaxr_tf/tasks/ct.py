@@ -26,6 +26,20 @@ import tensorflow as tf
 
 from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, format_value, register_task
 from caaxr_tf.tasks.classification import ClassificationTask
+from caaxr_tf.ct.augment import augment_ct_batch
+from caaxr_tf.ct.inputs import decode_raw_png, fit_raw
+from caaxr_tf.ct.patients import evaluate_patients, patient_rows, split_patients
+from caaxr_tf.data.serving import (
+    PNG_BIT_DEPTH_OFFSET,
+    PNG_SIGNATURE,
+    _starts_with,
+    assert_image_shape,
+    assert_rank_one,
+    image_headers,
+)
+from caaxr_tf.io import write_text_atomic
+from caaxr_tf.metrics.confusion import ClasswisePrecision, ClasswiseSensitivity, confusion_rates
+from caaxr_tf.tables import csv_text
 
 PATIENT_COLUMNS = ("patients", "correct_t1", "covid_to_normal_t1", "normal_to_covid_t1",
                    "correct_t2", "covid_to_normal_t2", "normal_to_covid_t2")
@@ -43,23 +57,17 @@ class CTTask(ClassificationTask):
 
     def decode(self, record: Mapping[str, tf.Tensor], image_size: int) -> dict[str, tf.Tensor]:
         """The slice as uint16 raw values ``[S, S, 1]`` (cached at 2 bytes per pixel)."""
-        from caaxr_tf.ct.inputs import decode_raw_png, fit_raw
-
         image = fit_raw(decode_raw_png(record["image/encoded"]), image_size)
         return {"image": image, "label": tf.cast(record["label"], tf.int32), "id": record["image/id"]}
 
     def augment(self, images: tf.Tensor, batch: Mapping[str, tf.Tensor], seed: tf.Tensor
                 ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-        from caaxr_tf.ct.augment import augment_ct_batch
-
         return augment_ct_batch(images, seed), {}
 
     # training ---------------------------------------------------------------------
 
     def make_metrics(self) -> list:
         import keras
-
-        from caaxr_tf.metrics.confusion import ClasswisePrecision, ClasswiseSensitivity
 
         names = self.class_names
         return [
@@ -71,8 +79,6 @@ class CTTask(ClassificationTask):
     # evaluation -------------------------------------------------------------------
 
     def evaluate(self, predict: Predict, dataset: Any, context: EvalContext) -> EvalResult:
-        from caaxr_tf.metrics.confusion import confusion_rates
-
         result = super().evaluate(predict, dataset, context)
         names = self.class_names
         labels = [names.index(row[1]) for row in result.rows]
@@ -85,10 +91,6 @@ class CTTask(ClassificationTask):
 
     def evaluate_patients(self, predict: Predict, context: EvalContext) -> dict[str, Any]:
         """The patient pipeline over every slice of the split's patients; writes the per-patient CSV."""
-        from caaxr_tf.ct.patients import evaluate_patients, patient_rows, split_patients
-        from caaxr_tf.evaluate import csv_text
-        from caaxr_tf.io import write_text_atomic
-
         if context.protocol_dir is None or context.image_size is None:
             raise ValueError("patient evaluation needs the protocol folder and the run's image size")
         patients = split_patients(context.protocol_dir, context.split, context.fold)
@@ -163,8 +165,6 @@ class CTTask(ClassificationTask):
 
     def check_preprocessed(self, images: tf.Tensor, image_size: int) -> tf.Tensor:
         """Shape ``[N, S, S, 1]``, a non-empty batch, finite raw values within 0..65535."""
-        from caaxr_tf.export import assert_image_shape
-
         with tf.control_dependencies([assert_image_shape(images, image_size)]):
             images = tf.identity(images)
         checks = [
@@ -181,9 +181,6 @@ class CTTask(ClassificationTask):
 
 def decode_raw_slices(images: tf.Tensor, image_size: int) -> tf.Tensor:
     """A batch of encoded 16-bit PNG slices → float32 ``[N, S, S, 1]`` raw values."""
-    from caaxr_tf.ct.inputs import decode_raw_png, fit_raw
-    from caaxr_tf.export import PNG_BIT_DEPTH_OFFSET, PNG_SIGNATURE, _starts_with, assert_rank_one, image_headers
-
     images = tf.convert_to_tensor(images, tf.string)
     with tf.control_dependencies([assert_rank_one(images, "images", "encoded 16-bit PNG slices")]):
         images = tf.identity(images)

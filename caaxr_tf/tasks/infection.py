@@ -32,7 +32,12 @@ import tensorflow as tf
 from caaxr_tf.metrics.classification import covid_index
 from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, check_finite, format_value, register_task
 from caaxr_tf.tasks.classification import ClassificationTask
-from caaxr_tf.tasks.segmentation import EMPTY_SCORE, SegmentationTask, mask_output, segmentation_metrics
+from caaxr_tf.models.outputs import mask_output
+from caaxr_tf.tasks.segmentation import EMPTY_SCORE, SegmentationTask, segmentation_metrics
+from caaxr_tf import metrics
+from caaxr_tf.data.pipeline import make_dataset
+from caaxr_tf.metrics import dice_per_image, iou_per_image
+from caaxr_tf.metrics.pixel import PixelCounts, PixelF1
 
 DEFAULT_THRESHOLD = 0.5  # t: a pixel is infected where the map is >= t (published: 0.5)
 DEFAULT_MIN_PIXELS = 1  # A: an image is COVID-19 when at least A pixels are infected (published: 1)
@@ -78,17 +83,12 @@ class InfectionTask(SegmentationTask):
         return super().per_example_loss(targets["mask"], outputs)
 
     def make_metrics(self) -> list:
-        from caaxr_tf import metrics
-        from caaxr_tf.metrics.pixel import PixelF1
-
         return [PixelF1(name="pixel_f1"), metrics.Dice(name="dice"), metrics.IoU(name="iou")]
 
     # evaluation ---------------------------------------------------------------------
 
     def evaluate(self, predict: Predict, dataset: Any, context: EvalContext) -> EvalResult:
         from caaxr_tf.infection.maps import detection_rates, infected_pixel_count, restrict_to_lungs
-        from caaxr_tf.metrics import dice_per_image, iou_per_image
-        from caaxr_tf.metrics.pixel import PixelCounts
 
         options = dict(getattr(context, "options", None) or {})
         threshold, min_pixels = check_detection_rule(options.get("threshold", self.threshold),
@@ -184,10 +184,7 @@ class InfectionTask(SegmentationTask):
 
     def _constant_maps(self, protocol_dir: Path, split: str, fold: int, subset: str | None,
                        batch_size: int = 32) -> dict[str, dict[str, Any]]:
-        from caaxr_tf.data.pipeline import make_dataset
         from caaxr_tf.infection.maps import detection_rates
-        from caaxr_tf.metrics import dice_per_image
-        from caaxr_tf.metrics.pixel import PixelCounts
 
         dataset = make_dataset(protocol_dir, split, fold=fold, batch_size=batch_size, task=self, training=False,
                                augment=False, cache=False, subset=subset)
