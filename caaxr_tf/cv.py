@@ -81,7 +81,7 @@ from caaxr_tf.tables import (  # noqa: E402,F401  (moved to caaxr_tf.tables; re-
     render_table,
     summarize,
 )
-from caaxr_tf.data.schema import read_summary  # noqa: E402
+from caaxr_tf.data.summary import ProtocolSummary  # noqa: E402
 from caaxr_tf.evaluate import evaluate_external_run, evaluate_localization_run, evaluate_run  # noqa: E402
 from caaxr_tf.explain.evaluation import (  # noqa: E402
     ALL_SPLITS,
@@ -92,7 +92,7 @@ from caaxr_tf.explain.evaluation import (  # noqa: E402
     resolve_protocol_dir,
     training_overlap,
 )
-from caaxr_tf.runs import EVAL_DIR, load_run_config  # noqa: E402
+from caaxr_tf.runs import EVAL_DIR, Run  # noqa: E402
 from caaxr_tf.tasks import get_task  # noqa: E402
 from caaxr_tf.train import add_training_arguments, protocol_names, run_training, training_flags  # noqa: E402
 from caaxr_tf.training.config import resolve_run_config  # noqa: E402
@@ -304,7 +304,7 @@ def explain_columns(run_dir: Path, options: ExplainOptions, batch_size: int | No
     """The explain columns of one run, evaluating what is missing (or everything with ``force``)."""
     row: dict[str, Any] = {}
     if options.external:
-        protocol = str(load_run_config(run_dir).get("protocol") or "")
+        protocol = Run(run_dir).settings.protocol
         path = run_dir / EVAL_DIR / f"external_{data_tag(resolve_protocol_dir(options.external, protocol))}_{ALL_SPLITS}.json"
         result = _read_json(path) if path.exists() and not force else evaluate_external_run(
             run_dir, options.external, class_map=options.class_map, split=ALL_SPLITS, batch_size=batch_size,
@@ -352,11 +352,11 @@ def run_cv(
     protocol_dir = tfrecords / protocol
     if not (protocol_dir / "summary.json").exists():
         raise FileNotFoundError(f"{protocol_dir / 'summary.json'} not found: --tfrecords must hold the {protocol}/ protocol folder")
-    summary = read_summary(protocol_dir)
-    class_names = [str(c) for c in summary["classes"]]
-    task = protocol_task(summary["task"], class_names, summary.get("target_names") or ())
-    subsets = sorted(summary.get("subsets") or {})
-    available = int(summary["folds"])
+    summary = ProtocolSummary.read(protocol_dir)
+    class_names = list(summary.classes)
+    task = protocol_task(summary.task, class_names, summary.target_names)
+    subsets = sorted(summary.subsets)
+    available = summary.folds
     folds = list(folds) if folds else list(range(1, available + 1))
     # "--models unet,unet --folds 1,1" means each once (a second run would repeat the first's row)
     if len(set(models)) < len(models) or len(set(folds)) < len(folds):
@@ -392,7 +392,7 @@ def run_cv(
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     # half-split protocols score the baseline over the run's folds (one test half per fold)
-    over_folds = {"folds": folds} if summary.get("split_scheme") == "grouped_halves" else {}
+    over_folds = {"folds": folds} if summary.split_scheme == "grouped_halves" else {}
     baselines = task.baselines(protocol_dir, "test", folds[0], subsets, **over_folds)
     write_text_atomic(out / BASELINES_JSON, json.dumps(baselines, indent=2) + "\n")
 

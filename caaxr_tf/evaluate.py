@@ -102,7 +102,7 @@ from caaxr_tf.explain.evaluation import (  # noqa: E402
     write_cam_grid,
 )
 from caaxr_tf.explain.localization import format_table  # noqa: E402
-from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_config, load_run_model  # noqa: E402
+from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, Run, open_run  # noqa: E402
 from caaxr_tf.tasks import EvalContext, get_task, task_of_run  # noqa: E402
 
 SPLITS = ("test", "val")
@@ -129,36 +129,22 @@ def metrics_path(run_dir: str | Path, split: str = "test", subset: str | None = 
     return Path(run_dir) / EVAL_DIR / f"metrics{output_tag(split, subset, which)}.json"
 
 
-def run_task(config: dict[str, Any], summary: dict[str, Any]):
-    """The Task object of a run folder's config (class names from the run, else the protocol)."""
-    task_class = task_of_run(config.get("task") or summary["task"], config.get("model"))
-    return task_class([str(c) for c in (config.get("class_names") or summary["classes"])],
-                      target_names=config.get("target_names") or summary.get("target_names") or ())
-
-
-def _check_inputs(run_dir: Path, split: str, subset: str | None, which: str) -> tuple[dict[str, Any], Path, dict[str, Any]]:
-    """Config, protocol folder and summary of a run; one-line errors for what is missing."""
+def _check_inputs(run_dir: "str | Path | Run", split: str, subset: str | None, which: str) -> Run:
+    """The Run, checked: one-line errors for what is missing, before anything is read."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if which not in MODEL_FILES:
         raise ValueError(f"unknown model file {which!r}; expected one of {', '.join(MODEL_FILES)}")
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    config = load_run_config(run_dir)
-    if not isinstance(config, dict) or "tfrecords" not in config:
-        raise ValueError(f"{run_dir / 'config.yaml'} has no 'tfrecords' entry: not a run folder written by caaxr_tf.train")
-    model_file = run_dir / (BEST_MODEL if which == "best" else FINAL_MODEL)
+    run = open_run(run_dir)
+    model_file = run.model_path(which)
     if not model_file.exists():
-        raise FileNotFoundError(f"{model_file} not found: the run in {run_dir} has not saved a {which} model yet")
-    tfrecords = Path(config["tfrecords"])
-    summary = read_summary(tfrecords)
-    run_task(config, summary)  # an unknown task is an error before anything is read
-    fold = int(config.get("fold") or 1)
-    shard_files(tfrecords, split, fold)  # raises for a split or fold that does not exist
-    if subset is not None and subset not in summary.get("subsets", {}):
-        known = ", ".join(summary.get("subsets", {})) or "none"
-        raise ValueError(f"unknown subset {subset!r}; {tfrecords} has: {known}")
-    return config, tfrecords, summary
+        raise FileNotFoundError(f"{model_file} not found: the run in {run.path} has not saved a {which} model yet")
+    run.task()  # an unknown task is an error before anything is read
+    shard_files(run.protocol_dir, split, run.settings.fold)  # raises for a split or fold that does not exist
+    if subset is not None and subset not in run.protocol.subsets:
+        known = ", ".join(run.protocol.subsets) or "none"
+        raise ValueError(f"unknown subset {subset!r}; {run.protocol_dir} has: {known}")
+    return run
 
 
 def evaluate_run(
@@ -197,16 +183,16 @@ def evaluate_run(
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    config, tfrecords, summary = _check_inputs(Path(run_dir).resolve(), split, subset, which)
+    run = _check_inputs(run_dir, split, subset, which)
     if cam:
-        check_explainable(run_task(config, summary), "--cam")
-    with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
-        return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
+        check_explainable(run.task(), "--cam")
+    with naming_corrupt_shards(shard_files(run.protocol_dir, split, run.settings.fold)):
+        return _evaluate_run(run, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
                              cam=cam, options=options, patients=patients)
 
 
 def _evaluate_run(
-    run_dir: str | Path,
+    run: Run,
     split: str,
     subset: str | None,
     batch_size: int | None,
@@ -220,29 +206,25 @@ def _evaluate_run(
     patients: str | Path | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir = Path(run_dir).resolve()
-    config, tfrecords, summary = _check_inputs(run_dir, split, subset, which)
-    task = run_task(config, summary)
-    fold = int(config.get("fold") or 1)
-    batch_size = int(batch_size or config.get("batch_size") or 32)
-    model = load_run_model(run_dir, which)
-    predict = predict_function(model)
-    dataset = make_dataset(
-        tfrecords, split, fold=fold, batch_size=batch_size, task=task, training=False, augment=False,
-        cache=False, subset=subset, with_ids=True, image_size=int(config.get("image_size") or 224),
-    )
+    run_dir, settings, tfrecords = run.path, run.settings, run.protocol_dir
+    task = run.task()
+    fold = settings.fold
+    batch_size = int(batch_size or settings.batch_size)
+    model = run.model(which)
+    predict = run.predictor(model=model)
+    dataset = run.dataset(split, task=task, batch_size=batch_size, subset=subset, with_ids=True)
     if patients is not None and not hasattr(task, "evaluate_patients"):
         raise ValueError(f"--patients applies to CT runs (the ct task); this run's task is {task.name}")
     options = {key: value for key, value in (options or {}).items() if value is not None}
     tag = output_tag(split, subset, which) + options_tag(options)
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
-    context = EvalContext(eval_dir, tag, f"{config.get('model', '?')} — {config.get('protocol', '?')}, fold {fold}, {where}",
+    context = EvalContext(eval_dir, tag, f"{settings.model or '?'} — {settings.protocol or '?'}, fold {fold}, {where}",
                           plots=plots, num_examples=num_examples, options=options)
     if patients is not None:
         context.patients, context.protocol_dir = Path(patients), tfrecords
         context.split, context.fold, context.batch_size = split, fold, batch_size
-        context.image_size = int(config.get("image_size") or 224)
+        context.image_size = settings.image_size
     try:
         result = task.evaluate(predict, dataset, context)
     except ValueError as error:
@@ -252,9 +234,9 @@ def _evaluate_run(
 
     metrics: dict[str, Any] = {
         "run_dir": str(run_dir),
-        "model": config.get("model"),
+        "model": run.config.get("model"),
         "model_file": BEST_MODEL if which == "best" else FINAL_MODEL,
-        "protocol": config.get("protocol", summary.get("protocol")),
+        "protocol": run.config.get("protocol", run.protocol.protocol),
         "task": task.name,
         "fold": fold,
         "split": split,
@@ -278,13 +260,11 @@ def _evaluate_run(
 
 
 def _explain_inputs(run_dir: str | Path, which: str, what: str):
-    """Run folder, config, summary and Task of a classifier run, checked (``what`` names the
-    option in errors)."""
-    run_dir = Path(run_dir).resolve()
-    config, _, summary = _check_inputs(run_dir, "test", None, which)
-    task = run_task(config, summary)
+    """The Run, its config and Task of a classifier run, checked (``what`` names the option in errors)."""
+    run = _check_inputs(run_dir, "test", None, which)
+    task = run.task()
     check_explainable(task, what)
-    return run_dir, config, task
+    return run, run.config, task
 
 
 def evaluate_localization_run(
@@ -304,13 +284,14 @@ def evaluate_localization_run(
     and the baselines), ``.csv`` (per image) and ``.png``; returns the JSON dict.
     """
     started = time.perf_counter()
-    run_dir, config, task = _explain_inputs(run_dir, which, "--localization")
+    run, config, task = _explain_inputs(run_dir, which, "--localization")
+    run_dir = run.path
     protocol_dir = resolve_protocol_dir(protocol, "seg")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    model = load_run_model(run_dir, which)
+    model = run.model(which)
     result = evaluate_localization(
-        model, task.class_names, protocol_dir, split=split, image_size=int(config.get("image_size") or 224),
+        model, task.class_names, protocol_dir, split=split, image_size=run.settings.image_size,
         batch_size=int(batch_size or config.get("batch_size") or 16),
     )
     name = f"localization_{data_tag(protocol_dir)}{output_tag(split, None, which)}"
@@ -356,22 +337,23 @@ def evaluate_external_run(
     the JSON's ``training_overlap`` says how many overlapped and were excluded.
     """
     started = time.perf_counter()
-    run_dir, config, task = _explain_inputs(run_dir, which, "--tfrecords")
+    run, config, task = _explain_inputs(run_dir, which, "--tfrecords")
+    run_dir = run.path
     if split not in (*SPLITS, ALL_SPLITS):
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join((*SPLITS, ALL_SPLITS))}")
     protocol_dir = resolve_protocol_dir(tfrecords, str(config.get("protocol") or ""))
     match, _ = match_run_classes(task.class_names, protocol_dir, class_map)  # errors before the model loads
-    overlap = training_overlap(config["tfrecords"], int(config.get("fold") or 1), protocol_dir, split)
+    overlap = training_overlap(run.protocol_dir, run.settings.fold, protocol_dir, split)
     if overlap.image_ids and not exclude_overlap:
         raise TrainingOverlapError(overlap.message(protocol_dir))
     if overlap.image_ids and log is not None:
         log(f"--exclude-overlap: {len(overlap.image_ids)} of {overlap.external_images} external images left out "
             f"(in the run's training/validation data: {overlap.by_image_id} by image id, {overlap.by_patient} by patient)")
-    model = load_run_model(run_dir, which)
-    image_size = int(config.get("image_size") or 224)
-    result = evaluate_external(predict_function(model), task.class_names, protocol_dir, class_map=class_map,
+    model = run.model(which)
+    image_size = run.settings.image_size
+    result = evaluate_external(run.predictor(model=model), task.class_names, protocol_dir, class_map=class_map,
                                split=split, image_size=image_size,
-                               batch_size=int(batch_size or config.get("batch_size") or 32),
+                               batch_size=int(batch_size or run.settings.batch_size),
                                exclude_ids=overlap.image_ids)
     name = f"external_{data_tag(protocol_dir)}{output_tag(split, None, which) if split != ALL_SPLITS else '_all'}"
     eval_dir = run_dir / EVAL_DIR

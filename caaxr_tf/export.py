@@ -62,8 +62,8 @@ from caaxr_tf.data.serving import (  # noqa: E402,F401  (the serving input ops; 
     check_preprocessed,
 )
 from caaxr_tf.explain.gradcam import GradCam, make_cam_function, resolve_layer_path  # noqa: E402
-from caaxr_tf.runs import load_run_config, load_run_model  # noqa: E402
-from caaxr_tf.tasks import get_task, task_of_run  # noqa: E402
+from caaxr_tf.runs import Run  # noqa: E402
+from caaxr_tf.tasks import get_task  # noqa: E402
 
 if TYPE_CHECKING:
     from caaxr_tf.tasks import Task
@@ -395,26 +395,20 @@ def export_run(
         )
     if version is not None and version < 0:
         raise ValueError(f"version must be a non-negative integer, got {version}")
-    config = load_run_config(run_dir)
-
-    try:
-        ranges = {"target_ranges": config["target_ranges"]} if config.get("target_ranges") else {}
-        task = task_of_run(str(config.get("task")), config.get("model"))(
-            [str(name) for name in config.get("class_names") or []], target_names=config.get("target_names") or (),
-            **ranges)
-    except ValueError as error:
-        raise ValueError(f"{run_dir}/config.yaml: {error}") from None
+    run = Run(run_dir)
+    config = run.config
+    task = run.task()
     if cam:
         check_cam_export(task)
-    class_names = [str(name) for name in config.get("class_names") or []]
-    image_size = int(config.get("image_size", IMAGE_SIZE))
+    class_names = run.class_names
+    image_size = run.settings.image_size
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     version = next_version(out) if version is None else int(version)
     existing = _version_dirs(out, version)
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it or pick another --version")
-    model = load_run_model(run_dir, which)
+    model = run.model(which)
     if lung_run is not None:
         model = with_lung_run(model, task, lung_run, image_size)
     temporary = out / f".export-{version}-{os.getpid()}.tmp"

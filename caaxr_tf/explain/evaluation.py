@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from caaxr_tf.data.schema import MANIFEST_FILE, read_summary
+from caaxr_tf.data.summary import locate_protocol
 from caaxr_tf.explain.cross_source import external_metrics, match_classes, shortcut_gap
 from caaxr_tf.explain.gradcam import GradCam
 from caaxr_tf.explain.localization import DEFAULT_THRESHOLD, score_masks_with_baselines, table_from_scores
@@ -50,13 +51,7 @@ def check_explainable(task: Any, what: str) -> None:
 def resolve_protocol_dir(path: str | Path, default_protocol: str | None = None) -> Path:
     """``TFRECORDS/PROTOCOL`` as given, or ``TFRECORDS`` + ``default_protocol``; a clear
     ``FileNotFoundError`` when neither holds a summary.json."""
-    path = Path(path)
-    if (path / "summary.json").exists():
-        return path.resolve()
-    if default_protocol and (path / default_protocol / "summary.json").exists():
-        return (path / default_protocol).resolve()
-    tried = [str(path / "summary.json")] + ([str(path / default_protocol / "summary.json")] if default_protocol else [])
-    raise FileNotFoundError(f"no protocol folder at {path}: none of {', '.join(tried)} exists")
+    return locate_protocol(path, default_protocol)
 
 
 def data_tag(protocol_dir: Path) -> str:

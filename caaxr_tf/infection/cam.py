@@ -30,15 +30,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from caaxr_tf.data.pipeline import make_dataset
-from caaxr_tf.data.schema import read_summary
+from caaxr_tf.data.summary import ProtocolSummary
 from caaxr_tf.explain.gradcam import make_cam_function
 from caaxr_tf.io import json_safe, write_json_atomic, write_text_atomic
 from caaxr_tf.metrics import dice_per_image
 from caaxr_tf.metrics.classification import covid_index
 from caaxr_tf.metrics.pixel import PixelCounts
-from caaxr_tf.models.outputs import mask_output, predict_function
-from caaxr_tf.runs import load_run_config, load_run_model
+from caaxr_tf.models.outputs import mask_output
+from caaxr_tf.runs import Run
 from caaxr_tf.tasks.infection import InfectionTask
 
 DEFAULT_CAM_THRESHOLD = 0.5
@@ -82,26 +81,20 @@ def score_maps(map_function: Callable[[np.ndarray], np.ndarray], dataset: Iterab
     return MapScores(method, run_dir, count, every.f1, covid_only.f1, float(np.nanmean(dice_values)))
 
 
-def _run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
-    return load_run_config(run_dir), load_run_model(run_dir, "best")
-
-
-def _dataset(config: dict[str, Any], tfrecords: str | Path | None, split: str, batch_size: int):
-    protocol_dir = Path(tfrecords or config["tfrecords"])
-    summary = read_summary(protocol_dir)
-    if summary.get("task") != "infection":
-        raise ValueError(f"{protocol_dir} is a {summary.get('task')} protocol; the comparison needs an infection one")
-    task = InfectionTask(summary["classes"])
-    return make_dataset(protocol_dir, split, fold=int(config.get("fold") or 1), batch_size=batch_size, task=task,
-                        training=False, augment=False, cache=False, image_size=int(config.get("image_size") or 224))
+def _dataset(run: Run, tfrecords: str | Path | None, split: str, batch_size: int):
+    protocol_dir = Path(tfrecords) if tfrecords else run.protocol_dir
+    summary = ProtocolSummary.read(protocol_dir)
+    if summary.task != "infection":
+        raise ValueError(f"{protocol_dir} is a {summary.raw.get('task')} protocol; the comparison needs an infection one")
+    return run.dataset(split, task=InfectionTask(summary.classes), protocol_dir=protocol_dir, batch_size=batch_size)
 
 
 def score_infection_run(run_dir: str | Path, split: str = "test", threshold: float = 0.5,
                         tfrecords: str | Path | None = None, batch_size: int = 16) -> MapScores:
     """The infection map of a run's best model, scored by `score_maps`."""
-    config, model = _run(run_dir)
-    predict = predict_function(model)
-    return score_maps(lambda images: mask_output(predict(images)), _dataset(config, tfrecords, split, batch_size),
+    run = Run(run_dir)
+    config, predict = run.config, run.predictor()
+    return score_maps(lambda images: mask_output(predict(images)), _dataset(run, tfrecords, split, batch_size),
                       threshold, f"infection map ({config.get('model')})", str(run_dir))
 
 
@@ -111,8 +104,9 @@ def score_classifier_cams(run_dir: str | Path, split: str = "test", cam_threshol
     """The Grad-CAM of the COVID-19 class of a classifier run's best model, scored by `score_maps`."""
     import tensorflow as tf
 
-    config, model = _run(run_dir)
-    names = [str(name) for name in config.get("class_names") or []]
+    run = Run(run_dir)
+    config, model = run.config, run.model()
+    names = list(run.settings.class_names)
     if "covid" not in [name.lower() for name in names]:
         raise ValueError(f"classifier run {run_dir} has no covid class (classes: {', '.join(names)})")
     covid = covid_index(names)
@@ -122,7 +116,7 @@ def score_classifier_cams(run_dir: str | Path, split: str = "test", cam_threshol
         index = tf.fill([len(images)], tf.constant(covid, tf.int32))
         return cam_function(tf.constant(images), index)["cam"].numpy()
 
-    return score_maps(cams, _dataset(config, tfrecords, split, batch_size), cam_threshold,
+    return score_maps(cams, _dataset(run, tfrecords, split, batch_size), cam_threshold,
                       f"Grad-CAM ({config.get('model')})", str(run_dir))
 
 

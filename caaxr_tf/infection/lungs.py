@@ -32,22 +32,34 @@ FEATURE_NAMES = ("right_lung_infected_fraction", "left_lung_infected_fraction", 
 
 class LungRun:
     """The best model of a lung run folder; ``predict(images)`` gives lung probabilities
-    ``[N, H, W, 1]`` at the images' own size (images: float ``[N, H, W, 1]`` in 0..255)."""
+    ``[N, H, W, 1]`` at the images' own size (images: float ``[N, H, W, 1]`` in 0..255).
 
-    def __init__(self, run_dir: str | Path, which: str = "best"):
-        from caaxr_tf.run_files import load_run_config, load_run_model
+    ``run`` is an opened `caaxr_tf.runs.Run` (how evaluation, export and the severity features
+    pass it), or a folder path: this module lies below the Run layer, so a path is read with
+    `caaxr_tf.run_files` (config.yaml and the model, nothing else)."""
 
-        self.run_dir = Path(run_dir)
-        if not self.run_dir.is_dir():
-            raise FileNotFoundError(f"lung run {self.run_dir} does not exist")
-        config = load_run_config(self.run_dir)
-        task = str(config.get("task") or "")
+    def __init__(self, run: Any, which: str = "best"):
+        if hasattr(run, "settings") and hasattr(run, "model"):  # a caaxr_tf.runs.Run
+            self.run_dir = Path(run.path)
+            task, protocol, size = run.settings.task, run.settings.protocol, run.settings.image_size
+            load = run.model
+        else:
+            from caaxr_tf.run_files import load_run_config, load_run_model
+
+            self.run_dir = Path(run)
+            if not self.run_dir.is_dir():
+                raise FileNotFoundError(f"lung run {self.run_dir} does not exist")
+            config = load_run_config(self.run_dir)
+            task, protocol = str(config.get("task") or ""), str(config.get("protocol") or "")
+            size = int(config.get("image_size") or 224)
+
+            def load(which: str):
+                return load_run_model(self.run_dir, which)
         if task != "segmentation":
             raise ValueError(f"lung run {self.run_dir}: its task is {task!r}; a lung run is a segmentation run "
                              "on a lungs protocol (e.g. covid-chestxray lungs)")
-        self.protocol = str(config.get("protocol") or "")
-        self.image_size = int(config.get("image_size") or 224)
-        self.model = load_run_model(self.run_dir, which)
+        self.protocol, self.image_size = protocol, size
+        self.model = load(which)
         self._predict: Callable[[Any], Any] | None = None
 
     def predict(self, images) -> np.ndarray:

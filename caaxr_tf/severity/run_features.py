@@ -46,7 +46,7 @@ from caaxr_tf.data.schema import ALL_SHARDS, GROUPED_HALVES, MANIFEST_FILE, read
 from caaxr_tf.data.shards import naming_corrupt_shards
 from caaxr_tf.io import write_json_atomic
 from caaxr_tf.models.outputs import mask_output
-from caaxr_tf.runs import load_run_config, load_run_model
+from caaxr_tf.runs import Run
 from caaxr_tf.severity.features import SEGMENTATION_FEATURE_NAMES, classifier_features, segmentation_features
 from caaxr_tf.severity.protocol import output_file_problem, output_folder_problem
 
@@ -235,8 +235,9 @@ def run_features(run_dir: str | Path, protocol_dir: str | Path, image_ids: Seque
                  lung_run: str | Path | None = None) -> RunFeatures:
     """Features of the scored images from a trained run's model (``which``: best or final);
     ``lung_run``: the lungs-protocol run that kinds with ``needs_lung_run`` use."""
-    config = load_run_config(run_dir)
-    task = str(config.get("task") or "")
+    run = Run(run_dir)
+    config = run.config
+    task = run.settings.task
     kind = kind or default_feature_kind(task)
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature kind {kind!r}; known: {', '.join(FEATURE_KINDS)}")
@@ -247,12 +248,12 @@ def run_features(run_dir: str | Path, protocol_dir: str | Path, image_ids: Seque
             raise ValueError(f"feature kind {kind!r} of {run_dir} needs a lung run (--lung-run)")
         from caaxr_tf.infection.lungs import LungRun
 
-        context["lung_run"] = LungRun(lung_run, which)
-    size = int(config.get("image_size") or 224)
+        context["lung_run"] = LungRun(Run(lung_run), which)
+    size = run.settings.image_size
     cache = image_cache if image_cache is not None else {}
     if size not in cache:
         cache[size] = protocol_images(protocol_dir, image_ids, size)
-    model = load_run_model(run_dir, which)
+    model = run.model(which)
     features, names = feature_kind.function(model, cache[size], **context)
     return RunFeatures(run_label(run_dir, config, kind), kind, np.asarray(features, np.float64), names)
 
@@ -270,7 +271,7 @@ def unique_labels(runs: Sequence[tuple[str | Path, str | None]], sets: Sequence[
     labels = [item.label for item in sets]
     for (run, _), item in zip(runs, sets):
         if labels.count(item.label) > 1:
-            item.label = run_label(run, load_run_config(run), item.kind, full_path=True)
+            item.label = run_label(run, Run(run).config, item.kind, full_path=True)
     seen: set[str] = set()
     for (run, _), item in zip(runs, sets):
         if item.label in seen:
@@ -287,9 +288,10 @@ def check_not_trained_on_scores(run_dir: str | Path, protocol_dir: str | Path, i
     manifest.csv, when that protocol has regression targets; when its folder is gone, a
     regression run of the same protocol name is refused. Raises ``ValueError``.
     """
-    config = load_run_config(run_dir)
-    fold = int(config.get("fold") or 1)
-    trained_on = Path(str(config.get("tfrecords") or ""))
+    run = Run(run_dir)
+    config = run.config
+    fold = run.settings.fold
+    trained_on = Path(run.settings.tfrecords)
     advice = ("its features would have seen the test halves of other splits; use a run trained on another "
               "protocol (e.g. a classifier or a lungs segmentation run)")
     try:

@@ -1,7 +1,8 @@
 """Regression of float scores per image (the ``severity`` protocol: geographic extent and opacity,
 Cohen et al. 2020): the record's ``targets``, a squared-error loss, per-target MAE, MSE, R² and
-Pearson r. Training and evaluation use the raw outputs; exported models clamp each target to
-its range from the protocol (summary.json ``target_ranges``, carried in the run config)."""
+Pearson r. Training uses the raw outputs; evaluation and exported models clamp each target to
+its range from the protocol (summary.json ``target_ranges``, carried in the run config), so an
+evaluation scores what the served model returns."""
 
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ class RegressionTask(Task):
             batch_ids = [i.decode("utf-8") for i in batch_ids.numpy()]
             outputs = np.asarray(predict(images), np.float64).reshape(len(batch_ids), -1)
             check_finite(outputs, batch_ids)
-            predicted.append(outputs)
+            predicted.append(self.clamp(outputs))
             truth.append(np.asarray(targets, np.float64))
             ids.extend(batch_ids)
         if not ids:
@@ -141,6 +142,15 @@ class RegressionTask(Task):
         rows = [[image_id, *(f"{v:.6f}" for v in t), *(f"{v:.6f}" for v in p)]
                 for image_id, t, p in zip(ids, truth_np, predicted_np)]
         return EvalResult(metrics, header, rows)
+
+    def clamp(self, outputs: np.ndarray) -> np.ndarray:
+        """``[N, T]`` outputs with each target clamped to its range (``target_ranges``), as the
+        exported model serves them; targets without a range are left as they are."""
+        if not self.target_ranges:
+            return outputs
+        lower = [self.target_ranges.get(name, (-np.inf, np.inf))[0] for name in self.target_names]
+        upper = [self.target_ranges.get(name, (-np.inf, np.inf))[1] for name in self.target_names]
+        return np.clip(outputs, np.asarray(lower, outputs.dtype), np.asarray(upper, outputs.dtype))
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
         lines = ["  " + " " * 20 + "".join(f"{METRIC_TITLES[m]:>11}" for m in METRIC_NAMES)]

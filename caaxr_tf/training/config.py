@@ -33,6 +33,7 @@ from caaxr_tf.config import (
 from caaxr_tf import runs
 from caaxr_tf.data.protocols import _target_ranges
 from caaxr_tf.data.schema import SUMMARY_FILE, read_summary, read_summary_file
+from caaxr_tf.data.summary import locate_protocol
 from caaxr_tf.models import available_models, model_task
 from caaxr_tf.tasks import UnknownTaskError, available_tasks, get_task, task_for
 
@@ -153,19 +154,18 @@ def config_from_mapping(data: Mapping[str, Any], where: str = "run config") -> R
 def locate_protocol_dir(tfrecords: str | Path, protocol: str) -> Path:
     """``--tfrecords`` may name the folder of all protocols or the protocol folder itself."""
     root = Path(tfrecords)
-    for candidate in (root / protocol, root):
-        summary_path = candidate / SUMMARY_FILE
-        if summary_path.exists():
-            try:
-                summary = read_summary_file(summary_path)
-            except (OSError, ValueError) as error:
-                raise ConfigError(str(error)) from None
-            if summary.get("protocol") != protocol:
-                raise ConfigError(
-                    f"{candidate} holds the TFRecords of protocol {summary.get('protocol')!r}, not {protocol!r}"
-                )
-            return candidate.resolve()
-    raise ConfigError(f"no TFRecords for protocol {protocol!r} under {root} (expected {root / protocol}/summary.json)")
+    try:
+        candidate = locate_protocol(root, protocol)
+    except FileNotFoundError:
+        raise ConfigError(f"no TFRecords for protocol {protocol!r} under {root} "
+                          f"(expected {root / protocol}/summary.json)") from None
+    try:
+        summary = read_summary_file(candidate / SUMMARY_FILE)
+    except (OSError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    if summary.get("protocol") != protocol:
+        raise ConfigError(f"{candidate} holds the TFRecords of protocol {summary.get('protocol')!r}, not {protocol!r}")
+    return candidate
 
 
 def layered_sections() -> tuple[str, ...]:
