@@ -103,7 +103,8 @@ from caaxr_tf.explain.evaluation import (  # noqa: E402
 )
 from caaxr_tf.explain.localization import format_table  # noqa: E402
 from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, Run, open_run  # noqa: E402
-from caaxr_tf.tasks import EvalContext, get_task, task_of_run  # noqa: E402
+from caaxr_tf.tasks import EvalContext, get_task  # noqa: E402
+from caaxr_tf.tasks.options import add_task_arguments, task_options  # noqa: E402
 
 SPLITS = ("test", "val")
 MODEL_FILES = ("best", "final")
@@ -115,13 +116,6 @@ def output_tag(split: str = "test", subset: str | None = None, which: str = "bes
     if split == "test" and subset is None and which == "best":
         return ""
     return f"_{split}" + (f"_{subset}" if subset else "") + ("_final" if which == "final" else "")
-
-
-def options_tag(options: dict[str, Any]) -> str:
-    """File-name tag of the task options given: ``_lungs`` (lung run), ``_t<T>``, ``_a<A>``."""
-    return (("_lungs" if options.get("lung_run") else "")
-            + (f"_t{float(options['threshold']):g}" if options.get("threshold") is not None else "")
-            + (f"_a{int(options['min_pixels'])}" if options.get("min_pixels") is not None else ""))
 
 
 def metrics_path(run_dir: str | Path, split: str = "test", subset: str | None = None, which: str = "best") -> Path:
@@ -169,13 +163,11 @@ def evaluate_run(
     receives the printed summary table (None: silent). ``cam`` also draws the Grad-CAM grid
     (classifiers only; ``ValueError`` otherwise, before anything is read).
 
-    ``options`` are the task's settings of this evaluation (``EvalContext.options``; the
-    infection task: ``lung_run``, ``threshold``, ``min_pixels``); the files' tag then ends in
-    `options_tag` (e.g. ``_lungs_a20``), so the default evaluation is never overwritten.
-
-    ``patients`` (the ct task): the COVID-CTset folder the records were built from; the
-    split's patients then also go through selection → classification → the patient rule
-    (``metrics["patients"]``, ``patients<tag>.csv``).
+    ``options`` are the run's task's own settings of this evaluation (its ``options_type``:
+    e.g. the infection task's ``lung_run``, ``threshold``, ``min_pixels``; the ct task's
+    ``patients``); an option of another task is a ValueError naming its flag. The files' tag
+    then ends in the task's `Task.options_tag` (e.g. ``_lungs_a20``), so the default evaluation
+    is never overwritten. ``patients`` is ``options["patients"]``.
 
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
@@ -213,18 +205,14 @@ def _evaluate_run(
     model = run.model(which)
     predict = run.predictor(model=model)
     dataset = run.dataset(split, task=task, batch_size=batch_size, subset=subset, with_ids=True)
-    if patients is not None and not hasattr(task, "evaluate_patients"):
-        raise ValueError(f"--patients applies to CT runs (the ct task); this run's task is {task.name}")
-    options = {key: value for key, value in (options or {}).items() if value is not None}
-    tag = output_tag(split, subset, which) + options_tag(options)
+    options = task.check_options({**(options or {}), **({"patients": str(patients)} if patients is not None else {})})
+    tag = output_tag(split, subset, which) + task.options_tag(options)
+    options = task.open_options(options, Run)
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
     context = EvalContext(eval_dir, tag, f"{settings.model or '?'} — {settings.protocol or '?'}, fold {fold}, {where}",
-                          plots=plots, num_examples=num_examples, options=options)
-    if patients is not None:
-        context.patients, context.protocol_dir = Path(patients), tfrecords
-        context.split, context.fold, context.batch_size = split, fold, batch_size
-        context.image_size = settings.image_size
+                          plots=plots, num_examples=num_examples, options=options, protocol_dir=tfrecords,
+                          split=split, fold=fold, image_size=settings.image_size, batch_size=batch_size)
     try:
         result = task.evaluate(predict, dataset, context)
     except ValueError as error:
@@ -425,10 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exclude-overlap", action="store_true",
                         help="with --tfrecords: leave out external images that are in the run's training/validation "
                              "data (same image id or patient) instead of refusing; the JSON says how many")
-    parser.add_argument("--patients", default=None, metavar="DATA_ROOT",
-                        help="ct task: the COVID-CTset folder; also evaluate the split's patients "
-                             "(select, classify, patient rule)")
-    add_infection_arguments(parser)
+    add_task_arguments(parser, "evaluate")
     args = parser.parse_args(argv)
     if args.split == "all" and args.tfrecords is None:
         parser.error("--split all needs --tfrecords")
@@ -439,22 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def add_infection_arguments(parser: argparse.ArgumentParser) -> None:
-    """The infection task's options (``--lung-run``, the detection rule)."""
-    group = parser.add_argument_group("infection maps")
-    group.add_argument("--lung-run", default=None, metavar="RUN",
-                       help="a lungs-protocol segmentation run: the infection map is restricted to its lungs "
-                            "and per-lung infected fractions are reported (files tagged _lungs)")
-    group.add_argument("--detection-threshold", type=float, default=None, metavar="T",
-                       help="a pixel is infected where the map is >= T (default 0.5, as published; files tagged _t<T>)")
-    group.add_argument("--min-pixels", type=int, default=None, metavar="A",
-                       help="an image is COVID-19 with at least A infected pixels (default 1, as published; files tagged _a<A>)")
 
-
-def infection_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``EvalContext.options`` from the infection arguments (unset ones left out)."""
-    options = {"lung_run": args.lung_run, "threshold": args.detection_threshold, "min_pixels": args.min_pixels}
-    return {key: value for key, value in options.items() if value is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.localization is None and args.tfrecords is None:
             evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
-                         cam=args.cam, options=infection_options(args), patients=args.patients)
+                         cam=args.cam, options=task_options(args))
         if args.localization is not None:
             evaluate_localization_run(args.run, args.localization, split="test" if args.split == "all" else args.split,
                                       which=args.model, batch_size=args.batch_size, plots=not args.no_plots)

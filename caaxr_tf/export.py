@@ -64,6 +64,7 @@ from caaxr_tf.data.serving import (  # noqa: E402,F401  (the serving input ops; 
 from caaxr_tf.explain.gradcam import GradCam, make_cam_function, resolve_layer_path  # noqa: E402
 from caaxr_tf.runs import Run  # noqa: E402
 from caaxr_tf.tasks import get_task  # noqa: E402
+from caaxr_tf.tasks.options import add_task_arguments, task_options  # noqa: E402
 
 if TYPE_CHECKING:
     from caaxr_tf.tasks import Task
@@ -356,13 +357,10 @@ def remove_stale_temporaries(model_base: str | Path) -> list[Path]:
 
 def with_lung_run(model, task: "Task", lung_run: str | Path, image_size: int):
     """One Keras model running the infection ``model`` and the lung run's best model (outputs
-    ``{"mask", "lungs"}``); a ValueError for a task other than ``infection``."""
-    from caaxr_tf.infection.lungs import LungRun, with_lung_model
-
-    if task.name != "infection":
-        raise ValueError(f"--lung-run applies to infection runs; this run's task is {task.name}")
-    lungs = LungRun(lung_run)
-    return with_lung_model(model, lungs.model, image_size, lungs.image_size)
+    ``{"mask", "lungs"}``); a ValueError for a task that takes no lung run. (The task's
+    `Task.serving_model` with the option ``lung_run``.)"""
+    options = task.check_options({"lung_run": lung_run})
+    return task.serving_model(model, image_size, options, Run)[0]
 
 
 def export_run(
@@ -376,6 +374,7 @@ def export_run(
     verify: bool = True,
     cam: bool = False,
     lung_run: str | Path | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export ``RUN_DIR/best.keras`` to ``out/<version>`` and update ``out/../models.config``.
 
@@ -398,6 +397,7 @@ def export_run(
     run = Run(run_dir)
     config = run.config
     task = run.task()
+    options = task.check_options({**(options or {}), **({"lung_run": lung_run} if lung_run is not None else {})})
     if cam:
         check_cam_export(task)
     class_names = run.class_names
@@ -408,9 +408,7 @@ def export_run(
     existing = _version_dirs(out, version)
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it or pick another --version")
-    model = run.model(which)
-    if lung_run is not None:
-        model = with_lung_run(model, task, lung_run, image_size)
+    model, options_metadata = task.serving_model(run.model(which), image_size, options, Run)
     temporary = out / f".export-{version}-{os.getpid()}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     metadata = {
@@ -421,7 +419,7 @@ def export_run(
         "checkpoint": which,
         "keras": keras.__version__,
         "version": version,
-        **({"lung_run": str(Path(lung_run).resolve())} if lung_run is not None else {}),
+        **options_metadata,
     }
     target = out / str(version)
     retired: list[tuple[Path, Path]] = []
@@ -468,9 +466,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-verify", action="store_true", help="skip the check of the reloaded export")
     parser.add_argument("--cam", action="store_true",
                         help="add the Grad-CAM output `cam` [N, S, S] of the predicted class (classifiers only)")
-    parser.add_argument("--lung-run", default=None, metavar="RUN",
-                        help="infection runs: a lungs-protocol run served in the same graph (map restricted to "
-                             "the lungs, per-lung infected fractions)")
+    add_task_arguments(parser, "export")
     return parser.parse_args(argv)
 
 
@@ -480,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = export_run(
             args.run, args.out, args.version, args.overwrite,
             which=args.which, serving_root=args.serving_root, verify=not args.no_verify, cam=args.cam,
-            lung_run=args.lung_run,
+            options=task_options(args),
         )
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
