@@ -724,7 +724,7 @@ def take_images(iterator, count: int, exact: bool = False) -> tuple[float, float
 
 
 def bench_pipeline(bench: Bench) -> dict[str, Any]:
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
 
     tfr = bench.tfrecords / PIPELINE_PROTOCOL
     train_images = bench.dataset_info["train_images"]
@@ -1271,7 +1271,8 @@ def bench_inference(bench: Bench) -> dict[str, Any]:
 
     from caaxr_tf import runs
     from caaxr_tf import train as train_lib
-    from caaxr_tf.data.pipeline import make_dataset, parse_record, preprocess_image, shard_files
+    from caaxr_tf.data.pipeline import parse_record, preprocess_image, shard_files
+    from caaxr_tf.tasks.datasets import make_dataset
 
     # One model by default: a CPU call of unet at batch 32 takes about a minute.
     models = [m for m in INFERENCE_MODELS if m in (bench.args.models or ["mobilenetv2"])] or ["mobilenetv2"]

@@ -73,6 +73,29 @@ quiet_tensorflow_logs()
 
 from caaxr_tf.evaluate import metrics_path  # noqa: E402
 from caaxr_tf.io import write_text_atomic  # noqa: E402
+from caaxr_tf.tables import (  # noqa: E402,F401  (moved to caaxr_tf.tables; re-exported)
+    AGGREGATES,
+    _number,
+    format_mean_std,
+    format_results_table,
+    render_table,
+    summarize,
+)
+from caaxr_tf.data.summary import ProtocolSummary  # noqa: E402
+from caaxr_tf.evaluate import evaluate_external_run, evaluate_localization_run, evaluate_run  # noqa: E402
+from caaxr_tf.explain.evaluation import (  # noqa: E402
+    ALL_SPLITS,
+    TrainingOverlapError,
+    check_explainable,
+    data_tag,
+    match_run_classes,
+    resolve_protocol_dir,
+    training_overlap,
+)
+from caaxr_tf.runs import EVAL_DIR, Run  # noqa: E402
+from caaxr_tf.tasks import get_task  # noqa: E402
+from caaxr_tf.train import add_training_arguments, protocol_names, run_training, training_flags  # noqa: E402
+from caaxr_tf.training.config import resolve_run_config  # noqa: E402
 
 Trainer = Callable[..., Any]  # (RunConfig, run_dir) -> anything; raises when training fails
 Evaluator = Callable[..., dict]
@@ -80,7 +103,6 @@ Evaluator = Callable[..., dict]
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 BASELINES_JSON = "baselines.json"
-AGGREGATES = ("mean", "std")
 
 
 @dataclass
@@ -102,8 +124,6 @@ class TrainingOptions:
 
 def protocol_task(task: str, class_names: Sequence[str] = (), target_names: Sequence[str] = ()):
     """The Task object whose tables a protocol's CV writes."""
-    from caaxr_tf.tasks import get_task
-
     return get_task(task)(list(class_names), target_names=list(target_names))
 
 
@@ -129,42 +149,6 @@ def row_from_metrics(
     task = task or protocol_task(metrics["task"], metrics.get("class_names") or [])
     return {"model": model, "fold": fold, "status": "ok", "run_dir": str(run_dir),
             **task.row_from_metrics(metrics, subset_metrics)}
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def summarize(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per model: ``{"n": folds ok, "folds": folds tried, column: (mean, std, count)}``.
-
-    Only successful fold rows count; ``std`` is the sample standard deviation (n − 1), None
-    when fewer than two values exist.
-    """
-    summary: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        if str(row.get("fold")) in AGGREGATES:
-            continue
-        entry = summary.setdefault(str(row["model"]), {"n": 0, "folds": 0, "_rows": []})
-        entry["folds"] += 1
-        if row.get("status") == "ok":
-            entry["n"] += 1
-            entry["_rows"].append(row)
-    for entry in summary.values():
-        fold_rows = entry.pop("_rows")
-        for column in columns:
-            values = [v for v in (_number(r.get(column)) for r in fold_rows) if v is not None]
-            mean = sum(values) / len(values) if values else None
-            std = (
-                math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                if len(values) > 1 else None
-            )
-            entry[column] = (mean, std, len(values))
-    return summary
 
 
 def with_aggregates(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
@@ -197,50 +181,6 @@ def results_csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) 
     for row in with_aggregates(rows, columns):
         writer.writerow([_cell(row.get(key)) for key in header])
     return buffer.getvalue()
-
-
-def format_mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:
-    """``0.912 ± 0.013``; just the mean with one value; ``–`` without any."""
-    if mean is None:
-        return "–"
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def format_results_table(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[tuple[str, str]],
-    *,
-    markdown: bool = True,
-    digits: int = 3,
-) -> str:
-    """One line per model with mean ± std over its successful folds for each (column, header).
-
-    ``rows`` are fold rows as written to results.csv (aggregate rows are ignored);
-    ``columns`` e.g. ``paper_columns(task, class_names, subsets)``. Markdown table or plain
-    aligned text.
-    """
-    summary = summarize(rows, [key for key, _ in columns])
-    header = ["model", "folds", *(title for _, title in columns)]
-    body = [
-        [model, str(entry["n"]) if entry["n"] == entry["folds"] else f"{entry['n']} of {entry['folds']}",
-         *(format_mean_std(entry[key][0], entry[key][1], digits) for key, _ in columns)]
-        for model, entry in summary.items()
-    ]
-    return render_table(header, body, markdown=markdown, text_columns=2)
-
-
-def render_table(header: Sequence[str], body: Sequence[Sequence[str]], *, markdown: bool, text_columns: int = 1) -> str:
-    """A Markdown table (the first ``text_columns`` left-aligned, the rest right-aligned) or
-    plain aligned text with a dashed rule under the header (first column left-aligned)."""
-    if markdown:
-        rule = "|" + "|".join(["---"] * text_columns + ["---:"] * (len(header) - text_columns)) + "|"
-        lines = ["| " + " | ".join(header) + " |", rule]
-        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
-             for cells in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def results_markdown(
@@ -318,8 +258,6 @@ def _baseline_cell(value: Any) -> str:
 
 
 def _default_trainer(config, run_dir: Path, verbose: bool = False) -> Any:
-    from caaxr_tf.train import run_training
-
     return run_training(config, run_dir, verbose=verbose)
 
 
@@ -364,13 +302,9 @@ class ExplainOptions:
 def explain_columns(run_dir: Path, options: ExplainOptions, batch_size: int | None, plots: bool, force: bool,
                     log: Callable[[str], None]) -> dict[str, Any]:
     """The explain columns of one run, evaluating what is missing (or everything with ``force``)."""
-    from caaxr_tf.evaluate import evaluate_external_run, evaluate_localization_run
-    from caaxr_tf.explain.evaluation import ALL_SPLITS, data_tag, resolve_protocol_dir
-    from caaxr_tf.runs import EVAL_DIR, load_run_config
-
     row: dict[str, Any] = {}
     if options.external:
-        protocol = str(load_run_config(run_dir).get("protocol") or "")
+        protocol = Run(run_dir).settings.protocol
         path = run_dir / EVAL_DIR / f"external_{data_tag(resolve_protocol_dir(options.external, protocol))}_{ALL_SPLITS}.json"
         result = _read_json(path) if path.exists() and not force else evaluate_external_run(
             run_dir, options.external, class_map=options.class_map, split=ALL_SPLITS, batch_size=batch_size,
@@ -411,10 +345,6 @@ def run_cv(
     Raises ValueError / FileNotFoundError (ConfigError for training settings) for bad
     arguments before anything runs.
     """
-    from caaxr_tf.data.schema import read_summary
-    from caaxr_tf.evaluate import evaluate_run
-    from caaxr_tf.training.config import resolve_run_config
-
     training = training or TrainingOptions()
     evaluator = evaluator or evaluate_run
     trainer = trainer or (lambda config, run_dir: _default_trainer(config, run_dir, training.verbose))
@@ -422,11 +352,11 @@ def run_cv(
     protocol_dir = tfrecords / protocol
     if not (protocol_dir / "summary.json").exists():
         raise FileNotFoundError(f"{protocol_dir / 'summary.json'} not found: --tfrecords must hold the {protocol}/ protocol folder")
-    summary = read_summary(protocol_dir)
-    class_names = [str(c) for c in summary["classes"]]
-    task = protocol_task(summary["task"], class_names, summary.get("target_names") or ())
-    subsets = sorted(summary.get("subsets") or {})
-    available = int(summary["folds"])
+    summary = ProtocolSummary.read(protocol_dir)
+    class_names = list(summary.classes)
+    task = protocol_task(summary.task, class_names, summary.target_names)
+    subsets = sorted(summary.subsets)
+    available = summary.folds
     folds = list(folds) if folds else list(range(1, available + 1))
     # "--models unet,unet --folds 1,1" means each once (a second run would repeat the first's row)
     if len(set(models)) < len(models) or len(set(folds)) < len(folds):
@@ -446,11 +376,8 @@ def run_cv(
 
     explain = explain or ExplainOptions()
     if explain.columns():
-        from caaxr_tf.explain.evaluation import check_explainable, match_run_classes, resolve_protocol_dir
-
         check_explainable(task, "--external/--localization")
         if explain.external:  # unmatched classes or training images in the external set stop the CV first
-            from caaxr_tf.explain.evaluation import ALL_SPLITS, TrainingOverlapError, training_overlap
 
             external_dir = resolve_protocol_dir(explain.external, protocol)
             match_run_classes(class_names, external_dir, explain.class_map)
@@ -465,7 +392,7 @@ def run_cv(
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     # half-split protocols score the baseline over the run's folds (one test half per fold)
-    over_folds = {"folds": folds} if summary.get("split_scheme") == "grouped_halves" else {}
+    over_folds = {"folds": folds} if summary.split_scheme == "grouped_halves" else {}
     baselines = task.baselines(protocol_dir, "test", folds[0], subsets, **over_folds)
     write_text_atomic(out / BASELINES_JSON, json.dumps(baselines, indent=2) + "\n")
 
@@ -552,8 +479,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from caaxr_tf.train import add_training_arguments, protocol_names
-
     parser = argparse.ArgumentParser(
         prog="python -m caaxr_tf.cv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -583,8 +508,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def training_options(args: argparse.Namespace) -> TrainingOptions:
     """The training settings of ``caaxr_tf.cv``'s command line."""
-    from caaxr_tf.train import training_flags
-
     return TrainingOptions(config_file=args.config, flags=training_flags(args), overrides=list(args.overrides),
                            verbose=not args.quiet)
 

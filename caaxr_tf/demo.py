@@ -22,6 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from caaxr_tf.logs import quiet_tensorflow_logs
+from caaxr_tf.cv import (
+    BASELINES_JSON,
+    TrainingOptions,
+    format_baselines_table,
+    format_results_table,
+    protocol_task,
+    run_cv,
+)
+from caaxr_tf.data.pipeline import read_summary
+from caaxr_tf.export import export_run
+from caaxr_tf.predict import predict_files
+from caaxr_tf.tasks.datasets import make_dataset
 
 quiet_tensorflow_logs()
 
@@ -63,8 +75,6 @@ def ensure_synthetic(data_root: Path, scale: str, seed: int, workers: int) -> No
 def show_batches(tfrecord_root: Path, protocols: list[str]) -> None:
     import numpy as np
 
-    from caaxr_tf.data.pipeline import make_dataset, read_summary
-
     print("[3/5] one training batch per protocol (fold 1, augmentation on):")
     print(f"  {'protocol':<8} {'images':<22} {'target':<22} contents")
     for name in protocols:
@@ -100,8 +110,6 @@ DEMO_RUNS["3class"] = DEMO_RUNS["4class"] = DEMO_RUNS["2class"]
 
 def train_and_evaluate(tfrecord_root: Path, cv_root: Path, steps_scale: float,
                        protocols: list[str]) -> dict[str, list[dict]]:
-    from caaxr_tf.cv import TrainingOptions, run_cv
-
     print("[4/5] training one model per protocol (fold 1, from scratch) and evaluating it on the test split ...",
           flush=True)
     results = {}
@@ -132,7 +140,6 @@ def _learning_curve(run_dir: Path) -> str:
 
 
 def print_tables(tfrecord_root: Path, cv_root: Path, results: dict[str, list[dict]]) -> None:
-    from caaxr_tf.cv import BASELINES_JSON, format_baselines_table, format_results_table, protocol_task
     from caaxr_tf.data.schema import read_summary
 
     for protocol, rows in results.items():
@@ -148,9 +155,6 @@ def print_tables(tfrecord_root: Path, cv_root: Path, results: dict[str, list[dic
 
 
 def export_and_predict(out: Path, data_root: Path, protocols: list[str]) -> None:
-    from caaxr_tf.export import export_run
-    from caaxr_tf.predict import predict_files
-
     print("[5/5] exporting one classifier and one segmentation model for TF Serving, then predicting:", flush=True)
     files = sorted((data_root / "bimcv").rglob("*_vp-pa_*.png"))[:2] + sorted((data_root / "chexpert").rglob("view1_frontal.jpg"))[:2]
     for protocol in [name for name in ("2class", "seg") if name in protocols]:

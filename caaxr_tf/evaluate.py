@@ -82,6 +82,29 @@ import numpy as np  # noqa: E402
 from caaxr_tf.io import json_safe, write_json_atomic, write_text_atomic  # noqa: E402
 from caaxr_tf.tasks.base import format_value  # noqa: E402
 from caaxr_tf.metrics.classification import classification_metrics, covid_index  # noqa: E402,F401  (re-exported)
+from caaxr_tf.models.outputs import predict_function  # noqa: E402,F401  (moved; re-exported)
+from caaxr_tf.tables import csv_text  # noqa: E402,F401  (moved; re-exported)
+from caaxr_tf.data.pipeline import make_dataset  # noqa: E402
+from caaxr_tf.data.schema import read_summary, shard_files  # noqa: E402
+from caaxr_tf.data.shards import naming_corrupt_shards  # noqa: E402
+from caaxr_tf.explain.evaluation import (  # noqa: E402
+    ALL_SPLITS,
+    TrainingOverlapError,
+    check_explainable,
+    data_tag,
+    evaluate_external,
+    evaluate_localization,
+    match_run_classes,
+    plot_localization,
+    resolve_protocol_dir,
+    shortcut_summary,
+    training_overlap,
+    write_cam_grid,
+)
+from caaxr_tf.explain.localization import format_table  # noqa: E402
+from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, Run, open_run  # noqa: E402
+from caaxr_tf.tasks import EvalContext, get_task  # noqa: E402
+from caaxr_tf.tasks.options import add_task_arguments, task_options  # noqa: E402
 
 SPLITS = ("test", "val")
 MODEL_FILES = ("best", "final")
@@ -95,63 +118,27 @@ def output_tag(split: str = "test", subset: str | None = None, which: str = "bes
     return f"_{split}" + (f"_{subset}" if subset else "") + ("_final" if which == "final" else "")
 
 
-def options_tag(options: dict[str, Any]) -> str:
-    """File-name tag of the task options given: ``_lungs`` (lung run), ``_t<T>``, ``_a<A>``."""
-    return (("_lungs" if options.get("lung_run") else "")
-            + (f"_t{float(options['threshold']):g}" if options.get("threshold") is not None else "")
-            + (f"_a{int(options['min_pixels'])}" if options.get("min_pixels") is not None else ""))
-
-
 def metrics_path(run_dir: str | Path, split: str = "test", subset: str | None = None, which: str = "best") -> Path:
     """Where `evaluate_run` writes the metrics of this evaluation."""
-    from caaxr_tf.runs import EVAL_DIR
-
     return Path(run_dir) / EVAL_DIR / f"metrics{output_tag(split, subset, which)}.json"
 
 
-def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def run_task(config: dict[str, Any], summary: dict[str, Any]):
-    """The Task object of a run folder's config (class names from the run, else the protocol)."""
-    from caaxr_tf.tasks import task_of_run
-
-    task_class = task_of_run(config.get("task") or summary["task"], config.get("model"))
-    return task_class([str(c) for c in (config.get("class_names") or summary["classes"])],
-                      target_names=config.get("target_names") or summary.get("target_names") or ())
-
-
-def _check_inputs(run_dir: Path, split: str, subset: str | None, which: str) -> tuple[dict[str, Any], Path, dict[str, Any]]:
-    """Config, protocol folder and summary of a run; one-line errors for what is missing."""
-    from caaxr_tf.data.schema import read_summary, shard_files
-    from caaxr_tf.runs import BEST_MODEL, FINAL_MODEL, load_run_config
-
+def _check_inputs(run_dir: "str | Path | Run", split: str, subset: str | None, which: str) -> Run:
+    """The Run, checked: one-line errors for what is missing, before anything is read."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if which not in MODEL_FILES:
         raise ValueError(f"unknown model file {which!r}; expected one of {', '.join(MODEL_FILES)}")
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    config = load_run_config(run_dir)
-    if not isinstance(config, dict) or "tfrecords" not in config:
-        raise ValueError(f"{run_dir / 'config.yaml'} has no 'tfrecords' entry: not a run folder written by caaxr_tf.train")
-    model_file = run_dir / (BEST_MODEL if which == "best" else FINAL_MODEL)
+    run = open_run(run_dir)
+    model_file = run.model_path(which)
     if not model_file.exists():
-        raise FileNotFoundError(f"{model_file} not found: the run in {run_dir} has not saved a {which} model yet")
-    tfrecords = Path(config["tfrecords"])
-    summary = read_summary(tfrecords)
-    run_task(config, summary)  # an unknown task is an error before anything is read
-    fold = int(config.get("fold") or 1)
-    shard_files(tfrecords, split, fold)  # raises for a split or fold that does not exist
-    if subset is not None and subset not in summary.get("subsets", {}):
-        known = ", ".join(summary.get("subsets", {})) or "none"
-        raise ValueError(f"unknown subset {subset!r}; {tfrecords} has: {known}")
-    return config, tfrecords, summary
+        raise FileNotFoundError(f"{model_file} not found: the run in {run.path} has not saved a {which} model yet")
+    run.task()  # an unknown task is an error before anything is read
+    shard_files(run.protocol_dir, split, run.settings.fold)  # raises for a split or fold that does not exist
+    if subset is not None and subset not in run.protocol.subsets:
+        known = ", ".join(run.protocol.subsets) or "none"
+        raise ValueError(f"unknown subset {subset!r}; {run.protocol_dir} has: {known}")
+    return run
 
 
 def evaluate_run(
@@ -176,35 +163,28 @@ def evaluate_run(
     receives the printed summary table (None: silent). ``cam`` also draws the Grad-CAM grid
     (classifiers only; ``ValueError`` otherwise, before anything is read).
 
-    ``options`` are the task's settings of this evaluation (``EvalContext.options``; the
-    infection task: ``lung_run``, ``threshold``, ``min_pixels``); the files' tag then ends in
-    `options_tag` (e.g. ``_lungs_a20``), so the default evaluation is never overwritten.
-
-    ``patients`` (the ct task): the COVID-CTset folder the records were built from; the
-    split's patients then also go through selection → classification → the patient rule
-    (``metrics["patients"]``, ``patients<tag>.csv``).
+    ``options`` are the run's task's own settings of this evaluation (its ``options_type``:
+    e.g. the infection task's ``lung_run``, ``threshold``, ``min_pixels``; the ct task's
+    ``patients``); an option of another task is a ValueError naming its flag. The files' tag
+    then ends in the task's `Task.options_tag` (e.g. ``_lungs_a20``), so the default evaluation
+    is never overwritten. ``patients`` is ``options["patients"]``.
 
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
     split is damaged.
     """
-    from caaxr_tf.data.schema import shard_files
-    from caaxr_tf.data.shards import naming_corrupt_shards
-
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    config, tfrecords, summary = _check_inputs(Path(run_dir).resolve(), split, subset, which)
+    run = _check_inputs(run_dir, split, subset, which)
     if cam:
-        from caaxr_tf.explain.evaluation import check_explainable
-
-        check_explainable(run_task(config, summary), "--cam")
-    with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
-        return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
+        check_explainable(run.task(), "--cam")
+    with naming_corrupt_shards(shard_files(run.protocol_dir, split, run.settings.fold)):
+        return _evaluate_run(run, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
                              cam=cam, options=options, patients=patients)
 
 
 def _evaluate_run(
-    run_dir: str | Path,
+    run: Run,
     split: str,
     subset: str | None,
     batch_size: int | None,
@@ -217,34 +197,22 @@ def _evaluate_run(
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
 ) -> dict[str, Any]:
-    from caaxr_tf.data.pipeline import make_dataset
-    from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
-    from caaxr_tf.tasks import EvalContext
-
     started = time.perf_counter()
-    run_dir = Path(run_dir).resolve()
-    config, tfrecords, summary = _check_inputs(run_dir, split, subset, which)
-    task = run_task(config, summary)
-    fold = int(config.get("fold") or 1)
-    batch_size = int(batch_size or config.get("batch_size") or 32)
-    model = load_run_model(run_dir, which)
-    predict = predict_function(model)
-    dataset = make_dataset(
-        tfrecords, split, fold=fold, batch_size=batch_size, task=task, training=False, augment=False,
-        cache=False, subset=subset, with_ids=True, image_size=int(config.get("image_size") or 224),
-    )
-    if patients is not None and not hasattr(task, "evaluate_patients"):
-        raise ValueError(f"--patients applies to CT runs (the ct task); this run's task is {task.name}")
-    options = {key: value for key, value in (options or {}).items() if value is not None}
-    tag = output_tag(split, subset, which) + options_tag(options)
+    run_dir, settings, tfrecords = run.path, run.settings, run.protocol_dir
+    task = run.task()
+    fold = settings.fold
+    batch_size = int(batch_size or settings.batch_size)
+    model = run.model(which)
+    predict = run.predictor(model=model)
+    dataset = run.dataset(split, task=task, batch_size=batch_size, subset=subset, with_ids=True)
+    options = task.check_options({**(options or {}), **({"patients": str(patients)} if patients is not None else {})})
+    tag = output_tag(split, subset, which) + task.options_tag(options)
+    options = task.open_options(options, Run)
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
-    context = EvalContext(eval_dir, tag, f"{config.get('model', '?')} — {config.get('protocol', '?')}, fold {fold}, {where}",
-                          plots=plots, num_examples=num_examples, options=options)
-    if patients is not None:
-        context.patients, context.protocol_dir = Path(patients), tfrecords
-        context.split, context.fold, context.batch_size = split, fold, batch_size
-        context.image_size = int(config.get("image_size") or 224)
+    context = EvalContext(eval_dir, tag, f"{settings.model or '?'} — {settings.protocol or '?'}, fold {fold}, {where}",
+                          plots=plots, num_examples=num_examples, options=options, protocol_dir=tfrecords,
+                          split=split, fold=fold, image_size=settings.image_size, batch_size=batch_size)
     try:
         result = task.evaluate(predict, dataset, context)
     except ValueError as error:
@@ -254,9 +222,9 @@ def _evaluate_run(
 
     metrics: dict[str, Any] = {
         "run_dir": str(run_dir),
-        "model": config.get("model"),
+        "model": run.config.get("model"),
         "model_file": BEST_MODEL if which == "best" else FINAL_MODEL,
-        "protocol": config.get("protocol", summary.get("protocol")),
+        "protocol": run.config.get("protocol", run.protocol.protocol),
         "task": task.name,
         "fold": fold,
         "split": split,
@@ -265,8 +233,6 @@ def _evaluate_run(
         **result.metrics,
     }
     if cam:
-        from caaxr_tf.explain.evaluation import write_cam_grid
-
         write_cam_grid(model, dataset, task.class_names, context.path("cam_grid", "png"), f"Grad-CAM: {context.title}")
     files = dict(context.files)
     files["predictions"] = f"predictions{tag}.csv"
@@ -282,15 +248,11 @@ def _evaluate_run(
 
 
 def _explain_inputs(run_dir: str | Path, which: str, what: str):
-    """Run folder, config, summary and Task of a classifier run, checked (``what`` names the
-    option in errors)."""
-    from caaxr_tf.explain.evaluation import check_explainable
-
-    run_dir = Path(run_dir).resolve()
-    config, _, summary = _check_inputs(run_dir, "test", None, which)
-    task = run_task(config, summary)
+    """The Run, its config and Task of a classifier run, checked (``what`` names the option in errors)."""
+    run = _check_inputs(run_dir, "test", None, which)
+    task = run.task()
     check_explainable(task, what)
-    return run_dir, config, task
+    return run, run.config, task
 
 
 def evaluate_localization_run(
@@ -309,18 +271,15 @@ def evaluate_localization_run(
     Writes ``RUN_DIR/eval/localization_<folder>_<protocol><tag>.json`` (the table of the CAM
     and the baselines), ``.csv`` (per image) and ``.png``; returns the JSON dict.
     """
-    from caaxr_tf.explain.evaluation import data_tag, evaluate_localization, plot_localization, resolve_protocol_dir
-    from caaxr_tf.explain.localization import format_table
-    from caaxr_tf.runs import EVAL_DIR, load_run_model
-
     started = time.perf_counter()
-    run_dir, config, task = _explain_inputs(run_dir, which, "--localization")
+    run, config, task = _explain_inputs(run_dir, which, "--localization")
+    run_dir = run.path
     protocol_dir = resolve_protocol_dir(protocol, "seg")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    model = load_run_model(run_dir, which)
+    model = run.model(which)
     result = evaluate_localization(
-        model, task.class_names, protocol_dir, split=split, image_size=int(config.get("image_size") or 224),
+        model, task.class_names, protocol_dir, split=split, image_size=run.settings.image_size,
         batch_size=int(batch_size or config.get("batch_size") or 16),
     )
     name = f"localization_{data_tag(protocol_dir)}{output_tag(split, None, which)}"
@@ -365,36 +324,24 @@ def evaluate_external_run(
     (same image id or patient, `training_overlap`) unless ``exclude_overlap`` leaves them out;
     the JSON's ``training_overlap`` says how many overlapped and were excluded.
     """
-    from caaxr_tf.explain.evaluation import (
-        ALL_SPLITS,
-        data_tag,
-        evaluate_external,
-        match_run_classes,
-        resolve_protocol_dir,
-        TrainingOverlapError,
-        shortcut_summary,
-        training_overlap,
-        write_cam_grid,
-    )
-    from caaxr_tf.runs import EVAL_DIR, load_run_model
-
     started = time.perf_counter()
-    run_dir, config, task = _explain_inputs(run_dir, which, "--tfrecords")
+    run, config, task = _explain_inputs(run_dir, which, "--tfrecords")
+    run_dir = run.path
     if split not in (*SPLITS, ALL_SPLITS):
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join((*SPLITS, ALL_SPLITS))}")
     protocol_dir = resolve_protocol_dir(tfrecords, str(config.get("protocol") or ""))
     match, _ = match_run_classes(task.class_names, protocol_dir, class_map)  # errors before the model loads
-    overlap = training_overlap(config["tfrecords"], int(config.get("fold") or 1), protocol_dir, split)
+    overlap = training_overlap(run.protocol_dir, run.settings.fold, protocol_dir, split)
     if overlap.image_ids and not exclude_overlap:
         raise TrainingOverlapError(overlap.message(protocol_dir))
     if overlap.image_ids and log is not None:
         log(f"--exclude-overlap: {len(overlap.image_ids)} of {overlap.external_images} external images left out "
             f"(in the run's training/validation data: {overlap.by_image_id} by image id, {overlap.by_patient} by patient)")
-    model = load_run_model(run_dir, which)
-    image_size = int(config.get("image_size") or 224)
-    result = evaluate_external(predict_function(model), task.class_names, protocol_dir, class_map=class_map,
+    model = run.model(which)
+    image_size = run.settings.image_size
+    result = evaluate_external(run.predictor(model=model), task.class_names, protocol_dir, class_map=class_map,
                                split=split, image_size=image_size,
-                               batch_size=int(batch_size or config.get("batch_size") or 32),
+                               batch_size=int(batch_size or run.settings.batch_size),
                                exclude_ids=overlap.image_ids)
     name = f"external_{data_tag(protocol_dir)}{output_tag(split, None, which) if split != ALL_SPLITS else '_all'}"
     eval_dir = run_dir / EVAL_DIR
@@ -409,9 +356,6 @@ def evaluate_external_run(
         files["roc"] = f"{name}_roc.png"
         plot_roc(labels, scores, match.class_names, eval_dir / files["roc"], f"ROC: {title}")
     if cam:
-        from caaxr_tf.data.pipeline import make_dataset
-        from caaxr_tf.tasks import get_task
-
         files["cam_grid"] = f"{name}_cam_grid.png"
         grid_split = "test" if split == ALL_SPLITS else split
         dataset = make_dataset(protocol_dir, grid_split, fold=1, batch_size=16, image_size=image_size, training=False,
@@ -436,34 +380,8 @@ def evaluate_external_run(
     return output
 
 
-def predict_function(model) -> Callable[[Any], Any]:
-    """``images -> numpy outputs`` through one graph traced for any batch size."""
-    import tensorflow as tf
-
-    try:
-        spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
-    except (AttributeError, TypeError, IndexError, ValueError):  # a subclassed model without known inputs
-        spec = None
-    if spec is None:
-        step = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    else:
-        step = tf.function(lambda images: model(images, training=False), input_signature=[spec])
-
-    def predict(images) -> Any:
-        outputs = step(tf.convert_to_tensor(images, tf.float32))
-        if isinstance(outputs, dict):
-            return {key: value.numpy() for key, value in outputs.items()}
-        if isinstance(outputs, (list, tuple)):
-            return outputs[0].numpy()  # a multi-output model's first output
-        return outputs.numpy()
-
-    return predict
-
-
 def format_metrics(metrics: dict[str, Any], task=None) -> str:
     """A short plain-text table of one evaluation."""
-    from caaxr_tf.tasks import get_task
-
     subset = f", subset {metrics['subset']}" if metrics.get("subset") else ""
     lines = [
         f"{metrics.get('model')} ({metrics.get('protocol')}, fold {metrics.get('fold')}, {metrics.get('model_file')}) "
@@ -495,10 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exclude-overlap", action="store_true",
                         help="with --tfrecords: leave out external images that are in the run's training/validation "
                              "data (same image id or patient) instead of refusing; the JSON says how many")
-    parser.add_argument("--patients", default=None, metavar="DATA_ROOT",
-                        help="ct task: the COVID-CTset folder; also evaluate the split's patients "
-                             "(select, classify, patient rule)")
-    add_infection_arguments(parser)
+    add_task_arguments(parser, "evaluate")
     args = parser.parse_args(argv)
     if args.split == "all" and args.tfrecords is None:
         parser.error("--split all needs --tfrecords")
@@ -509,22 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def add_infection_arguments(parser: argparse.ArgumentParser) -> None:
-    """The infection task's options (``--lung-run``, the detection rule)."""
-    group = parser.add_argument_group("infection maps")
-    group.add_argument("--lung-run", default=None, metavar="RUN",
-                       help="a lungs-protocol segmentation run: the infection map is restricted to its lungs "
-                            "and per-lung infected fractions are reported (files tagged _lungs)")
-    group.add_argument("--detection-threshold", type=float, default=None, metavar="T",
-                       help="a pixel is infected where the map is >= T (default 0.5, as published; files tagged _t<T>)")
-    group.add_argument("--min-pixels", type=int, default=None, metavar="A",
-                       help="an image is COVID-19 with at least A infected pixels (default 1, as published; files tagged _a<A>)")
 
-
-def infection_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``EvalContext.options`` from the infection arguments (unset ones left out)."""
-    options = {"lung_run": args.lung_run, "threshold": args.detection_threshold, "min_pixels": args.min_pixels}
-    return {key: value for key, value in options.items() if value is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.localization is None and args.tfrecords is None:
             evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
-                         cam=args.cam, options=infection_options(args), patients=args.patients)
+                         cam=args.cam, options=task_options(args))
         if args.localization is not None:
             evaluate_localization_run(args.run, args.localization, split="test" if args.split == "all" else args.split,
                                       which=args.model, batch_size=args.batch_size, plots=not args.no_plots)

@@ -45,7 +45,26 @@ quiet_tensorflow_logs()
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from caaxr_tf.data.pipeline import IMAGE_SIZE, preprocess_image  # noqa: E402
+from caaxr_tf.data.pipeline import IMAGE_SIZE  # noqa: E402
+from caaxr_tf.data.serving import (  # noqa: E402,F401  (the serving input ops; re-exported)
+    PNG_SIGNATURE,
+    JPEG_SIGNATURE,
+    PNG_BIT_DEPTH_OFFSET,
+    HEADER_BYTES,
+    image_headers,
+    _starts_with,
+    file_bit_depths,
+    _per_image,
+    decode_images,
+    runtime_shape,
+    assert_rank_one,
+    assert_image_shape,
+    check_preprocessed,
+)
+from caaxr_tf.explain.gradcam import GradCam, make_cam_function, resolve_layer_path  # noqa: E402
+from caaxr_tf.runs import Run  # noqa: E402
+from caaxr_tf.tasks import get_task  # noqa: E402
+from caaxr_tf.tasks.options import add_task_arguments, task_options  # noqa: E402
 
 if TYPE_CHECKING:
     from caaxr_tf.tasks import Task
@@ -56,174 +75,10 @@ MODELS_CONFIG = "models.config"
 METADATA_PATH = "assets.extra/caaxr_export.json"
 METADATA_FORMAT = 1
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG_SIGNATURE = b"\xff\xd8\xff"
-# A PNG starts with the 8-byte signature and the IHDR chunk (length, type, width, height),
-# so the bit depth is byte 24.
-PNG_BIT_DEPTH_OFFSET = 24
-HEADER_BYTES = 32
-
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERIFY_TOLERANCE = 1e-4
 # A CAM is divided by its maximum: float32 round-off in a map with a small peak shows more.
 CAM_VERIFY_TOLERANCE = 1e-3
-
-
-# --------------------------------------------------------------------------- in-graph input
-
-
-def image_headers(images: tf.Tensor) -> tf.Tensor:
-    """The first ``HEADER_BYTES`` bytes of every encoded image, zero padded: uint8 [N, 32]."""
-    padded = tf.strings.join([images, tf.constant(b"\x00" * HEADER_BYTES)])
-    return tf.io.decode_raw(tf.strings.substr(padded, 0, HEADER_BYTES), tf.uint8)
-
-
-def _starts_with(headers: tf.Tensor, signature: bytes) -> tf.Tensor:
-    expected = tf.constant(list(signature), dtype=tf.uint8)
-    return tf.reduce_all(tf.equal(headers[:, : len(signature)], expected[None, :]), axis=1)
-
-
-def file_bit_depths(headers: tf.Tensor) -> tf.Tensor:
-    """16 for 16-bit PNGs, 8 for everything else (8-bit or lower PNGs decode to 8 bits, JPEG)."""
-    is_png = _starts_with(headers, PNG_SIGNATURE)
-    sixteen = tf.equal(headers[:, PNG_BIT_DEPTH_OFFSET], 16)
-    return tf.where(is_png & sixteen, 16, 8)
-
-
-def _per_image(values: tf.Tensor, count: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-    """An empty ``values`` (the signature default) stands for zeros / false for every image."""
-    values = tf.cast(values, dtype)
-    return tf.cond(
-        tf.equal(tf.size(values), 0), lambda: tf.zeros([count], dtype), lambda: values
-    )
-
-
-def decode_images(
-    images: tf.Tensor, invert: tf.Tensor, bit_depth: tf.Tensor, image_size: int = IMAGE_SIZE
-) -> tf.Tensor:
-    """Encoded PNG/JPEG batch -> float32 [N, S, S, 1] in 0..255, exactly as the tf.data pipeline.
-
-    Raises ``InvalidArgumentError`` (at run time) naming the problem for an empty batch, bytes
-    that are not PNG or JPEG, ``invert``/``bit_depth`` of the wrong length, and a bit depth
-    outside ``0..file depth`` (a JPEG or 8-bit PNG cannot hold 12 significant bits).
-    """
-    images = tf.convert_to_tensor(images, tf.string)
-    # The ranks first: TF Serving does not check a request against the SignatureDef's shapes,
-    # and everything below assumes one value per image.
-    with tf.control_dependencies(
-        [assert_rank_one(images, "images", "encoded PNG or JPEG images"),
-         assert_rank_one(invert, "invert", "booleans"),
-         assert_rank_one(bit_depth, "bit_depth", "integers")]
-    ):
-        images = tf.identity(images)
-    count = tf.size(images)
-    headers = image_headers(images)
-    known = _starts_with(headers, PNG_SIGNATURE) | _starts_with(headers, JPEG_SIGNATURE)
-    depth = file_bit_depths(headers)
-    checks = [
-        tf.debugging.assert_greater(
-            count, 0, message="empty batch: `images` must hold at least one encoded PNG or JPEG image"
-        ),
-        tf.debugging.Assert(
-            tf.reduce_all(known),
-            ["`images` must be encoded PNG or JPEG images; not an image at index:", tf.where(~known)[:, 0]],
-        ),
-    ]
-    for name, values in (("invert", invert), ("bit_depth", bit_depth)):
-        size = tf.size(values)
-        checks.append(
-            tf.debugging.Assert(
-                tf.equal(size, 0) | tf.equal(size, count),
-                [f"`{name}` must be empty or hold one value per image; images:", count, f"{name}:", size],
-            )
-        )
-    with tf.control_dependencies(checks):
-        images = tf.identity(images)
-        invert = _per_image(invert, count, tf.bool)
-        bit_depth = _per_image(bit_depth, count, tf.int32)
-    valid_depth = tf.equal(bit_depth, 0) | ((bit_depth >= 1) & (bit_depth <= depth))
-    with tf.control_dependencies(
-        [
-            tf.debugging.Assert(
-                tf.reduce_all(valid_depth),
-                [
-                    "`bit_depth` must be 0 (the file's own depth) or 1..16 for 16-bit PNGs, 1..8 for "
-                    "JPEG and 8-bit PNGs; bad values at index:",
-                    tf.where(~valid_depth)[:, 0],
-                    "given:",
-                    tf.boolean_mask(bit_depth, ~valid_depth),
-                ],
-                summarize=16,
-            )
-        ]
-    ):
-        bit_depth = tf.where(tf.equal(bit_depth, 0), depth, bit_depth)
-
-    def preprocess(args: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
-        encoded, flag, bits = args
-        return preprocess_image(encoded, bits, flag, image_size)
-
-    pixels = tf.map_fn(
-        preprocess,
-        (images, invert, bit_depth),
-        fn_output_signature=tf.TensorSpec([image_size, image_size, 1], tf.uint8),
-    )
-    return tf.cast(pixels, tf.float32)
-
-
-def runtime_shape(values: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """``(shape, rank)`` of ``values`` as the request delivers them.
-
-    A signature input keeps the static rank of its TensorSpec, so ``tf.rank`` and
-    ``tf.size(tf.shape(x))`` are folded to constants when the graph is built, while TF Serving
-    and a SavedModel's flat signature feed tensors of any shape. Masking the shape with a
-    condition known only at run time keeps its length, the true rank, out of the folding."""
-    shape = tf.shape(values)
-    return shape, tf.size(tf.boolean_mask(shape, shape >= 0))
-
-
-def assert_rank_one(values: tf.Tensor, name: str, what: str) -> tf.Operation:
-    """An op failing with INVALID_ARGUMENT unless ``values`` is a 1-D batch ``[N]``."""
-    shape, rank = runtime_shape(values)
-    return tf.debugging.Assert(
-        tf.equal(rank, 1), [f"`{name}` must be a 1-D batch [N] of {what}; got shape", shape], summarize=8
-    )
-
-
-def assert_image_shape(images: tf.Tensor, image_size: int) -> tf.Operation:
-    """An op failing with INVALID_ARGUMENT unless ``images`` is ``[N, S, S, 1]``.
-
-    Checked in the graph because neither TF Serving nor a SavedModel's flat signature checks a
-    request's shape, and a wrong one reaches the convolutions (oneDNN then aborts, or not,
-    depending on the CPU)."""
-    shape, rank = runtime_shape(images)
-    padded = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)  # defined for any rank
-    valid = tf.equal(rank, 4) & tf.reduce_all(tf.equal(padded[1:4], [image_size, image_size, 1]))
-    return tf.debugging.Assert(
-        valid, [f"`images` must have shape [N, {image_size}, {image_size}, 1]; got shape", shape], summarize=8
-    )
-
-
-def check_preprocessed(images: tf.Tensor, image_size: int = IMAGE_SIZE) -> tf.Tensor:
-    """Pass ``images`` through after checking its shape, that the batch is non-empty and that
-    the values lie within 0..255."""
-    with tf.control_dependencies([assert_image_shape(images, image_size)]):
-        images = tf.identity(images)
-    checks = [
-        tf.debugging.assert_greater(
-            tf.shape(images)[0], 0, message="empty batch: `images` must hold at least one image"
-        ),
-        tf.debugging.Assert(
-            tf.reduce_all((images >= 0.0) & (images <= 255.0)),
-            [
-                "`images` must hold pixel values in 0..255 (float32, not normalised); min, max:",
-                tf.reduce_min(images),
-                tf.reduce_max(images),
-            ],
-        ),
-    ]
-    with tf.control_dependencies(checks):
-        return tf.identity(images)
 
 
 # --------------------------------------------------------------------------- signatures
@@ -232,8 +87,6 @@ def check_preprocessed(images: tf.Tensor, image_size: int = IMAGE_SIZE) -> tf.Te
 def resolve_export_task(task: "str | Task", class_names: Sequence[str] = ()) -> "Task":
     """A Task object for an export: given, or a registered task name (an unknown name is a
     ValueError listing the known tasks)."""
-    from caaxr_tf.tasks import get_task
-
     return task if not isinstance(task, str) else get_task(task)(list(class_names))
 
 
@@ -257,8 +110,6 @@ def make_export_archive(
     image_shape = [None, image_size, image_size, 1]
     cam_function = None
     if cam:
-        from caaxr_tf.explain.gradcam import make_cam_function
-
         check_cam_export(task)
         cam_function = make_cam_function(model, output_size=(image_size, image_size))
 
@@ -315,8 +166,6 @@ def verify_export(model, export_dir: str | Path, image_size: int, task: "str | T
     loaded = tf.saved_model.load(str(export_dir))
     got = loaded.signatures[PREPROCESSED_SIGNATURE](images=tf.constant(images))
     if cam:
-        from caaxr_tf.explain.gradcam import GradCam
-
         reference = GradCam(model, output_size=(image_size, image_size), run_eagerly=True)(images).cam
         exported_cam = got["cam"].numpy()
         cam_error = float(np.max(np.abs(exported_cam - reference))) if np.all(np.isfinite(exported_cam)) else np.inf
@@ -443,8 +292,6 @@ def export_model(
     if verify:
         verify_export(model, export_dir, image_size, task, cam=cam)
     if cam:
-        from caaxr_tf.explain.gradcam import resolve_layer_path
-
         metadata = {**(metadata or {}), "cam": {"output": "cam", "class": "predicted", "score": "logit",
                                                 "layer": "/".join(resolve_layer_path(model)),
                                                 "size": [image_size, image_size]}}
@@ -510,13 +357,10 @@ def remove_stale_temporaries(model_base: str | Path) -> list[Path]:
 
 def with_lung_run(model, task: "Task", lung_run: str | Path, image_size: int):
     """One Keras model running the infection ``model`` and the lung run's best model (outputs
-    ``{"mask", "lungs"}``); a ValueError for a task other than ``infection``."""
-    from caaxr_tf.infection.lungs import LungRun, with_lung_model
-
-    if task.name != "infection":
-        raise ValueError(f"--lung-run applies to infection runs; this run's task is {task.name}")
-    lungs = LungRun(lung_run)
-    return with_lung_model(model, lungs.model, image_size, lungs.image_size)
+    ``{"mask", "lungs"}``); a ValueError for a task that takes no lung run. (The task's
+    `Task.serving_model` with the option ``lung_run``.)"""
+    options = task.check_options({"lung_run": lung_run})
+    return task.serving_model(model, image_size, options, Run)[0]
 
 
 def export_run(
@@ -530,6 +374,7 @@ def export_run(
     verify: bool = True,
     cam: bool = False,
     lung_run: str | Path | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export ``RUN_DIR/best.keras`` to ``out/<version>`` and update ``out/../models.config``.
 
@@ -542,8 +387,6 @@ def export_run(
     """
     import keras
 
-    from caaxr_tf.runs import load_run_config, load_run_model
-
     run_dir, out = Path(run_dir), Path(out)
     if not MODEL_NAME_PATTERN.match(out.name):
         raise ValueError(
@@ -551,29 +394,21 @@ def export_run(
         )
     if version is not None and version < 0:
         raise ValueError(f"version must be a non-negative integer, got {version}")
-    config = load_run_config(run_dir)
-    from caaxr_tf.tasks import task_of_run
-
-    try:
-        ranges = {"target_ranges": config["target_ranges"]} if config.get("target_ranges") else {}
-        task = task_of_run(str(config.get("task")), config.get("model"))(
-            [str(name) for name in config.get("class_names") or []], target_names=config.get("target_names") or (),
-            **ranges)
-    except ValueError as error:
-        raise ValueError(f"{run_dir}/config.yaml: {error}") from None
+    run = Run(run_dir)
+    config = run.config
+    task = run.task()
+    options = task.check_options({**(options or {}), **({"lung_run": lung_run} if lung_run is not None else {})})
     if cam:
         check_cam_export(task)
-    class_names = [str(name) for name in config.get("class_names") or []]
-    image_size = int(config.get("image_size", IMAGE_SIZE))
+    class_names = run.class_names
+    image_size = run.settings.image_size
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     version = next_version(out) if version is None else int(version)
     existing = _version_dirs(out, version)
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it or pick another --version")
-    model = load_run_model(run_dir, which)
-    if lung_run is not None:
-        model = with_lung_run(model, task, lung_run, image_size)
+    model, options_metadata = task.serving_model(run.model(which), image_size, options, Run)
     temporary = out / f".export-{version}-{os.getpid()}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     metadata = {
@@ -584,7 +419,7 @@ def export_run(
         "checkpoint": which,
         "keras": keras.__version__,
         "version": version,
-        **({"lung_run": str(Path(lung_run).resolve())} if lung_run is not None else {}),
+        **options_metadata,
     }
     target = out / str(version)
     retired: list[tuple[Path, Path]] = []
@@ -638,9 +473,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default=None, metavar="DIR",
                         help="also write a KerasHub-style preset of the run (config.json, model.weights.h5, "
                              "metadata.json; caaxr_tf.models.preset.load_preset)")
-    parser.add_argument("--lung-run", default=None, metavar="RUN",
-                        help="infection runs: a lungs-protocol run served in the same graph (map restricted to "
-                             "the lungs, per-lung infected fractions)")
+    add_task_arguments(parser, "export")
     return parser.parse_args(argv)
 
 
@@ -650,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = export_run(
             args.run, args.out, args.version, args.overwrite,
             which=args.which, serving_root=args.serving_root, verify=not args.no_verify, cam=args.cam,
-            lung_run=args.lung_run,
+            options=task_options(args),
         )
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

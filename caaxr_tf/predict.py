@@ -73,6 +73,12 @@ from caaxr_tf.export import (  # noqa: E402
     list_versions,
 )
 from caaxr_tf.io import write_bytes_atomic  # noqa: E402
+from caaxr_tf.tasks.ct import predict_patients  # noqa: E402,F401  (moved to the ct task; re-exported)
+from caaxr_tf.data.bimcv import read_sidecar  # noqa: E402
+from caaxr_tf.data.formats import TIFF_MAGIC  # noqa: E402
+from caaxr_tf.data.pipeline import preprocess_image  # noqa: E402
+from caaxr_tf.explain.overlay import cam_overlay_rgb, encode_png, peak_location  # noqa: E402
+from caaxr_tf.tasks import get_task  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CAM_OUTPUT = "cam"  # the Grad-CAM output of ``caaxr_tf.export --cam``
@@ -154,8 +160,6 @@ def prepare_image(
     file_depth = 16 if is_png and len(data) > PNG_BIT_DEPTH_OFFSET and data[PNG_BIT_DEPTH_OFFSET] == 16 else 8
     sidecar = Path(path).with_suffix(".json")
     if sidecars and is_png and sidecar.exists():
-        from caaxr_tf.data.bimcv import read_sidecar
-
         tags = read_sidecar(sidecar)
         invert, bit_depth = tags.invert, tags.bit_depth or 0
     elif file_depth == 8:
@@ -166,8 +170,6 @@ def prepare_image(
 def prepare_ct_slice(path: str) -> PreparedImage | None:
     """A 16-bit TIFF or DICOM CT slice as a 16-bit PNG of raw values (HU + 1024), or None for
     other files (PNGs are sent as they are). OpenCV and pydicom are imported only here."""
-    from caaxr_tf.data.formats import TIFF_MAGIC
-
     with open(path, "rb") as handle:
         head = handle.read(4)
     if head in TIFF_MAGIC:
@@ -211,8 +213,6 @@ class ServedModel:
     def _task(self):
         """The export's task (from its metadata; an export without metadata is recognised by its
         outputs), checked against the outputs."""
-        from caaxr_tf.tasks import get_task
-
         metadata_path = self.path / METADATA_PATH
         metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.exists() else {}
         if not metadata and self.package:  # the model package alone describes the export
@@ -252,8 +252,6 @@ class ServedModel:
 
     def preprocess(self, image: PreparedImage) -> np.ndarray:
         """The model's input for ``image``: uint8 [S, S] (for overlays)."""
-        from caaxr_tf.data.pipeline import preprocess_image
-
         pixels = preprocess_image(tf.constant(image.encoded), image.bit_depth, image.invert, self.image_size)
         return pixels.numpy()[:, :, 0]
 
@@ -266,8 +264,6 @@ def _record(model: ServedModel, image: PreparedImage, outputs: dict[str, np.ndar
     """The task's fields, then every other output with at most two dimensions per image."""
     record: dict[str, Any] = {"file": image.path, **model.task.prediction_record(outputs, index)}
     if CAM_OUTPUT in outputs:
-        from caaxr_tf.explain.overlay import peak_location
-
         record["cam_peak"] = peak_location(outputs[CAM_OUTPUT][index])
     for key in sorted(set(outputs) - set(model.task.reported_outputs) - {CAM_OUTPUT}):
         value = np.asarray(outputs[key][index])
@@ -302,8 +298,6 @@ def _overlay_path(overlay_dir: Path, source: str, taken: set[Path], kind: str = 
 def write_cam_overlay(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
     """The CAM over the model's input (uint8 [S, S]) as a PNG, written atomically (numpy
     drawing and ``tf.io.encode_png``: no OpenCV on the reading side)."""
-    from caaxr_tf.explain.overlay import cam_overlay_rgb, encode_png
-
     write_bytes_atomic(path, encode_png(cam_overlay_rgb(pixels, cam)))
     return path
 
@@ -330,9 +324,9 @@ def iter_predictions(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     model = model or ServedModel(model_dir)
-    if cam_dir is not None and model.task.name == "ct":
-        raise ValueError(f"--cam: a {model.task.name!r} export gets no CAM overlays (patient folders are "
-                         "classified through slice selection); run without --cam")
+    if cam_dir is not None and model.task.no_cam_overlays:
+        raise ValueError(f"--cam: a {model.task.name!r} export gets no CAM overlays ({model.task.no_cam_overlays}); "
+                         "run without --cam")
     if overlay_dir is not None and not model.task.has_overlay:
         raise ValueError(f"--overlay: a {model.task.name!r} export has no overlay (segmentation, detection "
                          "and infection exports have); run without --overlay")
@@ -340,47 +334,14 @@ def iter_predictions(
         raise ValueError(f"{model.path} has no `cam` output: export the classifier with caaxr_tf.export --cam")
     overlay_dir = Path(overlay_dir) if overlay_dir is not None else None
     options = dict(invert=invert, bit_depth=bit_depth, sidecars=sidecars)
-    if model.task.name == "ct":
-        return _stream_ct(model, list(paths), overlay_dir, batch_size, options)
+    own = model.task.predict_inputs(
+        model, list(paths), lambda files, **extra: _stream(model, files, overlay_dir, batch_size, {**options, **extra}),
+        batch_size)
+    if own is not None:  # the task's own inputs (CT: patient folders)
+        return own
     files = find_inputs(paths)
     return _stream(model, files, overlay_dir, batch_size, options,
                    Path(cam_dir) if cam_dir is not None else None)
-
-
-def predict_patients(model: ServedModel, folder: str | Path, *, batch_size: int = 16) -> list[dict[str, Any]]:
-    """CT exports: one record per patient under ``folder`` (its series selected, the kept
-    slices classified, both thresholds applied); a folder with no usable series gives an
-    ``error`` record listing what was skipped."""
-    from caaxr_tf.ct.patients import classify_patient
-    from caaxr_tf.data.ct_series import find_ct_series
-
-    scan = find_ct_series(folder)
-    by_patient: dict[str, list] = {}
-    for series in scan.series:
-        by_patient.setdefault(series.patient_id, []).append(series)
-    if not by_patient:
-        reasons = "; ".join(f"{s.path}: {s.field}: {s.reason}" for s in scan.skipped[:3])
-        return [{"file": str(folder), "error": "no CT series of at least two 16-bit 512x512 slices found"
-                 + (f" ({reasons})" if reasons else "")}]
-    records = []
-    for patient, series in by_patient.items():
-        # a TIFF series folder's parent is the patient's folder (series id "<patient>/SR_<n>")
-        roots = {str(Path(item.folder).parent if "/" in item.series_id else Path(item.folder)) for item in series}
-        skipped = [s for s in scan.skipped if any(s.path.startswith(root + os.sep) for root in roots)]
-        result = classify_patient(patient, series, model.classify_raw, model.image_size, batch_size=batch_size,
-                                  skipped=skipped if len(by_patient) > 1 else scan.skipped)
-        records.append({"file": str(folder), **result.as_record()})
-    return records
-
-
-def _stream_ct(model: ServedModel, paths: list[str | Path], overlay_dir: Path | None, batch_size: int,
-               options: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Folders are patients (``predict_patients``), files are slices (TIFF, DICOM or 16-bit PNG)."""
-    for path in paths:
-        if Path(path).is_dir():
-            yield from predict_patients(model, path, batch_size=batch_size)
-        else:
-            yield from _stream(model, [Path(path)], overlay_dir, batch_size, {**options, "ct": True})
 
 
 def _stream(model: ServedModel, files: list[Path], overlay_dir: Path | None, batch_size: int,

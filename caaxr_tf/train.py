@@ -44,6 +44,9 @@ from caaxr_tf.training.config import (  # noqa: E402
 )
 from caaxr_tf.training.distribute import is_chief, make_strategy  # noqa: E402
 from caaxr_tf.training.trainer import Trainer, TrainResult  # noqa: E402
+from caaxr_tf.data.protocols import available_protocols  # noqa: E402
+from caaxr_tf.data.schema import shard_files  # noqa: E402
+from caaxr_tf.data.shards import naming_corrupt_shards  # noqa: E402
 
 __all__ = ["ConfigError", "NonFiniteLossError", "locate_protocol_dir", "main", "make_strategy", "parse_args",
            "prepare_run_dir", "resolve_config", "run_training", "train"]
@@ -71,8 +74,6 @@ TRAINING_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
 
 def protocol_names() -> list[str]:
     """Every protocol that caaxr_tf/configs/protocols.yaml defines, over all source sets."""
-    from caaxr_tf.data.protocols import available_protocols
-
     return sorted({name for names in available_protocols().values() for name in names})
 
 
@@ -157,9 +158,6 @@ def train(config: RunConfig, run_dir: str | Path, strategy=None, *, verbose: boo
     the shard when a shard of the fold is damaged, and ``ConfigError`` for settings that fail
     when the model and data are built.
     """
-    from caaxr_tf.data.schema import shard_files
-    from caaxr_tf.data.shards import naming_corrupt_shards
-
     try:
         files = [f for split in ("train", "val") for f in shard_files(config.tfrecords, split, config.fold)]
     except (FileNotFoundError, ValueError) as error:  # a missing shard or fold

@@ -12,7 +12,8 @@ import tensorflow as tf
 from caaxr_tf import runs
 from caaxr_tf import train as train_lib
 from caaxr_tf.data import tfrecords as tfr
-from caaxr_tf.data.pipeline import balanced_repeats, make_dataset, read_summary
+from caaxr_tf.data.pipeline import balanced_repeats, read_summary
+from caaxr_tf.tasks.datasets import make_dataset
 from caaxr_tf.tasks.classification import ClassificationTask, balanced_class_weights
 
 pytestmark = pytest.mark.numerics  # numerics: rerun with oneDNN off by `make test` (tolerances.py)

@@ -143,7 +143,7 @@ def test_cv_segmentation_baselines_against_numpy(seg_cv, tfrecords):
     baselines = json.loads((out / "baselines.json").read_text())
     masks, subset_flags = [], []
     manifest = {r["image_id"]: r for r in read_csv(tfrecords / "seg" / "manifest.csv")}
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
 
     for _, mask, ids in make_dataset(tfrecords / "seg", "test", task="segmentation", training=False, augment=False,
                                      cache=False, batch_size=8, with_ids=True):

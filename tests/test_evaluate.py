@@ -14,7 +14,8 @@ import yaml
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from caaxr_tf import evaluate
-from caaxr_tf.data.pipeline import make_dataset, read_summary
+from caaxr_tf.data.pipeline import read_summary
+from caaxr_tf.tasks.datasets import make_dataset
 from caaxr_tf.evaluate import classification_metrics, covid_index, evaluate_run, output_tag
 from caaxr_tf.tasks.classification import class_scores
 from caaxr_tf.models import build_model

@@ -138,7 +138,7 @@ def _test_records(protocol_dir: Path) -> list[dict]:
 def test_evaluate_cam_grid_and_localization(classifier_run):
     import tensorflow as tf
 
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
     from caaxr_tf.evaluate import evaluate_localization_run, evaluate_run
     from caaxr_tf.explain.gradcam import GradCam
     from caaxr_tf.runs import load_run_model

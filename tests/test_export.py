@@ -21,7 +21,8 @@ import yaml
 
 from caaxr_tf.data.dicom import read_dicom
 from caaxr_tf.data.images import encode_png
-from caaxr_tf.data.pipeline import make_dataset, parse_record, preprocess_image, read_summary, shard_files
+from caaxr_tf.data.pipeline import parse_record, preprocess_image, read_summary, shard_files
+from caaxr_tf.tasks.datasets import make_dataset
 from caaxr_tf.export import (
     MODELS_CONFIG,
     PREPROCESSED_SIGNATURE,

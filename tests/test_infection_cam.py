@@ -62,7 +62,7 @@ def tiny_classifier() -> keras.Model:
 
 
 def split_arrays(protocol_dir: Path):
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
     from caaxr_tf.tasks.infection import InfectionTask
 
     dataset = make_dataset(protocol_dir, "test", fold=1, batch_size=4, task=InfectionTask(CLASSES), training=False,
@@ -137,7 +137,7 @@ def test_image_infection_features_through_both_runs(tmp_path):
 
 
 def test_baselines_of_constant_maps(qata_protocol):
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
     from caaxr_tf.tasks.infection import InfectionTask
 
     _, _, covid = split_arrays(qata_protocol)

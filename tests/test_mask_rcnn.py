@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caaxr_tf.data.pipeline import boxes_to_mask, make_dataset
+from caaxr_tf.data.pipeline import boxes_to_mask
+from caaxr_tf.tasks.datasets import make_dataset
 from caaxr_tf.data.tfrecords import build_tfrecords
 from caaxr_tf.models import WeightsUnavailableError, available_models, build_model, model_task
 from caaxr_tf.models.mask_rcnn import (

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from caaxr_tf.data import tfrecords as tfr
-from caaxr_tf.data.pipeline import boxes_to_mask, make_dataset, parse_record, preprocess_image
+from caaxr_tf.data.pipeline import boxes_to_mask, parse_record, preprocess_image
+from caaxr_tf.tasks.datasets import make_dataset
 
 
 @pytest.fixture(scope="module")

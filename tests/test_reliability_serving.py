@@ -25,7 +25,7 @@ from PIL import Image
 
 from caaxr_tf.data import tfrecords as tfr
 from caaxr_tf.data.images import load_image
-from caaxr_tf.data.pipeline import make_dataset
+from caaxr_tf.tasks.datasets import make_dataset
 from caaxr_tf.data.pipeline import parse_record
 from caaxr_tf.export import export_model, export_run, list_versions
 from caaxr_tf.export import main as export_main

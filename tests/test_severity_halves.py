@@ -131,7 +131,8 @@ def test_assign_half_splits_matches_group_shuffle_split_and_keeps_patients_whole
 def test_records_are_written_once_and_folds_are_selected_by_id(protocol_dir):
     import tensorflow as tf
 
-    from caaxr_tf.data.pipeline import make_dataset, parse_record
+    from caaxr_tf.data.pipeline import parse_record
+    from caaxr_tf.tasks.datasets import make_dataset
     from caaxr_tf.data.schema import shard_files
 
     summary = json.loads((protocol_dir / "summary.json").read_text())
@@ -258,6 +259,49 @@ def test_exported_regressor_clamps_each_target_to_its_range(protocol_dir, tmp_pa
     assert record["geographic_extent"] == 8.0 and record["opacity"] == 0.0
 
 
+def test_evaluation_scores_the_clamped_outputs_the_served_model_returns(protocol_dir, tmp_path):
+    """Evaluation builds the run's task as the export does (`caaxr_tf.runs.Run.task`: target
+    ranges included), so its predictions are the served model's clamped ones, not the raw outputs."""
+    import keras
+    import tensorflow as tf
+    import yaml
+
+    from caaxr_tf import runs
+    from caaxr_tf.evaluate import evaluate_run
+    from caaxr_tf.export import export_run
+    from caaxr_tf.training import resolve_run_config
+
+    config = resolve_run_config(protocol_dir, "severity", "mobilenetv2_regressor", 1, overrides=["image_size=32"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / runs.CONFIG_FILE).write_text(yaml.safe_dump(config.to_mapping()))
+    inputs = keras.Input((32, 32, 1), name="image")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    outputs = keras.layers.Dense(2, name="scores", kernel_initializer=keras.initializers.Constant([[20.0, -12.0]]),
+                                 bias_initializer=keras.initializers.Constant([-5.0, 4.0]))(pooled)
+    keras.Model(inputs, outputs).save(run_dir / runs.BEST_MODEL)
+
+    run = runs.Run(run_dir)
+    assert run.task().target_ranges == {"geographic_extent": (0.0, 8.0), "opacity": (0.0, 6.0)}
+    metrics = evaluate_run(run_dir, plots=False, log=None)
+    rows = list(csv.DictReader((run_dir / "eval" / metrics["files"]["predictions"]).open()))
+    evaluated = {row["image_id"]: [float(row["predicted_geographic_extent"]), float(row["predicted_opacity"])]
+                 for row in rows}
+
+    export = export_run(run_dir, tmp_path / "served" / "severity", verify=False)
+    signature = tf.saved_model.load(str(export)).signatures["predict_preprocessed"]
+    served, raw = {}, {}
+    model = run.model()
+    for images, _, ids in run.dataset("test", with_ids=True):
+        out = signature(images=tf.cast(images, tf.float32))
+        for image_id, scores, direct in zip(ids.numpy(), out["scores"].numpy(), model(images).numpy()):
+            served[image_id.decode()], raw[image_id.decode()] = scores, direct
+    assert set(evaluated) == set(served) and evaluated
+    for image_id, scores in served.items():
+        assert evaluated[image_id] == pytest.approx(scores.tolist(), abs=1e-5)
+    assert any(not np.allclose(raw[i], served[i]) for i in served)  # the raw outputs leave the ranges
+
+
 # --------------------------------------------------------------------------- #
 # approach (a): features of a run + least squares on the protocol folder's splits
 # --------------------------------------------------------------------------- #
@@ -291,7 +335,7 @@ def test_run_features_and_least_squares_on_the_protocol_splits(protocol_dir, tmp
     from sklearn.linear_model import LinearRegression
     from sklearn.metrics import mean_absolute_error
 
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
     from caaxr_tf.severity import run_features as rf
 
     model = write_feature_run(tmp_path / "run", protocol_dir)

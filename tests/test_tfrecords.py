@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 
 from caaxr_tf.data import tfrecords as tfr
-from caaxr_tf.data.pipeline import make_dataset, parse_record
+from caaxr_tf.data.pipeline import parse_record
+from caaxr_tf.tasks.datasets import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("seg", "2class", "3class", "4class")
@@ -283,7 +284,7 @@ def test_cli_folds_records_per_shard_storage_size_and_uncertain_positive(tiny_da
     --storage-size 0 and --set chexpert.uncertain=positive, checked against the synthetic manifest."""
     import importlib.util
 
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
 
     spec = importlib.util.spec_from_file_location("make_tfrecords_tool", REPO / "tools" / "make_tfrecords.py")
     tool = importlib.util.module_from_spec(spec)

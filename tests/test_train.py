@@ -330,7 +330,7 @@ def test_shipped_short_cpu_schedule_resolves_per_model(tfrecords_root, tmp_path)
 def test_batch_norm_statistics_recomputed_from_the_first_training_images(tfrecords_root, tmp_path):
     import keras
 
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
     from caaxr_tf.models import build_model
     from caaxr_tf.models.layers import batch_norm_layers
 
@@ -486,7 +486,7 @@ def test_one_step_is_the_same_on_one_device_and_on_two_workers(tmp_path):
 
 
 def predict_split(run_dir: Path, split: str, image_size: int):
-    from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.tasks.datasets import make_dataset
 
     model = runs.load_run_model(run_dir, "best")
     config = runs.load_run_config(run_dir)

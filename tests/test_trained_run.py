@@ -14,7 +14,8 @@ import tensorflow as tf
 from tolerances import FLOAT32_ATOL, KERNEL_ATOL, threshold_bounds
 
 from caaxr_tf import cv, runs
-from caaxr_tf.data.pipeline import make_dataset, parse_record, shard_files
+from caaxr_tf.data.pipeline import parse_record, shard_files
+from caaxr_tf.tasks.datasets import make_dataset
 from caaxr_tf.export import PREPROCESSED_SIGNATURE, SERVING_SIGNATURE, export_run
 
 pytestmark = [

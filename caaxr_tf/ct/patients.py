@@ -29,6 +29,7 @@ import numpy as np
 from caaxr_tf.ct.patient import PatientDecision, decide_patient
 from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE, SliceSelection, dark_pixel_counts, select_from_counts
 from caaxr_tf.data.records import InputError, Skipped
+from caaxr_tf.data.schema import MANIFEST_FILE
 
 SliceClassifier = Callable[[np.ndarray], np.ndarray]
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -175,7 +176,6 @@ def classify_patient(patient_id: str, series: Sequence[Any], classify: SliceClas
 def split_patients(protocol_dir: str | os.PathLike, split: str = "test", fold: int = 1) -> list[str]:
     """The patients with records in ``split`` of ``fold`` (the protocol's manifest.csv), sorted."""
     from caaxr_tf.data.ct_series import natural_key
-    from caaxr_tf.data.schema import MANIFEST_FILE
 
     path = Path(protocol_dir) / MANIFEST_FILE
     with open(path, newline="", encoding="utf-8") as handle:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from caaxr_tf.io import write_json_atomic, write_text_atomic
+from caaxr_tf.evaluate import evaluate_run, metrics_path
 
 
 def fold_rows(metrics: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]], list[str], list[list[Any]]]:
@@ -71,8 +72,6 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def report(runs: Sequence[str | Path], patients: str | Path, out: str | Path | None = None, *,
            reuse: bool = False, batch_size: int | None = None) -> dict[str, Any]:
     """Evaluate ``runs`` with the patient pipeline (or reuse their metrics) and tabulate them."""
-    from caaxr_tf.evaluate import evaluate_run, metrics_path
-
     metrics = []
     for run in runs:
         path = metrics_path(run)

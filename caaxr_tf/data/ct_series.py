@@ -40,7 +40,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE
+from caaxr_tf.data.ct_selection import MIN_SLICES, SLICE_SHAPE
 from caaxr_tf.data.dicom import check_pixel_data, read_dataset
 from caaxr_tf.data.formats import (
     TIFF_MAGIC,

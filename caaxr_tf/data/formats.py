@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from caaxr_tf.data.records import InputError
+from caaxr_tf.data.records import InputError, check_regular_file  # noqa: F401  (check_regular_file: moved to records; re-exported)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8"
@@ -86,29 +86,6 @@ def is_dicom(path: str | os.PathLike) -> bool:
 
 def is_tiff(data: bytes) -> bool:
     return data[:4] in TIFF_MAGIC
-
-
-def check_regular_file(path: str | os.PathLike, field: str = "image") -> None:
-    """Raise InputError unless ``path`` is a regular file (following symbolic links).
-
-    Called before a file is opened: opening a FIFO blocks until something writes to it, and
-    devices or sockets are no images either.
-    """
-    path = os.fspath(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise InputError(path, field, f"broken symbolic link (to {os.readlink(path)})") from None
-        raise InputError(path, field, "file not found") from None
-    except OSError as error:
-        raise InputError(path, field, f"cannot be read ({error.strerror or error})") from error
-    if stat.S_ISREG(mode):
-        return
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
-    raise InputError(path, field, f"not a regular file ({kind}); skipped")
 
 
 # --- PNG / JPEG headers ------------------------------------------------------------------

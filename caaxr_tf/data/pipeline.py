@@ -7,8 +7,9 @@ boxes, float targets). That deterministic part is cached; shuffling, batching, t
 augmentation, its target and prefetching follow. The same ``preprocess_image`` runs inside
 exported models, so serving sees what training saw.
 
-This module is the reading side: it imports TensorFlow, the record schema and the task
-registry — neither the shard writer nor OpenCV.
+This module is the reading side: it imports TensorFlow and the record schema — neither the
+shard writer, OpenCV nor the task registry (the caller builds the Task;
+`caaxr_tf.tasks.datasets.make_dataset` resolves a task name or the protocol's own task).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import tensorflow as tf
 
 from caaxr_tf.data.schema import SPLITS, feature_spec, read_summary, shard_files, split_members  # noqa: F401  (re-exported)
-from caaxr_tf.tasks.base import get_task
 
 if TYPE_CHECKING:
     from caaxr_tf.tasks.base import Task
@@ -195,20 +195,6 @@ def repeat_by_class(dataset: tf.data.Dataset, class_repeats: Sequence[float]) ->
     return dataset.flat_map(lambda record: tf.data.Dataset.from_tensors(record).repeat(copies(record)))
 
 
-def resolve_task(task: "str | Task | None", summary: dict[str, Any], tfrecord_dir: str | Path,
-                 max_boxes: int | None = None) -> "Task":
-    """The task whose targets a dataset yields: a Task as given, a registered task name, or
-    (None) the protocol's own task. A task that cannot run on the protocol is a ValueError."""
-    if task is not None and not isinstance(task, str):
-        return task
-    task_class = get_task(task or summary["task"])
-    if task_class.protocol_task != summary["task"]:
-        raise ValueError(f"{tfrecord_dir} holds a {summary['task']} protocol; it has no masks or targets "
-                         f"for task {task_class.name!r}")
-    options = {"max_boxes": max_boxes} if max_boxes is not None else {}
-    return task_class(summary["classes"], target_names=summary.get("target_names") or (), **options)
-
-
 def member_filter(image_ids: Sequence[str]):
     """A ``Dataset.filter`` predicate keeping parsed records whose ``image/id`` is in ``image_ids``
     (the folds of ``grouped_halves`` protocols share one set of shards)."""
@@ -227,7 +213,7 @@ def make_dataset(
     fold: int = 1,
     batch_size: int = 32,
     image_size: int = IMAGE_SIZE,
-    task: "str | Task | None" = None,
+    task: "Task",
     training: bool | None = None,
     augment: bool | None = None,
     cache: bool | str = True,
@@ -235,7 +221,6 @@ def make_dataset(
     repeat: bool = False,
     drop_remainder: bool = False,
     subset: str | None = None,
-    max_boxes: int | None = None,
     seed: int | None = 0,
     deterministic: bool = True,
     with_ids: bool = False,
@@ -247,7 +232,8 @@ def make_dataset(
     the task trains on: the one-hot label [B, C] for classification, the mask [B, S, S, 1]
     (float32 0/1) for segmentation, for detection a dict with ``mask``, ``boxes``
     [B, max_boxes, 4] (ymin, xmin, ymax, xmax, normalised, zero padded) and ``num_boxes``.
-    ``task`` is a Task, a registered task name or None (the protocol's own task).
+    ``task`` is the Task object whose ``decode``/``augment``/``target`` shape the batches (built
+    by the caller; `caaxr_tf.tasks.datasets.make_dataset` also takes a task name or None).
     ``training`` (default: split == "train") shuffles; ``augment`` (default: training, where
     the task supports it) applies the task's augmentation (see ``augment_batch``: random
     rotation, shift, zoom, contrast and brightness; geometric changes move image and mask
@@ -258,8 +244,10 @@ def make_dataset(
     class, see ``repeat_by_class``) oversamples classes after the cache: balanced sampling for
     imbalanced training splits.
     """
+    if task is None or isinstance(task, str):
+        raise TypeError("make_dataset needs a Task object; caaxr_tf.tasks.datasets.make_dataset resolves "
+                        f"a task name or the protocol's own task (got {task!r})")
     summary = read_summary(tfrecord_dir)
-    task = resolve_task(task, summary, tfrecord_dir, max_boxes)
     training = split == "train" if training is None else training
     augment = (training and task.supports_augmentation) if augment is None else augment
     if augment and not task.supports_augmentation:

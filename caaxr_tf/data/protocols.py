@@ -26,6 +26,8 @@ import numpy as np
 from caaxr_tf.config import ConfigError, from_mapping, load_config
 from caaxr_tf.data.records import Sample
 from caaxr_tf.data.sources.chexpert import OBSERVATIONS as CHEXPERT_OBSERVATIONS
+from caaxr_tf.data.grouped_splits import grouped_half_split, patient_key
+from caaxr_tf.data.sources import available_sources
 
 SPLITS_KEY = "splits"
 
@@ -174,8 +176,6 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
 
 
 def _class_spec(name: str, body: Any, where: str) -> ClassSpec:
-    from caaxr_tf.data.sources import available_sources
-
     config = from_mapping(ClassConfig, _mapping(body, where), where)
     if config.rule not in RULES:
         raise ConfigError(f"{where}: unknown rule {config.rule!r}; known rules: {', '.join(RULES)}")
@@ -529,8 +529,6 @@ def assign_half_splits(
     validation split. Patients are compared by `caaxr_tf.severity.splits.patient_key` (``"2"``
     and ``"02"`` are one patient). Returns ``{image_id: [split of fold 1, split of fold 2, ...]}``.
     """
-    from caaxr_tf.severity.splits import grouped_half_split, patient_key
-
     image_ids = [image_id for image_id, _, _ in items]
     patients = [patient_key(patient_id) for _, patient_id, _ in items]
     splits: dict[str, list[str]] = {image_id: [] for image_id in image_ids}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -199,7 +200,6 @@ def read_csv_table(path: str | os.PathLike, required: Iterable[str] = ()) -> pan
     """
     import pandas as pd
 
-    from caaxr_tf.data.formats import check_regular_file  # here: formats imports this module
 
     path = str(path)
     try:
@@ -227,3 +227,26 @@ def read_csv_table(path: str | os.PathLike, required: Iterable[str] = ()) -> pan
             path, ", ".join(missing), f"required column(s) missing; found {list(frame.columns)}"
         )
     return frame.reset_index(drop=True)
+
+
+def check_regular_file(path: str | os.PathLike, field: str = "image") -> None:
+    """Raise InputError unless ``path`` is a regular file (following symbolic links).
+
+    Called before a file is opened: opening a FIFO blocks until something writes to it, and
+    devices or sockets are no images either.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise InputError(path, field, f"broken symbolic link (to {os.readlink(path)})") from None
+        raise InputError(path, field, "file not found") from None
+    except OSError as error:
+        raise InputError(path, field, f"cannot be read ({error.strerror or error})") from error
+    if stat.S_ISREG(mode):
+        return
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    raise InputError(path, field, f"not a regular file ({kind}); skipped")

@@ -66,7 +66,7 @@ from caaxr_tf.data.shards import ShardProblem, shard_info, verify_protocol
 from caaxr_tf.data.sources import check_data_config, read_source
 from caaxr_tf.data.staging import StagedImage, init_stage_worker, stage_task, staging_id
 from caaxr_tf.io import atomic_path, write_text_atomic
-from caaxr_tf.locks import FolderLock
+from caaxr_tf.locks import FolderLock, FolderLockedError
 from caaxr_tf.logs import quiet_tensorflow_logs
 
 FORMAT_VERSION = 3  # 2: image/encoded may hold the source JPEG/PNG bytes; 3: non-test records once, in part shards
@@ -1142,7 +1142,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """``caaxr-make-tfrecords``: build the shards; 0 when done, 2 with one error line."""
     quiet_tensorflow_logs()
-    from caaxr_tf.locks import FolderLockedError
 
     try:
         args = parse_args(argv)

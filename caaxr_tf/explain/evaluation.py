@@ -26,6 +26,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from caaxr_tf.data.schema import MANIFEST_FILE, read_summary
+from caaxr_tf.data.summary import locate_protocol
+from caaxr_tf.explain.cross_source import external_metrics, match_classes, shortcut_gap
+from caaxr_tf.explain.gradcam import GradCam
+from caaxr_tf.explain.localization import DEFAULT_THRESHOLD, score_masks_with_baselines, table_from_scores
+from caaxr_tf.metrics.classification import covid_index
+from caaxr_tf.models.outputs import class_scores
+from caaxr_tf.tasks import get_task
+from caaxr_tf.tasks.base import check_finite
+from caaxr_tf.tasks.datasets import make_dataset
+
 ALL_SPLITS = "all"  # every image of the protocol: test + train + val of fold 1
 CAM_GRID_PER_CLASS = 2
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -40,13 +51,7 @@ def check_explainable(task: Any, what: str) -> None:
 def resolve_protocol_dir(path: str | Path, default_protocol: str | None = None) -> Path:
     """``TFRECORDS/PROTOCOL`` as given, or ``TFRECORDS`` + ``default_protocol``; a clear
     ``FileNotFoundError`` when neither holds a summary.json."""
-    path = Path(path)
-    if (path / "summary.json").exists():
-        return path.resolve()
-    if default_protocol and (path / default_protocol / "summary.json").exists():
-        return (path / default_protocol).resolve()
-    tried = [str(path / "summary.json")] + ([str(path / default_protocol / "summary.json")] if default_protocol else [])
-    raise FileNotFoundError(f"no protocol folder at {path}: none of {', '.join(tried)} exists")
+    return locate_protocol(path, default_protocol)
 
 
 def data_tag(protocol_dir: Path) -> str:
@@ -56,8 +61,6 @@ def data_tag(protocol_dir: Path) -> str:
 
 
 def _split_datasets(protocol_dir: Path, split: str, fold: int, **kwargs: Any) -> list[tuple[str, Any]]:
-    from caaxr_tf.data.pipeline import make_dataset
-
     splits = ("test", "train", "val") if split == ALL_SPLITS else (split,)
     fold = 1 if split == ALL_SPLITS else fold
     return [(name, make_dataset(protocol_dir, name, fold=fold, training=False, augment=False, cache=False,
@@ -82,7 +85,6 @@ def write_cam_grid(
     """The first ``per_class`` images of every true class from ``(images, one-hot labels,
     ids)`` batches, each with the Grad-CAM of every class of ``class_names`` (columns) and
     the predicted probabilities in the titles (`caaxr_tf.explain.plots.plot_cam_grid`)."""
-    from caaxr_tf.explain.gradcam import GradCam
     from caaxr_tf.explain.plots import plot_cam_grid
 
     picked: dict[int, list[tuple[np.ndarray, str]]] = {k: [] for k in range(len(class_names))}
@@ -136,11 +138,6 @@ def evaluate_localization(
     Images whose mask is empty (no boxes) are counted in ``num_without_boxes`` and left out.
     """
     import tensorflow as tf
-
-    from caaxr_tf.data.schema import read_summary
-    from caaxr_tf.explain.gradcam import GradCam
-    from caaxr_tf.explain.localization import DEFAULT_THRESHOLD, score_masks_with_baselines, table_from_scores
-    from caaxr_tf.metrics.classification import covid_index
 
     protocol_dir = Path(protocol_dir)
     summary = read_summary(protocol_dir)
@@ -220,9 +217,6 @@ class ExternalResult:
 def match_run_classes(run_classes: Sequence[str], protocol_dir: Path, class_map: str | Mapping[str, str] | None):
     """The `ClassMatch` of a run's classes with a protocol's (a classification protocol);
     raises ``ClassMatchError`` / ``ValueError`` before any image is read."""
-    from caaxr_tf.data.schema import read_summary
-    from caaxr_tf.explain.cross_source import match_classes
-
     summary = read_summary(protocol_dir)
     if summary.get("task") != "classification":
         raise ValueError(f"{protocol_dir} is a {summary.get('task')!r} protocol: cross-source evaluation needs a "
@@ -244,11 +238,6 @@ def evaluate_external(
     """Score ``predict`` (images -> the run's class probabilities) on another protocol's
     ``split`` (``all``: every image), its classes matched to the run's; images whose id is
     in ``exclude_ids`` (e.g. `training_overlap`'s) are left out."""
-    from caaxr_tf.explain.cross_source import external_metrics
-    from caaxr_tf.tasks import get_task
-    from caaxr_tf.tasks.base import check_finite
-    from caaxr_tf.tasks.classification import class_scores
-
     protocol_dir = Path(protocol_dir)
     match, summary = match_run_classes(run_classes, protocol_dir, class_map)
     data_task = get_task("classification")(match.data_classes)
@@ -323,8 +312,6 @@ class TrainingOverlap:
 def _manifest_rows(protocol_dir: Path, what: str) -> list[dict[str, str]]:
     import csv
 
-    from caaxr_tf.data.schema import MANIFEST_FILE
-
     path = Path(protocol_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"cannot check the external set against the run's training data: {what} has no "
@@ -361,8 +348,6 @@ def shortcut_summary(internal: Mapping[str, Any] | None, external: Mapping[str, 
     """Internal and external COVID AUC of one run and their difference (the shortcut gap).
 
     ``internal`` is the run's own metrics.json (None: not evaluated yet, internal AUC NaN)."""
-    from caaxr_tf.explain.cross_source import shortcut_gap
-
     covid = external.get("covid_class")
     external_auc = (external.get("auc_per_class") or {}).get(covid)
     internal_auc = None

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from caaxr_tf.explain.overlay import grey_pixels
+from caaxr_tf.explain.overlay import grey_pixels, jet_rgb
+from caaxr_tf.io import write_bytes_atomic
 
 OVERLAY_ALPHA = 0.4
 BOX_COLOUR = (0, 255, 0)  # RGB
@@ -66,8 +67,6 @@ def resize_map(cam, height: int, width: int) -> np.ndarray:
 
 def jet_colours(cam) -> np.ndarray:
     """RGB float32 in 0..255 of a map in 0..1 under the ``jet`` colour map (`overlay.jet_rgb`)."""
-    from caaxr_tf.explain.overlay import jet_rgb
-
     return 255.0 * jet_rgb(cam)
 
 
@@ -115,8 +114,6 @@ def render_cam_overlay(
 
 
 def _write_bytes(path: str | Path, data: bytes) -> Path:
-    from caaxr_tf.io import write_bytes_atomic
-
     return write_bytes_atomic(path, data)
 
 

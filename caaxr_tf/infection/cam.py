@@ -30,6 +30,16 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from caaxr_tf.data.summary import ProtocolSummary
+from caaxr_tf.explain.gradcam import make_cam_function
+from caaxr_tf.io import json_safe, write_json_atomic, write_text_atomic
+from caaxr_tf.metrics import dice_per_image
+from caaxr_tf.metrics.classification import covid_index
+from caaxr_tf.metrics.pixel import PixelCounts
+from caaxr_tf.models.outputs import mask_output
+from caaxr_tf.runs import Run
+from caaxr_tf.tasks.infection import InfectionTask
+
 DEFAULT_CAM_THRESHOLD = 0.5
 
 
@@ -54,9 +64,6 @@ def score_maps(map_function: Callable[[np.ndarray], np.ndarray], dataset: Iterab
     """Score ``map_function(images) -> maps [N, S, S(, 1)]`` on ``dataset`` batches
     ``(images, {"mask", "covid"})``: pixel F1 (pooled, threshold ``threshold``) over all images
     and over the COVID-19 images, mean DICE of the COVID-19 images."""
-    from caaxr_tf.metrics import dice_per_image
-    from caaxr_tf.metrics.pixel import PixelCounts
-
     every, covid_only, dice, count = PixelCounts(), PixelCounts(), [], 0
     for batch in dataset:
         images, targets = batch[0], batch[1]
@@ -74,35 +81,20 @@ def score_maps(map_function: Callable[[np.ndarray], np.ndarray], dataset: Iterab
     return MapScores(method, run_dir, count, every.f1, covid_only.f1, float(np.nanmean(dice_values)))
 
 
-def _run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
-    from caaxr_tf.runs import load_run_config, load_run_model
-
-    return load_run_config(run_dir), load_run_model(run_dir, "best")
-
-
-def _dataset(config: dict[str, Any], tfrecords: str | Path | None, split: str, batch_size: int):
-    from caaxr_tf.data.pipeline import make_dataset
-    from caaxr_tf.data.schema import read_summary
-    from caaxr_tf.tasks.infection import InfectionTask
-
-    protocol_dir = Path(tfrecords or config["tfrecords"])
-    summary = read_summary(protocol_dir)
-    if summary.get("task") != "infection":
-        raise ValueError(f"{protocol_dir} is a {summary.get('task')} protocol; the comparison needs an infection one")
-    task = InfectionTask(summary["classes"])
-    return make_dataset(protocol_dir, split, fold=int(config.get("fold") or 1), batch_size=batch_size, task=task,
-                        training=False, augment=False, cache=False, image_size=int(config.get("image_size") or 224))
+def _dataset(run: Run, tfrecords: str | Path | None, split: str, batch_size: int):
+    protocol_dir = Path(tfrecords) if tfrecords else run.protocol_dir
+    summary = ProtocolSummary.read(protocol_dir)
+    if summary.task != "infection":
+        raise ValueError(f"{protocol_dir} is a {summary.raw.get('task')} protocol; the comparison needs an infection one")
+    return run.dataset(split, task=InfectionTask(summary.classes), protocol_dir=protocol_dir, batch_size=batch_size)
 
 
 def score_infection_run(run_dir: str | Path, split: str = "test", threshold: float = 0.5,
                         tfrecords: str | Path | None = None, batch_size: int = 16) -> MapScores:
     """The infection map of a run's best model, scored by `score_maps`."""
-    from caaxr_tf.evaluate import predict_function
-    from caaxr_tf.tasks.segmentation import mask_output
-
-    config, model = _run(run_dir)
-    predict = predict_function(model)
-    return score_maps(lambda images: mask_output(predict(images)), _dataset(config, tfrecords, split, batch_size),
+    run = Run(run_dir)
+    config, predict = run.config, run.predictor()
+    return score_maps(lambda images: mask_output(predict(images)), _dataset(run, tfrecords, split, batch_size),
                       threshold, f"infection map ({config.get('model')})", str(run_dir))
 
 
@@ -112,11 +104,9 @@ def score_classifier_cams(run_dir: str | Path, split: str = "test", cam_threshol
     """The Grad-CAM of the COVID-19 class of a classifier run's best model, scored by `score_maps`."""
     import tensorflow as tf
 
-    from caaxr_tf.explain.gradcam import make_cam_function
-    from caaxr_tf.metrics.classification import covid_index
-
-    config, model = _run(run_dir)
-    names = [str(name) for name in config.get("class_names") or []]
+    run = Run(run_dir)
+    config, model = run.config, run.model()
+    names = list(run.settings.class_names)
     if "covid" not in [name.lower() for name in names]:
         raise ValueError(f"classifier run {run_dir} has no covid class (classes: {', '.join(names)})")
     covid = covid_index(names)
@@ -126,7 +116,7 @@ def score_classifier_cams(run_dir: str | Path, split: str = "test", cam_threshol
         index = tf.fill([len(images)], tf.constant(covid, tf.int32))
         return cam_function(tf.constant(images), index)["cam"].numpy()
 
-    return score_maps(cams, _dataset(config, tfrecords, split, batch_size), cam_threshold,
+    return score_maps(cams, _dataset(run, tfrecords, split, batch_size), cam_threshold,
                       f"Grad-CAM ({config.get('model')})", str(run_dir))
 
 
@@ -179,8 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = comparison_table(scores)
     print(table, end="")
     if args.out:
-        from caaxr_tf.io import json_safe, write_json_atomic, write_text_atomic
-
         out = Path(args.out)
         write_text_atomic(out, table)
         write_json_atomic(out.with_suffix(".json"), json_safe({"split": args.split, "threshold": args.threshold,

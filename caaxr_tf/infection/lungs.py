@@ -24,28 +24,42 @@ from typing import Any, Callable
 
 import numpy as np
 
+from caaxr_tf.infection.maps import _batch, lung_infection_fractions
+
 LUNG_THRESHOLD = 0.5
 FEATURE_NAMES = ("right_lung_infected_fraction", "left_lung_infected_fraction", "lungs_infected_fraction")
 
 
 class LungRun:
     """The best model of a lung run folder; ``predict(images)`` gives lung probabilities
-    ``[N, H, W, 1]`` at the images' own size (images: float ``[N, H, W, 1]`` in 0..255)."""
+    ``[N, H, W, 1]`` at the images' own size (images: float ``[N, H, W, 1]`` in 0..255).
 
-    def __init__(self, run_dir: str | Path, which: str = "best"):
-        from caaxr_tf.runs import load_run_config, load_run_model
+    ``run`` is an opened `caaxr_tf.runs.Run` (how evaluation, export and the severity features
+    pass it), or a folder path: this module lies below the Run layer, so a path is read with
+    `caaxr_tf.run_files` (config.yaml and the model, nothing else)."""
 
-        self.run_dir = Path(run_dir)
-        if not self.run_dir.is_dir():
-            raise FileNotFoundError(f"lung run {self.run_dir} does not exist")
-        config = load_run_config(self.run_dir)
-        task = str(config.get("task") or "")
+    def __init__(self, run: Any, which: str = "best"):
+        if hasattr(run, "settings") and hasattr(run, "model"):  # a caaxr_tf.runs.Run
+            self.run_dir = Path(run.path)
+            task, protocol, size = run.settings.task, run.settings.protocol, run.settings.image_size
+            load = run.model
+        else:
+            from caaxr_tf.run_files import load_run_config, load_run_model
+
+            self.run_dir = Path(run)
+            if not self.run_dir.is_dir():
+                raise FileNotFoundError(f"lung run {self.run_dir} does not exist")
+            config = load_run_config(self.run_dir)
+            task, protocol = str(config.get("task") or ""), str(config.get("protocol") or "")
+            size = int(config.get("image_size") or 224)
+
+            def load(which: str):
+                return load_run_model(self.run_dir, which)
         if task != "segmentation":
             raise ValueError(f"lung run {self.run_dir}: its task is {task!r}; a lung run is a segmentation run "
                              "on a lungs protocol (e.g. covid-chestxray lungs)")
-        self.protocol = str(config.get("protocol") or "")
-        self.image_size = int(config.get("image_size") or 224)
-        self.model = load_run_model(self.run_dir, which)
+        self.protocol, self.image_size = protocol, size
+        self.model = load(which)
         self._predict: Callable[[Any], Any] | None = None
 
     def predict(self, images) -> np.ndarray:
@@ -67,7 +81,7 @@ def resized_lung_probabilities(lung_model, images, lung_image_size: int):
     are resized to the lung model's input (bilinear), its output resized back."""
     import tensorflow as tf
 
-    from caaxr_tf.tasks.segmentation import mask_output
+    from caaxr_tf.models.outputs import mask_output
 
     height, width = tf.shape(images)[1], tf.shape(images)[2]
     inputs = tf.image.resize(images, [lung_image_size, lung_image_size], method="bilinear")
@@ -81,7 +95,7 @@ def with_lung_model(infection_model, lung_model, image_size: int, lung_image_siz
     renamed ``lungs_<name>``."""
     import keras
 
-    from caaxr_tf.tasks.segmentation import mask_output
+    from caaxr_tf.models.outputs import mask_output
 
     if lung_model.name == infection_model.name:  # e.g. two "unet"s: a functional model needs unique names
         lung_model.name = f"lungs_{lung_model.name}"  # renamed in place; weights and config are untouched
@@ -132,8 +146,6 @@ def lung_infection_features(infection_maps: np.ndarray, lung_maps: np.ndarray, *
     The feature for the severity regression (columns `FEATURE_NAMES`); lungs split with
     `caaxr_tf.infection.maps.split_lungs` (components, else the midline).
     """
-    from caaxr_tf.infection.maps import _batch, lung_infection_fractions
-
     maps, lungs = _batch(infection_maps, "infection_maps"), _batch(lung_maps, "lung_maps")
     if maps.shape != lungs.shape:
         raise ValueError(f"infection maps {maps.shape} and lung maps {lungs.shape} differ in shape")
@@ -149,9 +161,9 @@ def image_infection_features(images: np.ndarray, infection_run: str | Path, lung
     """``[N, 3]`` per-lung infected fractions of raw images (float ``[N, S, S, 1]`` 0..255 at the
     infection run's image size): both runs' best models, the map restricted to the lungs, then
     `lung_infection_features`. For feature extraction by other modules (severity)."""
-    from caaxr_tf.evaluate import predict_function
-    from caaxr_tf.runs import load_run_model
-    from caaxr_tf.tasks.segmentation import mask_output
+    from caaxr_tf.models.outputs import predict_function
+    from caaxr_tf.run_files import load_run_model
+    from caaxr_tf.models.outputs import mask_output
 
     predict = predict_function(load_run_model(Path(infection_run), "best"))
     lungs = LungRun(lung_run)

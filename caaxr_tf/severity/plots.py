@@ -10,7 +10,7 @@ import numpy as np
 from caaxr_tf.data.sources.covid_chestxray_severity import TARGET_RANGES
 from caaxr_tf.plots import new_figure, save_figure
 from caaxr_tf.metrics.regression import METRIC_NAMES, regression_scores
-from caaxr_tf.severity.protocol import METRIC_TITLES, MeanStd
+from caaxr_tf.severity.scores import METRIC_TITLES, MeanStd
 
 
 def _metric_line(scores: Mapping[str, float | MeanStd]) -> str:

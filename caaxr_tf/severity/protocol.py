@@ -30,10 +30,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from caaxr_tf.metrics.regression import METRIC_NAMES, regression_scores
+from caaxr_tf.severity.scores import METRIC_TITLES, MeanStd  # noqa: F401  (moved to severity.scores; re-exported)
 from caaxr_tf.severity.splits import DEFAULT_NUM_SPLITS, HalfSplit, grouped_half_splits, ordered_groups
+from caaxr_tf.data.records import InputError
+from caaxr_tf.io import write_json_atomic
+from caaxr_tf.tables import format_results_table
 
 BASELINE_NAME = "intercept only (no data)"
-METRIC_TITLES = {"mae": "MAE", "mse": "MSE", "r2": "R²", "pearson_r": "r"}
 
 
 # --------------------------------------------------------------------------- #
@@ -84,27 +87,6 @@ def _as_matrix(values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # Results
 # --------------------------------------------------------------------------- #
-
-
-@dataclass(frozen=True)
-class MeanStd:
-    """Mean and sample std (n - 1) of the defined values; ``count`` of them (NaN left out)."""
-
-    mean: float
-    std: float
-    count: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> "MeanStd":
-        finite = np.array([v for v in values if math.isfinite(v)], dtype=np.float64)
-        mean = float(finite.mean()) if finite.size else float("nan")
-        std = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
-        return cls(mean, std, int(finite.size))
-
-    def __str__(self) -> str:
-        if not self.count:
-            return "–"
-        return f"{self.mean:.2f}" if self.count == 1 else f"{self.mean:.2f} ± {self.std:.2f}"
 
 
 @dataclass(frozen=True)
@@ -310,8 +292,6 @@ def format_protocol_table(
     The ``folds`` column counts splits. A metric undefined in some splits (r of a constant
     prediction) is averaged over the others; undefined everywhere, it shows ``–``.
     """
-    from caaxr_tf.cv import format_results_table  # the CV tables' renderer
-
     if not results:
         raise ValueError("no results to tabulate")
     names = results[0].target_names
@@ -371,7 +351,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from caaxr_tf.data.records import InputError
     from caaxr_tf.data.sources.covid_chestxray_severity import TARGET_NAMES, patient_groups, read_severity_scores, severity_targets
 
     args = parse_args(argv)
@@ -407,8 +386,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_protocol_table([baseline], markdown=args.markdown))
     if args.json:
-        from caaxr_tf.io import write_json_atomic
-
         write_json_atomic(args.json, baseline.as_dict())
     if args.plot:
         from caaxr_tf.severity.plots import plot_predicted_vs_true

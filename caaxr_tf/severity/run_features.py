@@ -41,6 +41,14 @@ from caaxr_tf.severity.protocol import (
     intercept_only_baseline,
 )
 from caaxr_tf.severity.splits import HalfSplit, ordered_groups
+from caaxr_tf.data.pipeline import decode_common, parse_record
+from caaxr_tf.data.schema import ALL_SHARDS, GROUPED_HALVES, MANIFEST_FILE, read_summary, split_members
+from caaxr_tf.data.shards import naming_corrupt_shards
+from caaxr_tf.io import write_json_atomic
+from caaxr_tf.models.outputs import mask_output
+from caaxr_tf.runs import Run
+from caaxr_tf.severity.features import SEGMENTATION_FEATURE_NAMES, classifier_features, segmentation_features
+from caaxr_tf.severity.protocol import output_file_problem, output_folder_problem
 
 FeatureFunction = Callable[[Any, np.ndarray], tuple[np.ndarray, list[str]]]
 
@@ -85,8 +93,6 @@ def default_feature_kind(task: str) -> str:
 @register_feature_kind("penultimate", tasks=("classification", "regression"))
 def penultimate_features(model: Any, images: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """The layer feeding the output layer (a classifier's or regressor's Dense 512)."""
-    from caaxr_tf.severity.features import classifier_features
-
     features = classifier_features(model, images)
     return features, [f"penultimate_{i}" for i in range(features.shape[1])]
 
@@ -102,8 +108,6 @@ def output_features(model: Any, images: np.ndarray) -> tuple[np.ndarray, list[st
 @register_feature_kind("mask_fractions", tasks=("segmentation", "infection"))
 def mask_fraction_features(model: Any, images: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Predicted foreground fraction (probability >= 0.5) and mean probability per image."""
-    from caaxr_tf.severity.features import SEGMENTATION_FEATURE_NAMES, segmentation_features
-
     return segmentation_features(model, images), list(SEGMENTATION_FEATURE_NAMES)
 
 
@@ -136,7 +140,6 @@ def lung_infection_features(model: Any, images: np.ndarray, *, lung_run: Any) ->
     lung, the left lung and both, inside the lung run's lungs (`caaxr_tf.infection.lungs`). A lung
     the lung model does not find counts as 0 infected (least squares needs finite features)."""
     from caaxr_tf.infection.lungs import lung_infection_features as fractions
-    from caaxr_tf.tasks.segmentation import mask_output
 
     rows = []
     for start in range(0, len(images), 8):
@@ -166,8 +169,6 @@ class ScoredImages:
 def read_protocol(protocol_dir: str | Path, num_splits: int | None = None) -> ScoredImages:
     """Ids, patients and targets from manifest.csv; the first ``num_splits`` folds' halves from
     summary.json (``split_members``; the training half is a fold's train and val)."""
-    from caaxr_tf.data.schema import GROUPED_HALVES, MANIFEST_FILE, read_summary, split_members
-
     protocol_dir = Path(protocol_dir)
     summary = read_summary(protocol_dir)
     if summary.get("split_scheme") != GROUPED_HALVES or not summary.get("target_names"):
@@ -196,10 +197,6 @@ def protocol_images(protocol_dir: str | Path, image_ids: Sequence[str], image_si
 
     Raises ``tf.errors.DataLossError`` naming the shard when a shard is damaged."""
     import tensorflow as tf
-
-    from caaxr_tf.data.pipeline import decode_common, parse_record
-    from caaxr_tf.data.schema import ALL_SHARDS, read_summary
-    from caaxr_tf.data.shards import naming_corrupt_shards
 
     protocol_dir = Path(protocol_dir)
     files = [str(protocol_dir / name) for name in read_summary(protocol_dir)["shards"][ALL_SHARDS]]
@@ -238,10 +235,9 @@ def run_features(run_dir: str | Path, protocol_dir: str | Path, image_ids: Seque
                  lung_run: str | Path | None = None) -> RunFeatures:
     """Features of the scored images from a trained run's model (``which``: best or final);
     ``lung_run``: the lungs-protocol run that kinds with ``needs_lung_run`` use."""
-    from caaxr_tf.runs import load_run_config, load_run_model
-
-    config = load_run_config(run_dir)
-    task = str(config.get("task") or "")
+    run = Run(run_dir)
+    config = run.config
+    task = run.settings.task
     kind = kind or default_feature_kind(task)
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature kind {kind!r}; known: {', '.join(FEATURE_KINDS)}")
@@ -252,12 +248,12 @@ def run_features(run_dir: str | Path, protocol_dir: str | Path, image_ids: Seque
             raise ValueError(f"feature kind {kind!r} of {run_dir} needs a lung run (--lung-run)")
         from caaxr_tf.infection.lungs import LungRun
 
-        context["lung_run"] = LungRun(lung_run, which)
-    size = int(config.get("image_size") or 224)
+        context["lung_run"] = LungRun(Run(lung_run), which)
+    size = run.settings.image_size
     cache = image_cache if image_cache is not None else {}
     if size not in cache:
         cache[size] = protocol_images(protocol_dir, image_ids, size)
-    model = load_run_model(run_dir, which)
+    model = run.model(which)
     features, names = feature_kind.function(model, cache[size], **context)
     return RunFeatures(run_label(run_dir, config, kind), kind, np.asarray(features, np.float64), names)
 
@@ -272,12 +268,10 @@ def run_label(run_dir: str | Path, config: dict[str, Any], kind: str, *, full_pa
 def unique_labels(runs: Sequence[tuple[str | Path, str | None]], sets: Sequence[RunFeatures]) -> None:
     """Name runs whose labels collide (folders of the same name) by their full path; the same
     run with the same feature kind twice is an error (its rows would merge in a table)."""
-    from caaxr_tf.runs import load_run_config
-
     labels = [item.label for item in sets]
     for (run, _), item in zip(runs, sets):
         if labels.count(item.label) > 1:
-            item.label = run_label(run, load_run_config(run), item.kind, full_path=True)
+            item.label = run_label(run, Run(run).config, item.kind, full_path=True)
     seen: set[str] = set()
     for (run, _), item in zip(runs, sets):
         if item.label in seen:
@@ -294,12 +288,10 @@ def check_not_trained_on_scores(run_dir: str | Path, protocol_dir: str | Path, i
     manifest.csv, when that protocol has regression targets; when its folder is gone, a
     regression run of the same protocol name is refused. Raises ``ValueError``.
     """
-    from caaxr_tf.data.schema import MANIFEST_FILE, read_summary
-    from caaxr_tf.runs import load_run_config
-
-    config = load_run_config(run_dir)
-    fold = int(config.get("fold") or 1)
-    trained_on = Path(str(config.get("tfrecords") or ""))
+    run = Run(run_dir)
+    config = run.config
+    fold = run.settings.fold
+    trained_on = Path(run.settings.tfrecords)
     advice = ("its features would have seen the test halves of other splits; use a run trained on another "
               "protocol (e.g. a classifier or a lungs segmentation run)")
     try:
@@ -377,8 +369,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from caaxr_tf.severity.protocol import output_file_problem, output_folder_problem
-
     args = parse_args(argv)
     for option, path, check in (("--json", args.json, output_file_problem), ("--plots", args.plots, output_folder_problem)):
         problem = None if path is None else check(path)
@@ -400,8 +390,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{len(scored.splits)} grouped half splits of {args.tfrecords}; mean ± std (n − 1) over the splits")
     print(format_protocol_table(results, markdown=args.markdown))
     if args.json:
-        from caaxr_tf.io import write_json_atomic
-
         write_json_atomic(args.json, {"results": [result.as_dict() for result in results]})
     if args.plots:
         from caaxr_tf.severity.plots import plot_predicted_vs_true

@@ -25,6 +25,8 @@ pipeline can resolve task names without an import cycle.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
@@ -102,11 +104,10 @@ class EvalContext:
     plots: bool = True
     num_examples: int = 4
     files: dict[str, str] = field(default_factory=dict)
-    # Task-specific settings of this evaluation (e.g. the infection task's ``lung_run``).
+    # The task's own options of this evaluation (the fields of its ``options_type``, unset ones
+    # left out; run folders among them opened by `Task.open_options`).
     options: dict[str, Any] = field(default_factory=dict)
-    # Patient-level evaluation (the ct task): the source's data root, and where the split's
-    # patients are listed (the protocol folder, split and fold) and how the run feeds its model.
-    patients: Path | None = None
+    # Where the evaluated split comes from and how the run feeds its model.
     protocol_dir: Path | None = None
     split: str = "test"
     fold: int = 1
@@ -294,20 +295,84 @@ class Task:
         """What the numbers of the CV table are, for results.md."""
         return ""
 
+    # ------------------------------------------------------------------ options
+
+    # The task's own settings of an evaluation or export: a dataclass whose fields are the
+    # option keys (None: the task has none). `add_arguments` puts them on the evaluate and
+    # export command lines and `options_from_args` reads them back, so those commands name no
+    # task; `check_options` refuses options of other tasks, `open_options` opens the run folders
+    # they name, `options_tag` tags the evaluation's files and `serving_model` applies them to
+    # the exported model.
+    options_type: ClassVar[type | None] = None
+    # The command-line flag of each option key (for messages).
+    option_flags: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, command: str) -> None:
+        """Add the task's options to the ``command`` ("evaluate" or "export") parser."""
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """The task's options given on the command line (`add_arguments`); unset ones left out."""
+        return {key: getattr(args, key) for key in cls.option_flags
+                if getattr(args, key, None) is not None}
+
+    def check_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``options`` without unset ones; a ValueError naming the flag of one this task does not take."""
+        options = {key: value for key, value in (options or {}).items() if value is not None}
+        known = {f.name for f in dataclasses.fields(self.options_type)} if self.options_type else set()
+        for key in options:
+            if key not in known:
+                owners = [get_task(name) for name in available_tasks()]
+                owners = [cls for cls in owners if key in cls.option_flags]
+                flag = owners[0].option_flags[key] if owners else key
+                where = " or ".join(sorted({cls.name for cls in owners})) or "no"
+                raise ValueError(f"{flag} applies to {where} runs; this run's task is {self.name}")
+        return options
+
+    def open_options(self, options: Mapping[str, Any], open_run: Callable[[Any], Any]) -> dict[str, Any]:
+        """The options with the run folders they name opened (``open_run(path)`` gives a
+        `caaxr_tf.runs.Run`); as they are by default."""
+        return dict(options)
+
+    def options_tag(self, options: Mapping[str, Any]) -> str:
+        """The file-name tag of an evaluation with ``options`` ("" by default)."""
+        return ""
+
+    def serving_model(self, model: Any, image_size: int, options: Mapping[str, Any],
+                      open_run: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
+        """The model to export with ``options`` and what the export's metadata records of them
+        (the model as it is by default)."""
+        return model, {}
+
+    # ------------------------------------------------------------------ prediction
+
+    # Why ``predict --cam`` draws no CAM overlays for this task's exports (None: it does,
+    # where the export has a ``cam`` output).
+    no_cam_overlays: ClassVar[str | None] = None
+
+    def predict_inputs(self, model: Any, paths: Sequence[Any], predict_files: Callable[[list[Path]], Any],
+                       batch_size: int) -> Any:
+        """The records of ``paths`` for ``caaxr_tf.predict``: None (the default) when they are
+        image files that predict finds and predicts itself; a task with inputs of its own (CT
+        patient folders) returns an iterator of records, ``predict_files(files)`` predicting
+        plain files."""
+        return None
+
     # ------------------------------------------------------------------ serving
 
     def serving_inputs(self, images: "tf.Tensor", invert: "tf.Tensor", bit_depth: "tf.Tensor",
                        image_size: int) -> "tf.Tensor":
         """``serving_default``: a batch of encoded images → the model's input batch, exactly as
         the tf.data pipeline prepares it (default: ``caaxr_tf.export.decode_images``)."""
-        from caaxr_tf.export import decode_images
+        from caaxr_tf.data.serving import decode_images
 
         return decode_images(images, invert, bit_depth, image_size)
 
     def check_preprocessed(self, images: "tf.Tensor", image_size: int) -> "tf.Tensor":
         """``predict_preprocessed``: ``images`` after the checks of a client's own preprocessing
         (default: shape [N, S, S, 1] and values in 0..255)."""
-        from caaxr_tf.export import check_preprocessed
+        from caaxr_tf.data.serving import check_preprocessed
 
         return check_preprocessed(images, image_size)
 

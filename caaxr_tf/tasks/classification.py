@@ -12,26 +12,11 @@ import tensorflow as tf
 
 from caaxr_tf.io import json_safe
 from caaxr_tf.metrics.classification import classification_metrics, covid_index
+from caaxr_tf.models.outputs import class_scores  # noqa: F401  (moved to caaxr_tf.models.outputs; re-exported)
 from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, Task, check_finite, format_value, register_task
-
-
-def class_scores(outputs: Any, num_classes: int) -> np.ndarray:
-    """``[N, C]`` class probabilities; a single sigmoid column of a 2-class model becomes two."""
-    if isinstance(outputs, dict):
-        for key in ("probabilities", "predictions", "scores"):
-            if key in outputs:
-                outputs = outputs[key]
-                break
-        else:
-            raise ValueError(f"the classifier returns a dict without class scores (keys: {', '.join(outputs)})")
-    scores = np.asarray(outputs, dtype=np.float64)
-    if scores.ndim == 1:
-        scores = scores[:, None]
-    if scores.shape[1] == 1 and num_classes == 2:
-        scores = np.concatenate([1.0 - scores, scores], axis=1)
-    if scores.shape[1] != num_classes:
-        raise ValueError(f"the model outputs {scores.shape[1]} scores per image for {num_classes} classes")
-    return scores
+from caaxr_tf import metrics
+from caaxr_tf.data.schema import MANIFEST_FILE, read_summary
+from caaxr_tf.models import build_model
 
 
 def balanced_class_weights(class_counts: Sequence[int]) -> list[float]:
@@ -81,8 +66,6 @@ class ClassificationTask(Task):
     # training ---------------------------------------------------------------------
 
     def build_model(self, config: Any):
-        from caaxr_tf.models import build_model
-
         return build_model(config.model, num_classes=len(self.class_names), weights=config.weights,
                            input_shape=(config.image_size, config.image_size, 1), **config.model_kwargs)
 
@@ -97,8 +80,6 @@ class ClassificationTask(Task):
 
     def make_metrics(self) -> list:
         import keras
-
-        from caaxr_tf import metrics
 
         names, covid = self.class_names, self.covid_index
         return [
@@ -161,8 +142,6 @@ class ClassificationTask(Task):
         """Every image given probability 1 for the most frequent class of the fold's training
         split: AUCs 0.5, sensitivities at high specificity 0, accuracy the share of that class.
         Labels come from the protocol's manifest.csv (no image is read)."""
-        from caaxr_tf.data.schema import MANIFEST_FILE, read_summary
-
         protocol_dir = Path(protocol_dir)
         names = self.class_names
         training = read_summary(protocol_dir)["counts"][f"fold{fold}"]["train"]

@@ -19,16 +19,42 @@ decoder; ``caaxr_tf.predict`` converts TIFF and DICOM slices to such PNGs on the
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, format_value, register_task
 from caaxr_tf.tasks.classification import ClassificationTask
+from caaxr_tf.ct.augment import augment_ct_batch
+from caaxr_tf.ct.inputs import decode_raw_png, fit_raw
+from caaxr_tf.ct.patients import classify_patient, evaluate_patients, patient_rows, split_patients
+from caaxr_tf.data.serving import (
+    PNG_BIT_DEPTH_OFFSET,
+    PNG_SIGNATURE,
+    _starts_with,
+    assert_image_shape,
+    assert_rank_one,
+    image_headers,
+)
+from caaxr_tf.io import write_text_atomic
+from caaxr_tf.metrics.confusion import ClasswisePrecision, ClasswiseSensitivity, confusion_rates
+from caaxr_tf.tables import csv_text
 
 PATIENT_COLUMNS = ("patients", "correct_t1", "covid_to_normal_t1", "normal_to_covid_t1",
                    "correct_t2", "covid_to_normal_t2", "normal_to_covid_t2")
+
+
+@dataclass(frozen=True)
+class CtOptions:
+    """The ct task's option: ``patients``, the COVID-CTset folder the records were built from
+    (evaluate: the split's patients also go through selection, classification and the patient rule)."""
+
+    patients: str | None = None
 
 
 @register_task
@@ -43,23 +69,17 @@ class CTTask(ClassificationTask):
 
     def decode(self, record: Mapping[str, tf.Tensor], image_size: int) -> dict[str, tf.Tensor]:
         """The slice as uint16 raw values ``[S, S, 1]`` (cached at 2 bytes per pixel)."""
-        from caaxr_tf.ct.inputs import decode_raw_png, fit_raw
-
         image = fit_raw(decode_raw_png(record["image/encoded"]), image_size)
         return {"image": image, "label": tf.cast(record["label"], tf.int32), "id": record["image/id"]}
 
     def augment(self, images: tf.Tensor, batch: Mapping[str, tf.Tensor], seed: tf.Tensor
                 ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-        from caaxr_tf.ct.augment import augment_ct_batch
-
         return augment_ct_batch(images, seed), {}
 
     # training ---------------------------------------------------------------------
 
     def make_metrics(self) -> list:
         import keras
-
-        from caaxr_tf.metrics.confusion import ClasswisePrecision, ClasswiseSensitivity
 
         names = self.class_names
         return [
@@ -71,24 +91,18 @@ class CTTask(ClassificationTask):
     # evaluation -------------------------------------------------------------------
 
     def evaluate(self, predict: Predict, dataset: Any, context: EvalContext) -> EvalResult:
-        from caaxr_tf.metrics.confusion import confusion_rates
-
         result = super().evaluate(predict, dataset, context)
         names = self.class_names
         labels = [names.index(row[1]) for row in result.rows]
         predicted = [names.index(row[2]) for row in result.rows]
         rates = confusion_rates(np.array(labels), np.array(predicted), names)
         result.metrics.update(sensitivity=rates["sensitivity"], precision=rates["precision"])
-        if context.patients is not None:
+        if context.options.get("patients") is not None:
             result.metrics["patients"] = self.evaluate_patients(predict, context)
         return result
 
     def evaluate_patients(self, predict: Predict, context: EvalContext) -> dict[str, Any]:
         """The patient pipeline over every slice of the split's patients; writes the per-patient CSV."""
-        from caaxr_tf.ct.patients import evaluate_patients, patient_rows, split_patients
-        from caaxr_tf.evaluate import csv_text
-        from caaxr_tf.io import write_text_atomic
-
         if context.protocol_dir is None or context.image_size is None:
             raise ValueError("patient evaluation needs the protocol folder and the run's image size")
         patients = split_patients(context.protocol_dir, context.split, context.fold)
@@ -98,11 +112,33 @@ class CTTask(ClassificationTask):
             scores = np.asarray(predict(images))
             return np.argmax(scores, axis=1) == covid
 
-        summary, results = evaluate_patients(context.patients, patients, covid_flags, context.image_size,
+        summary, results = evaluate_patients(Path(context.options["patients"]), patients, covid_flags, context.image_size,
                                              batch_size=context.batch_size)
         header, rows = patient_rows(results)
         write_text_atomic(context.path("patients", "csv"), csv_text(header, rows))
         return summary
+
+    # options and prediction ----------------------------------------------------------
+
+    options_type = CtOptions
+    option_flags = {"patients": "--patients"}
+    no_cam_overlays = "patient folders are classified through slice selection"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, command: str) -> None:
+        if command == "evaluate":
+            parser.add_argument("--patients", dest="patients", default=None, metavar="DATA_ROOT",
+                                help="ct task: the COVID-CTset folder; also evaluate the split's patients "
+                                     "(select, classify, patient rule)")
+
+    def predict_inputs(self, model: Any, paths: Sequence[Any], predict_files: Callable[..., Any],
+                       batch_size: int) -> Any:
+        """Folders are patients (`predict_patients`), files are slices (TIFF, DICOM or 16-bit PNG)."""
+        for path in paths:
+            if Path(path).is_dir():
+                yield from predict_patients(model, path, batch_size=batch_size)
+            else:
+                yield from predict_files([Path(path)], ct=True)
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
         lines = super().format_metrics(metrics)
@@ -163,8 +199,6 @@ class CTTask(ClassificationTask):
 
     def check_preprocessed(self, images: tf.Tensor, image_size: int) -> tf.Tensor:
         """Shape ``[N, S, S, 1]``, a non-empty batch, finite raw values within 0..65535."""
-        from caaxr_tf.export import assert_image_shape
-
         with tf.control_dependencies([assert_image_shape(images, image_size)]):
             images = tf.identity(images)
         checks = [
@@ -181,9 +215,6 @@ class CTTask(ClassificationTask):
 
 def decode_raw_slices(images: tf.Tensor, image_size: int) -> tf.Tensor:
     """A batch of encoded 16-bit PNG slices → float32 ``[N, S, S, 1]`` raw values."""
-    from caaxr_tf.ct.inputs import decode_raw_png, fit_raw
-    from caaxr_tf.export import PNG_BIT_DEPTH_OFFSET, PNG_SIGNATURE, _starts_with, assert_rank_one, image_headers
-
     images = tf.convert_to_tensor(images, tf.string)
     with tf.control_dependencies([assert_rank_one(images, "images", "encoded 16-bit PNG slices")]):
         images = tf.identity(images)
@@ -202,3 +233,29 @@ def decode_raw_slices(images: tf.Tensor, image_size: int) -> tf.Tensor:
     pixels = tf.map_fn(lambda encoded: fit_raw(decode_raw_png(encoded), image_size), images,
                        fn_output_signature=tf.TensorSpec([image_size, image_size, 1], tf.uint16))
     return tf.cast(pixels, tf.float32)
+
+
+def predict_patients(model: Any, folder: str | Path, *, batch_size: int = 16) -> list[dict[str, Any]]:
+    """CT exports: one record per patient under ``folder`` (its series selected, the kept
+    slices classified, both thresholds applied); a folder with no usable series gives an
+    ``error`` record listing what was skipped. ``model``: a ``caaxr_tf.predict.ServedModel``
+    (``classify_raw``, ``image_size``). Moved from ``caaxr_tf.predict`` (which re-exports it)."""
+    from caaxr_tf.data.ct_series import find_ct_series  # here: it imports OpenCV and pydicom
+
+    scan = find_ct_series(folder)
+    by_patient: dict[str, list] = {}
+    for series in scan.series:
+        by_patient.setdefault(series.patient_id, []).append(series)
+    if not by_patient:
+        reasons = "; ".join(f"{s.path}: {s.field}: {s.reason}" for s in scan.skipped[:3])
+        return [{"file": str(folder), "error": "no CT series of at least two 16-bit 512x512 slices found"
+                 + (f" ({reasons})" if reasons else "")}]
+    records = []
+    for patient, series in by_patient.items():
+        # a TIFF series folder's parent is the patient's folder (series id "<patient>/SR_<n>")
+        roots = {str(Path(item.folder).parent if "/" in item.series_id else Path(item.folder)) for item in series}
+        skipped = [s for s in scan.skipped if any(s.path.startswith(root + os.sep) for root in roots)]
+        result = classify_patient(patient, series, model.classify_raw, model.image_size, batch_size=batch_size,
+                                  skipped=skipped if len(by_patient) > 1 else scan.skipped)
+        records.append({"file": str(folder), **result.as_record()})
+    return records

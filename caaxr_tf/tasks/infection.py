@@ -23,8 +23,10 @@ the same pixel F1.
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -32,7 +34,12 @@ import tensorflow as tf
 from caaxr_tf.metrics.classification import covid_index
 from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, check_finite, format_value, register_task
 from caaxr_tf.tasks.classification import ClassificationTask
-from caaxr_tf.tasks.segmentation import EMPTY_SCORE, SegmentationTask, mask_output, segmentation_metrics
+from caaxr_tf.models.outputs import mask_output
+from caaxr_tf.tasks.segmentation import EMPTY_SCORE, SegmentationTask, segmentation_metrics
+from caaxr_tf import metrics
+from caaxr_tf.data.pipeline import make_dataset
+from caaxr_tf.metrics import dice_per_image, iou_per_image
+from caaxr_tf.metrics.pixel import PixelCounts, PixelF1
 
 DEFAULT_THRESHOLD = 0.5  # t: a pixel is infected where the map is >= t (published: 0.5)
 DEFAULT_MIN_PIXELS = 1  # A: an image is COVID-19 when at least A pixels are infected (published: 1)
@@ -40,13 +47,25 @@ CONSTANT_MAPS = {"empty map": 0.0, "all-ones map": 1.0}
 SEVERITY_COLUMNS = ("right_lung_infected_fraction", "left_lung_infected_fraction", "lungs_infected_fraction")
 
 
+@dataclass(frozen=True)
+class InfectionOptions:
+    """The infection task's options: a lung run (evaluate, export), the detection rule (evaluate)."""
+
+    lung_run: Any = None  # a lungs-protocol run folder (opened: a `caaxr_tf.infection.lungs.LungRun`)
+    threshold: float | None = None  # t; the task's own otherwise
+    min_pixels: int | None = None  # A; the task's own otherwise
+
+
 @register_task
 class InfectionTask(SegmentationTask):
     """Infection map + image-level COVID/control label (see the module docstring).
 
-    Options of an evaluation (``EvalContext.options``): ``lung_run`` (a lung run folder),
+    Options (`InfectionOptions`, ``EvalContext.options``): ``lung_run`` (a lung run folder),
     ``threshold`` (t) and ``min_pixels`` (A); the constructor's values otherwise.
     """
+
+    options_type = InfectionOptions
+    option_flags = {"lung_run": "--lung-run", "threshold": "--detection-threshold", "min_pixels": "--min-pixels"}
 
     name = protocol_task = "infection"
     model_task = "segmentation"
@@ -78,17 +97,12 @@ class InfectionTask(SegmentationTask):
         return super().per_example_loss(targets["mask"], outputs)
 
     def make_metrics(self) -> list:
-        from caaxr_tf import metrics
-        from caaxr_tf.metrics.pixel import PixelF1
-
         return [PixelF1(name="pixel_f1"), metrics.Dice(name="dice"), metrics.IoU(name="iou")]
 
     # evaluation ---------------------------------------------------------------------
 
     def evaluate(self, predict: Predict, dataset: Any, context: EvalContext) -> EvalResult:
         from caaxr_tf.infection.maps import detection_rates, infected_pixel_count, restrict_to_lungs
-        from caaxr_tf.metrics import dice_per_image, iou_per_image
-        from caaxr_tf.metrics.pixel import PixelCounts
 
         options = dict(getattr(context, "options", None) or {})
         threshold, min_pixels = check_detection_rule(options.get("threshold", self.threshold),
@@ -159,6 +173,54 @@ class InfectionTask(SegmentationTask):
                                         f"{context.title}\ninfection maps (jet: probability 0 blue → 1 red)")
         return EvalResult(metrics, header, rows)
 
+    # options -----------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, command: str) -> None:
+        group = parser.add_argument_group("infection maps")
+        if command == "export":
+            group.add_argument("--lung-run", dest="lung_run", default=None, metavar="RUN",
+                               help="infection runs: a lungs-protocol run served in the same graph (map restricted "
+                                    "to its lungs; outputs lungs, lung_fractions, lung_pixels)")
+            return
+        group.add_argument("--lung-run", dest="lung_run", default=None, metavar="RUN",
+                           help="a lungs-protocol segmentation run: the infection map is restricted to its lungs "
+                                "and per-lung infected fractions are reported (files tagged _lungs)")
+        group.add_argument("--detection-threshold", dest="threshold", type=float, default=None, metavar="T",
+                           help="a pixel is infected where the map is >= T (default 0.5, as published; files tagged "
+                                "_t<T>)")
+        group.add_argument("--min-pixels", dest="min_pixels", type=int, default=None, metavar="A",
+                           help="an image is COVID-19 with at least A infected pixels (default 1, as published; "
+                                "files tagged _a<A>)")
+
+    def open_options(self, options: Mapping[str, Any], open_run: Callable[[Any], Any]) -> dict[str, Any]:
+        """``lung_run`` given as a folder becomes its `LungRun` (opened as a Run)."""
+        from caaxr_tf.infection.lungs import LungRun  # here: the infection package imports OpenCV
+
+        options = dict(options)
+        if options.get("lung_run") is not None and not hasattr(options["lung_run"], "predict"):
+            options["lung_run"] = LungRun(open_run(options["lung_run"]))
+        return options
+
+    def options_tag(self, options: Mapping[str, Any]) -> str:
+        """``_lungs`` (lung run), ``_t<T>``, ``_a<A>``."""
+        return (("_lungs" if options.get("lung_run") else "")
+                + (f"_t{float(options['threshold']):g}" if options.get("threshold") is not None else "")
+                + (f"_a{int(options['min_pixels'])}" if options.get("min_pixels") is not None else ""))
+
+    def serving_model(self, model: Any, image_size: int, options: Mapping[str, Any],
+                      open_run: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
+        """With a lung run: one model running both networks (`with_lung_model`), outputs
+        ``{"mask", "lungs"}``; the metadata records the lung run's folder."""
+        from caaxr_tf.infection.lungs import LungRun, with_lung_model  # here: the package imports OpenCV
+
+        lung_run = options.get("lung_run")
+        if lung_run is None:
+            return model, {}
+        lungs = lung_run if hasattr(lung_run, "predict") else LungRun(open_run(lung_run))
+        return (with_lung_model(model, lungs.model, image_size, lungs.image_size),
+                {"lung_run": str(Path(lungs.run_dir).resolve())})
+
     def format_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
         lines = [
             f"  pixel F1     {format_value(metrics['pixel_f1'])}  (all {metrics.get('split') or 'test'} pixels; precision "
@@ -184,10 +246,7 @@ class InfectionTask(SegmentationTask):
 
     def _constant_maps(self, protocol_dir: Path, split: str, fold: int, subset: str | None,
                        batch_size: int = 32) -> dict[str, dict[str, Any]]:
-        from caaxr_tf.data.pipeline import make_dataset
         from caaxr_tf.infection.maps import detection_rates
-        from caaxr_tf.metrics import dice_per_image
-        from caaxr_tf.metrics.pixel import PixelCounts
 
         dataset = make_dataset(protocol_dir, split, fold=fold, batch_size=batch_size, task=self, training=False,
                                augment=False, cache=False, subset=subset)

@@ -1,7 +1,8 @@
 """Regression of float scores per image (the ``severity`` protocol: geographic extent and opacity,
 Cohen et al. 2020): the record's ``targets``, a squared-error loss, per-target MAE, MSE, R² and
-Pearson r. Training and evaluation use the raw outputs; exported models clamp each target to
-its range from the protocol (summary.json ``target_ranges``, carried in the run config)."""
+Pearson r. Training uses the raw outputs; evaluation and exported models clamp each target to
+its range from the protocol (summary.json ``target_ranges``, carried in the run config), so an
+evaluation scores what the served model returns."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ import numpy as np
 import tensorflow as tf
 
 from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, Task, check_finite, format_value, register_task
+from caaxr_tf.config import ConfigError
+from caaxr_tf.data.pipeline import decode_common
+from caaxr_tf.data.schema import GROUPED_HALVES, MANIFEST_FILE, read_summary
+from caaxr_tf.io import json_safe
+from caaxr_tf.metrics import regression_scores
+from caaxr_tf.metrics.regression import regression_metrics
+from caaxr_tf.models import build_model
+from caaxr_tf.severity.scores import MeanStd
 
 METRIC_NAMES = ("mae", "mse", "r2", "pearson_r")
 METRIC_TITLES = {"mae": "MAE", "mse": "MSE", "r2": "R²", "pearson_r": "Pearson r"}
@@ -20,8 +29,6 @@ METRIC_TITLES = {"mae": "MAE", "mse": "MSE", "r2": "R²", "pearson_r": "Pearson 
 
 def manifest_targets(protocol_dir: Path, split: str, fold: int, target_names: Sequence[str]) -> np.ndarray:
     """``[N, T]`` targets of a split, from the protocol's manifest.csv (``target_<name>`` columns)."""
-    from caaxr_tf.data.schema import MANIFEST_FILE
-
     with open(Path(protocol_dir) / MANIFEST_FILE, newline="", encoding="utf-8") as handle:
         rows = [r for r in csv.DictReader(handle) if r[f"split_fold{fold}"] == split]
     return np.array([[float(r[f"target_{name}"]) for name in target_names] for r in rows], np.float64).reshape(
@@ -63,8 +70,6 @@ class RegressionTask(Task):
     @classmethod
     def from_config(cls, config: Any, summary: Mapping[str, Any] | None = None) -> "RegressionTask":
         if not config.target_names:
-            from caaxr_tf.config import ConfigError
-
             raise ConfigError(f"{config.tfrecords}: a regression protocol names its targets (summary.json target_names)")
         means = manifest_targets(Path(config.tfrecords), "train", config.fold, config.target_names).mean(axis=0)
         return cls(config.class_names, loss=config.loss, loss_kwargs=config.loss_kwargs,
@@ -74,8 +79,6 @@ class RegressionTask(Task):
     # inputs -----------------------------------------------------------------------
 
     def decode(self, record: Mapping[str, tf.Tensor], image_size: int) -> dict[str, tf.Tensor]:
-        from caaxr_tf.data.pipeline import decode_common
-
         decoded = decode_common(record, image_size)
         targets = tf.reshape(tf.cast(record["targets"], tf.float32), [len(self.target_names)])
         decoded["targets"] = targets
@@ -87,8 +90,6 @@ class RegressionTask(Task):
     # training ---------------------------------------------------------------------
 
     def build_model(self, config: Any):
-        from caaxr_tf.models import build_model
-
         kwargs = dict(config.model_kwargs)
         if self.training_means is not None:
             kwargs.setdefault("output_bias", self.training_means)
@@ -106,8 +107,6 @@ class RegressionTask(Task):
         return keras.losses.mean_squared_error(targets, outputs)
 
     def make_metrics(self) -> list:
-        from caaxr_tf.metrics.regression import regression_metrics
-
         return regression_metrics(self.target_names)
 
     def metric_inputs(self, targets: Any, outputs: Any) -> tuple[Any, Any]:
@@ -117,8 +116,6 @@ class RegressionTask(Task):
 
     def scores(self, truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
         """Per target: MAE, MSE, R², Pearson r (``caaxr_tf.metrics.regression_scores``)."""
-        from caaxr_tf.metrics import regression_scores
-
         per_target = {name: regression_scores(truth[:, j], predicted[:, j]) for j, name in enumerate(self.target_names)}
         flat = {f"{name}_{metric}": values[metric] for name, values in per_target.items() for metric in METRIC_NAMES}
         return {"target_names": list(self.target_names), "per_target": per_target, **flat}
@@ -129,7 +126,7 @@ class RegressionTask(Task):
             batch_ids = [i.decode("utf-8") for i in batch_ids.numpy()]
             outputs = np.asarray(predict(images), np.float64).reshape(len(batch_ids), -1)
             check_finite(outputs, batch_ids)
-            predicted.append(outputs)
+            predicted.append(self.clamp(outputs))
             truth.append(np.asarray(targets, np.float64))
             ids.extend(batch_ids)
         if not ids:
@@ -146,6 +143,15 @@ class RegressionTask(Task):
                 for image_id, t, p in zip(ids, truth_np, predicted_np)]
         return EvalResult(metrics, header, rows)
 
+    def clamp(self, outputs: np.ndarray) -> np.ndarray:
+        """``[N, T]`` outputs with each target clamped to its range (``target_ranges``), as the
+        exported model serves them; targets without a range are left as they are."""
+        if not self.target_ranges:
+            return outputs
+        lower = [self.target_ranges.get(name, (-np.inf, np.inf))[0] for name in self.target_names]
+        upper = [self.target_ranges.get(name, (-np.inf, np.inf))[1] for name in self.target_names]
+        return np.clip(outputs, np.asarray(lower, outputs.dtype), np.asarray(upper, outputs.dtype))
+
     def format_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
         lines = ["  " + " " * 20 + "".join(f"{METRIC_TITLES[m]:>11}" for m in METRIC_NAMES)]
         for name in self.target_names:
@@ -160,8 +166,6 @@ class RegressionTask(Task):
         gets the mean of the whole training half (train and val), as mean ± std over ``folds``
         (the CV run's) and over all the protocol's folds.
         """
-        from caaxr_tf.data.schema import GROUPED_HALVES, read_summary
-
         summary = read_summary(protocol_dir)
         if summary.get("split_scheme") == GROUPED_HALVES:
             every = list(range(1, int(summary["folds"]) + 1))
@@ -175,7 +179,6 @@ class RegressionTask(Task):
         if not len(truth):
             raise ValueError(f"no images in the {split} split of {protocol_dir}")
         predicted = np.tile(training.mean(axis=0), (len(truth), 1))
-        from caaxr_tf.io import json_safe
 
         return {"": {"training mean (intercept only)": json_safe({"num_images": len(truth),
                                                                    **self.scores(truth, predicted)})}}
@@ -183,9 +186,6 @@ class RegressionTask(Task):
     def half_split_baseline(self, protocol_dir: Path, folds: Sequence[int]) -> dict[str, Any]:
         """Mean ± std (n - 1) over ``folds`` of the intercept-only scores: ``{column: "m ± s"}``
         for the table, with ``<column>_mean``/``<column>_std`` numbers beside them."""
-        from caaxr_tf.io import json_safe
-        from caaxr_tf.severity.protocol import MeanStd
-
         per_fold = []
         for fold in folds:
             training = np.concatenate([manifest_targets(protocol_dir, part, fold, self.target_names)

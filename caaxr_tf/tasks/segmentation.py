@@ -10,21 +10,14 @@ import numpy as np
 import tensorflow as tf
 
 from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, Task, check_finite, format_value, register_task
+from caaxr_tf.models.outputs import mask_output  # noqa: F401  (moved to caaxr_tf.models.outputs; re-exported)
+from caaxr_tf import losses, metrics
+from caaxr_tf.data.pipeline import augment_batch, boxes_to_mask, decode_common, decode_mask, make_dataset
+from caaxr_tf.metrics import dice_per_image, iou_per_image
 
 THRESHOLD = 0.5  # a pixel is foreground where the probability is >= THRESHOLD
 EMPTY_SCORE = 1.0  # Dice / IoU of an image with empty truth and empty prediction
 CONSTANT_PREDICTIONS = {"empty mask": 0.0, "all-ones mask": 1.0}
-
-
-def mask_output(outputs: Any) -> Any:
-    """The mask probabilities of a model output: the tensor itself or its ``mask`` entry."""
-    if isinstance(outputs, Mapping):
-        if "mask" not in outputs:
-            raise ValueError(f"the model returns a dict without a 'mask' entry (keys: {', '.join(outputs)})")
-        return outputs["mask"]
-    if isinstance(outputs, (list, tuple)):
-        return outputs[0]
-    return outputs
 
 
 def segmentation_metrics(dice: np.ndarray, iou: np.ndarray) -> dict[str, Any]:
@@ -57,8 +50,6 @@ class SegmentationTask(Task):
     # inputs -----------------------------------------------------------------------
 
     def decode(self, record: Mapping[str, tf.Tensor], image_size: int) -> dict[str, tf.Tensor]:
-        from caaxr_tf.data.pipeline import boxes_to_mask, decode_common, decode_mask
-
         decoded = decode_common(record, image_size)
         has_mask = tf.strings.length(record["mask/encoded"]) > 0
         decoded["mask"] = tf.cond(has_mask, lambda: decode_mask(record["mask/encoded"], image_size),
@@ -67,8 +58,6 @@ class SegmentationTask(Task):
 
     def augment(self, images: tf.Tensor, batch: Mapping[str, tf.Tensor], seed: tf.Tensor
                 ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-        from caaxr_tf.data.pipeline import augment_batch
-
         images, masks = augment_batch(images, tf.cast(batch["mask"], tf.float32), seed)
         return images, {"mask": masks}
 
@@ -78,8 +67,6 @@ class SegmentationTask(Task):
     # training ---------------------------------------------------------------------
 
     def per_example_loss(self, targets: Any, outputs: Any) -> tf.Tensor:
-        from caaxr_tf import losses
-
         predictions = tf.cast(mask_output(outputs), tf.float32)
         if self.loss == "binary_crossentropy":
             return losses.per_image_bce(targets, predictions)
@@ -88,8 +75,6 @@ class SegmentationTask(Task):
         return losses.per_image_focal_dice_loss(targets, predictions, **self.loss_kwargs)
 
     def make_metrics(self) -> list:
-        from caaxr_tf import metrics
-
         return [metrics.Dice(name="dice"), metrics.IoU(name="iou")]
 
     def metric_inputs(self, targets: Any, outputs: Any) -> tuple[Any, Any]:
@@ -99,8 +84,6 @@ class SegmentationTask(Task):
     # evaluation -------------------------------------------------------------------
 
     def evaluate(self, predict: Predict, dataset: Any, context: EvalContext) -> EvalResult:
-        from caaxr_tf.metrics import dice_per_image, iou_per_image
-
         ids, dice, iou, true_px, pred_px = [], [], [], [], []
         for images, targets, batch_ids in dataset:
             batch_ids = [i.decode("utf-8") for i in batch_ids.numpy()]
@@ -170,9 +153,6 @@ class SegmentationTask(Task):
 
     def _constant_scores(self, protocol_dir: Path, split: str, fold: int, subset: str | None,
                          batch_size: int = 32) -> dict[str, dict[str, Any]]:
-        from caaxr_tf.data.pipeline import make_dataset
-        from caaxr_tf.metrics import dice_per_image, iou_per_image
-
         dataset = make_dataset(protocol_dir, split, fold=fold, batch_size=batch_size, task=self, training=False,
                                augment=False, cache=False, subset=subset)
         scores: dict[str, tuple[list, list]] = {name: ([], []) for name in CONSTANT_PREDICTIONS}

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from caaxr_tf import runs
 from caaxr_tf.io import atomic_path, write_text_atomic
+from caaxr_tf.data.pipeline import make_dataset
+from caaxr_tf.models.layers import batch_norm_layers
 
 if TYPE_CHECKING:
     from caaxr_tf.training.trainer import Trainer
@@ -144,9 +146,6 @@ class BatchNormRecompute(TrainingCallback):
         self.distributed = None
 
     def on_build(self, trainer):
-        from caaxr_tf.data.pipeline import make_dataset
-        from caaxr_tf.models.layers import batch_norm_layers
-
         self.layers = batch_norm_layers(trainer.model, trainable_only=True)
         if not self.layers:
             return

@@ -30,6 +30,12 @@ from caaxr_tf.config import (
     load_yaml,
     to_mapping,
 )
+from caaxr_tf import runs
+from caaxr_tf.data.protocols import _target_ranges
+from caaxr_tf.data.schema import SUMMARY_FILE, read_summary, read_summary_file
+from caaxr_tf.data.summary import locate_protocol
+from caaxr_tf.models import available_models, model_task
+from caaxr_tf.tasks import UnknownTaskError, available_tasks, get_task, task_for
 
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 CLASS_BALANCE = ("none", "weights", "sampling")
@@ -129,8 +135,6 @@ class RunConfig:
         return Path(self.tfrecords)
 
     def summary(self) -> dict[str, Any]:
-        from caaxr_tf.data.schema import read_summary
-
         return read_summary(self.tfrecords)
 
     def training_class_counts(self) -> list[int]:
@@ -149,29 +153,24 @@ def config_from_mapping(data: Mapping[str, Any], where: str = "run config") -> R
 
 def locate_protocol_dir(tfrecords: str | Path, protocol: str) -> Path:
     """``--tfrecords`` may name the folder of all protocols or the protocol folder itself."""
-    from caaxr_tf.data.schema import SUMMARY_FILE, read_summary_file
-
     root = Path(tfrecords)
-    for candidate in (root / protocol, root):
-        summary_path = candidate / SUMMARY_FILE
-        if summary_path.exists():
-            try:
-                summary = read_summary_file(summary_path)
-            except (OSError, ValueError) as error:
-                raise ConfigError(str(error)) from None
-            if summary.get("protocol") != protocol:
-                raise ConfigError(
-                    f"{candidate} holds the TFRecords of protocol {summary.get('protocol')!r}, not {protocol!r}"
-                )
-            return candidate.resolve()
-    raise ConfigError(f"no TFRecords for protocol {protocol!r} under {root} (expected {root / protocol}/summary.json)")
+    try:
+        candidate = locate_protocol(root, protocol)
+    except FileNotFoundError:
+        raise ConfigError(f"no TFRecords for protocol {protocol!r} under {root} "
+                          f"(expected {root / protocol}/summary.json)") from None
+    try:
+        summary = read_summary_file(candidate / SUMMARY_FILE)
+    except (OSError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    if summary.get("protocol") != protocol:
+        raise ConfigError(f"{candidate} holds the TFRecords of protocol {summary.get('protocol')!r}, not {protocol!r}")
+    return candidate
 
 
 def layered_sections() -> tuple[str, ...]:
     """The sections of caaxr_tf/configs/train.yaml (and of a --config file): defaults, one per task
     (and task family), models."""
-    from caaxr_tf.tasks import available_tasks, get_task
-
     sections: list[str] = ["defaults"]
     for name in available_tasks():
         for section in get_task(name).config_sections():
@@ -207,8 +206,6 @@ def check_layers(data: Mapping[str, Any], flat_keys: bool) -> None:
     (sections and flat keys), every section included, not only those the run merges: each
     key and value of its sections (as `RunConfig` takes them), and every ``models.<name>``
     a registered model. ConfigError naming the key, the closest valid one and the valid ones."""
-    from caaxr_tf.models import available_models
-
     sections = layered_sections()
     if flat_keys:
         check_known_keys(data, [*sections, *(f.name for f in dataclasses.fields(RunConfig))])
@@ -230,9 +227,6 @@ def check_layers(data: Mapping[str, Any], flat_keys: bool) -> None:
 
 def run_task(protocol_task: str, model: str, protocol: str):
     """The task class of a model on a protocol; ConfigError naming both when they do not fit."""
-    from caaxr_tf.models import model_task
-    from caaxr_tf.tasks import UnknownTaskError, task_for
-
     try:
         kind = model_task(model)
     except ValueError as error:
@@ -259,8 +253,6 @@ def resolve_run_config(
     ``flags`` are the command line's settings (None values are left out); ``learning_rate``
     among them sets ``optimizer.learning_rate``.
     """
-    from caaxr_tf.data.schema import SUMMARY_FILE, read_summary_file
-
     protocol_dir = locate_protocol_dir(tfrecords, protocol)
     summary = read_summary_file(protocol_dir / SUMMARY_FILE)
     task = run_task(summary["task"], model, protocol)
@@ -311,8 +303,6 @@ def check_targets(config: RunConfig, summary: Mapping[str, Any]) -> None:
     """``target_names`` must be the records' own (summary.json: each record's ``targets`` holds
     exactly those values, in that order); ``target_ranges`` may narrow or widen a target's range
     but must name known targets with finite ``[low, high]``, ``low < high``."""
-    from caaxr_tf.data.protocols import _target_ranges
-
     expected = [str(t) for t in summary.get("target_names") or []]
     if list(config.target_names) != expected:
         held = f"targets {expected}" if expected else "no float targets"
@@ -345,8 +335,6 @@ def records_difference(previous: Mapping[str, Any], current: Mapping[str, Any]) 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
     """The RunConfig saved in a run folder."""
-    from caaxr_tf import runs
-
     return config_from_mapping(runs.load_run_config(run_dir), f"{Path(run_dir) / runs.CONFIG_FILE}")
 
 

@@ -23,6 +23,9 @@ from caaxr_tf.config import ConfigError
 from caaxr_tf.training.callbacks import BestModel, HistoryCSV, TrainingCallback, default_callbacks
 from caaxr_tf.training.config import RunConfig
 from caaxr_tf.training.distribute import is_chief, make_strategy, num_workers
+from caaxr_tf.data.pipeline import balanced_repeats, make_dataset
+from caaxr_tf.tasks import get_task
+from caaxr_tf.tasks.classification import balanced_class_weights
 
 logger = logging.getLogger("caaxr_tf.train")
 
@@ -47,8 +50,6 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, strategy=None, *, verbose: bool = True,
                  callbacks: Sequence[TrainingCallback] | None = None,
                  on_epoch_end: Callable[[int, dict[str, float]], None] | None = None):
-        from caaxr_tf.tasks import get_task
-
         self.config = config
         self.run_dir = Path(run_dir)
         self.strategy = strategy if strategy is not None else make_strategy(config.strategy)
@@ -201,9 +202,6 @@ class Trainer:
         return logs
 
     def _print_class_balance(self) -> None:
-        from caaxr_tf.data.pipeline import balanced_repeats
-        from caaxr_tf.tasks.classification import balanced_class_weights
-
         balance = self.config.class_balance
         if balance == "none":
             return
@@ -231,8 +229,6 @@ class TrainingData:
 
 def training_datasets(config: RunConfig, task, global_batch: int, num_workers: int = 1) -> TrainingData:
     """The training input of a run as the trainer builds it (the benchmark measures it too)."""
-    from caaxr_tf.data.pipeline import balanced_repeats, make_dataset
-
     fold_counts = config.summary()["counts"][f"fold{config.fold}"]
     train_count = sum(fold_counts["train"].values())
     val_count = sum(fold_counts["val"].values())

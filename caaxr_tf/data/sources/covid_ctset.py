@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from caaxr_tf.ct.selection import MIN_SLICES, SLICE_SHAPE
+from caaxr_tf.data.ct_selection import MIN_SLICES, SLICE_SHAPE
 from caaxr_tf.data.ct_series import SERIES_FOLDER, check_ct_tiff, natural_key
 from caaxr_tf.data.formats import TIFF_SUFFIXES, check_regular_file
 from caaxr_tf.data.records import (
