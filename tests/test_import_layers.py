@@ -42,6 +42,12 @@ LAYERS = {
     "caaxr_tf.explain.evaluation": APPS,  # Grad-CAM evaluation of runs
     "caaxr_tf.infection.cam": APPS,  # compares an infection run's maps with a classifier's CAMs
     "caaxr_tf.severity.run_features": APPS,  # severity features from trained runs
+    "caaxr_tf.data.layouts": APPS,  # the synthetic writer
+    "caaxr_tf.model_package": APPS,  # the model card written by export, read by predict
+    "caaxr_tf.scoring": APPS,  # caaxr score
+    "caaxr_tf.scoring_plots": APPS,
+    "caaxr_tf.compare": APPS,  # caaxr compare
+    "caaxr_tf.weights.cli": APPS,  # caaxr import-weights
     # the Run object: a run folder with its typed config, task, model and datasets
     "caaxr_tf.runs": RUNS,
     # tasks
@@ -56,6 +62,7 @@ LAYERS = {
     "caaxr_tf.models": LOW,
     "caaxr_tf.metrics": LOW,
     "caaxr_tf.losses": LOW,
+    "caaxr_tf.weights": LOW,  # PyTorch checkpoints onto the Keras models
     "caaxr_tf.run_files": LOW,  # the files of a run folder (loads a model: needs models, metrics)
     # core helpers
     "caaxr_tf": CORE,  # the package itself (version) and anything not named above
@@ -65,6 +72,7 @@ LAYERS = {
     "caaxr_tf.logs": CORE,
     "caaxr_tf.plots": CORE,
     "caaxr_tf.tables": CORE,
+    "caaxr_tf.registry": CORE,
 }
 
 
@@ -213,3 +221,11 @@ def test_a_task_import_below_the_tasks_is_reported(statement, tmp_path):
         del MODULES["caaxr_tf.data.fake"]
     assert imports == [("caaxr_tf.tasks", 2, statement, True)]
     assert layer_of("caaxr_tf.tasks") > layer_of("caaxr_tf.data.fake")
+
+
+def test_every_module_is_placed_in_a_layer_by_name():
+    """A new top-level module or package (caaxr_tf.X) must be named in LAYERS: the package-wide
+    fallback to the core layer would otherwise let it import anything."""
+    unplaced = sorted({".".join(module.split(".")[:2]) for module in MODULES if module.count(".") >= 1}
+                      - set(LAYERS))
+    assert unplaced == [], f"name these in LAYERS: {unplaced}"

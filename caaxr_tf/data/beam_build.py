@@ -41,7 +41,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from caaxr_tf.data.records import Sample, Skipped
 from caaxr_tf.data.staging import StagedImage, staging_id, stage_task
-from caaxr_tf.data.tfrecords import BeamPipelineError, Stager
+from caaxr_tf.data.stager import BeamPipelineError, Stager
 
 NAMESPACE = "caaxr.make_tfrecords"
 SKIPPED_TAG = "skipped"

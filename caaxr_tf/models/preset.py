@@ -49,7 +49,7 @@ def save_preset(model: keras.Model, path: str | Path, metadata: Mapping[str, Any
 
 def save_run_preset(run_dir: str | Path, path: str | Path, which: str = "best") -> Path:
     """A preset of a trained run (its best or final model), with the run's settings as metadata."""
-    from caaxr_tf.runs import load_run_config, load_run_model
+    from caaxr_tf.run_files import load_run_config, load_run_model
 
     config = load_run_config(run_dir)
     model = load_run_model(run_dir, which)

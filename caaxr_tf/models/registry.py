@@ -30,11 +30,14 @@ MODELS: Registry[ModelSpec] = Registry("model", package="caaxr_tf.models",
                                        origin=lambda spec: repr(spec.builder))
 
 
-def model_kinds() -> tuple[str, ...]:
-    """The kinds a model can be: the ``model_task`` of the registered tasks."""
-    from caaxr_tf.tasks import TASKS
+# The kinds of output a model can have; a task names one as its ``model_task``. Kept here, not read
+# from the task registry: models sit below tasks and never import them (tests/test_import_layers.py).
+MODEL_KINDS = ("classification", "detection", "regression", "segmentation")
 
-    return tuple(sorted({cls.model_task for cls in TASKS.values()}))
+
+def model_kinds() -> tuple[str, ...]:
+    """The kinds a model can be (each task's ``model_task`` is one of them)."""
+    return MODEL_KINDS
 
 
 def _check_kind(task: str) -> None:
