@@ -148,3 +148,23 @@ def test_compare_files_and_id_mismatch(protocol, tmp_path):
     short = write(tmp_path / "short.csv", predictions(protocol, seed=2)[1:])
     with pytest.raises(compare.IdMismatchError, match="only in A \\(1\\): img000"):
         compare.compare(a, short, protocol=protocol, n_resamples=10, out=tmp_path / "cmp2", log=None)
+
+
+# --------------------------------------------------------------------------- against caaxr evaluate
+
+from test_evaluate import cls_run, tfrecords  # noqa: E402,F401  (module fixtures: a tiny 3class run)
+
+
+def test_scoring_evaluate_predictions_reproduces_its_metrics(cls_run, tmp_path):
+    from caaxr_tf.evaluate import evaluate_run
+
+    metrics = evaluate_run(cls_run, plots=False, log=None)
+    protocol = Path(metrics["tfrecords"])
+    scored = scoring.score_file(protocol, cls_run / "eval" / "predictions.csv", n_resamples=20, plots=False,
+                                log=None, out=tmp_path / "score")
+    for key in ("class_names", "covid_class", "auc_per_class", "auc_macro", "sensitivity_at_99_specificity",
+                "sensitivity_at_90_specificity", "accuracy", "confusion_matrix", "class_counts", "num_images"):
+        assert scored[key] == metrics[key], key
+    # run folders compare with themselves: zero differences, p = 1
+    same = compare.compare(cls_run, cls_run, n_resamples=20, out=tmp_path / "cmp", plots=False, log=None)
+    assert all(t.get("p_value", 1.0) == 1.0 for t in same["delong"].values())
