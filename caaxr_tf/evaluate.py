@@ -167,6 +167,7 @@ def evaluate_run(
     cam: bool = False,
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
+    bootstrap: int = 0,
 ) -> dict[str, Any]:
     """Evaluate the ``which`` model of a run on ``split`` (optionally one subset of it).
 
@@ -184,6 +185,9 @@ def evaluate_run(
     split's patients then also go through selection → classification → the patient rule
     (``metrics["patients"]``, ``patients<tag>.csv``).
 
+    ``bootstrap`` (classifiers): that many patient-clustered bootstrap resamples give 95 %
+    intervals of every metric (``metrics["intervals"]``, `caaxr_tf.scoring.intervals_from_rows`).
+
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
     split is damaged.
@@ -200,7 +204,7 @@ def evaluate_run(
         check_explainable(run_task(config, summary), "--cam")
     with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
         return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
-                             cam=cam, options=options, patients=patients)
+                             cam=cam, options=options, patients=patients, bootstrap=bootstrap)
 
 
 def _evaluate_run(
@@ -216,6 +220,7 @@ def _evaluate_run(
     cam: bool = False,
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
+    bootstrap: int = 0,
 ) -> dict[str, Any]:
     from caaxr_tf.data.pipeline import make_dataset
     from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
@@ -268,6 +273,11 @@ def _evaluate_run(
         from caaxr_tf.explain.evaluation import write_cam_grid
 
         write_cam_grid(model, dataset, task.class_names, context.path("cam_grid", "png"), f"Grad-CAM: {context.title}")
+    if bootstrap and task.name == "classification":
+        from caaxr_tf.scoring import intervals_from_rows
+
+        metrics["intervals"] = intervals_from_rows(result.header, result.rows, tfrecords, task.class_names,
+                                                   split=split, fold=fold, n_resamples=int(bootstrap))
     files = dict(context.files)
     files["predictions"] = f"predictions{tag}.csv"
     write_text_atomic(eval_dir / files["predictions"], csv_text(result.header, result.rows))
@@ -277,6 +287,10 @@ def _evaluate_run(
     write_json_atomic(eval_dir / f"metrics{tag}.json", metrics)
     if log is not None:
         log(format_metrics(metrics, task))
+        if metrics.get("intervals"):
+            from caaxr_tf.scoring import format_intervals
+
+            log("\n".join(format_intervals(metrics["intervals"])))
         log(f"wrote {eval_dir / f'metrics{tag}.json'}")
     return metrics
 
@@ -498,6 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patients", default=None, metavar="DATA_ROOT",
                         help="ct task: the COVID-CTset folder; also evaluate the split's patients "
                              "(select, classify, patient rule)")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="classifiers: 95%% intervals of every metric from N patient-clustered bootstrap "
+                             "resamples (metrics.json 'intervals'; caaxr score for more)")
     add_infection_arguments(parser)
     args = parser.parse_args(argv)
     if args.split == "all" and args.tfrecords is None:
@@ -534,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.localization is None and args.tfrecords is None:
             evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
-                         cam=args.cam, options=infection_options(args), patients=args.patients)
+                         cam=args.cam, options=infection_options(args), patients=args.patients,
+                         bootstrap=args.bootstrap)
         if args.localization is not None:
             evaluate_localization_run(args.run, args.localization, split="test" if args.split == "all" else args.split,
                                       which=args.model, batch_size=args.batch_size, plots=not args.no_plots)

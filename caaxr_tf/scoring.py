@@ -451,3 +451,38 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def intervals_from_rows(header: Sequence[str], rows: Sequence[Sequence[Any]], protocol_dir: str | Path,
+                        class_names: Sequence[str], *, split: str = "test", fold: int = 1,
+                        n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """Bootstrap intervals of an evaluation's classification metrics from its per-image rows
+    (``image_id, label, predicted, p_<class>...`` as written to predictions.csv), patients
+    from the protocol's manifest (images not in the manifest count as their own patient).
+    For ``caaxr evaluate --bootstrap N``: the ``intervals`` entry of metrics.json."""
+    names = [str(c) for c in class_names]
+    column = {name: list(header).index(f"p_{name}") for name in names}
+    label_at = list(header).index("label")
+    try:
+        patients_of = {r["image_id"]: r.get("patient_id") or r["image_id"]
+                       for r in load_protocol(protocol_dir, split, fold).rows}
+    except (FileNotFoundError, ValueError):
+        patients_of = {}
+    labels = np.array([names.index(str(r[label_at])) for r in rows], dtype=np.int64)
+    scores = np.array([[float(r[column[name]]) for name in names] for r in rows], dtype=np.float64)
+    patients = [patients_of.get(str(r[0]), str(r[0])) for r in rows]
+    intervals = bootstrap(headline_metrics, labels, scores, groups=patients, n_resamples=n_resamples, seed=seed,
+                          class_names=names)
+    return {"method": "patient-clustered bootstrap, percentile", "seed": seed, **intervals_as_dict(intervals)}
+
+
+def format_intervals(intervals: dict[str, Any]) -> list[str]:
+    """Lines ``  name  estimate [low, high]`` of an ``intervals`` entry."""
+    cells = {k: v for k, v in intervals.items() if isinstance(v, dict)}
+    if not cells:
+        return []
+    some = next(iter(cells.values()))
+    lines = [f"  {some['confidence']:.0%} intervals ({intervals.get('method')}, {some['n_resamples']} resamples):"]
+    width = max(len(k) for k in cells)
+    lines += [f"    {k:<{width}}  {format_interval(v['estimate'], v['low'], v['high'])}" for k, v in cells.items()]
+    return lines

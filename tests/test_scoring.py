@@ -158,7 +158,11 @@ from test_evaluate import cls_run, tfrecords  # noqa: E402,F401  (module fixture
 def test_scoring_evaluate_predictions_reproduces_its_metrics(cls_run, tmp_path):
     from caaxr_tf.evaluate import evaluate_run
 
-    metrics = evaluate_run(cls_run, plots=False, log=None)
+    lines = []
+    metrics = evaluate_run(cls_run, plots=False, log=lines.append, bootstrap=30)  # evaluate --bootstrap 30
+    assert metrics["intervals"]["auc_macro"]["estimate"] == pytest.approx(metrics["auc_macro"], abs=1e-5)
+    assert metrics["intervals"]["accuracy"]["n_resamples"] == 30
+    assert "95% intervals (patient-clustered bootstrap" in "\n".join(lines)
     protocol = Path(metrics["tfrecords"])
     scored = scoring.score_file(protocol, cls_run / "eval" / "predictions.csv", n_resamples=20, plots=False,
                                 log=None, out=tmp_path / "score")
