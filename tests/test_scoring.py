@@ -172,3 +172,12 @@ def test_scoring_evaluate_predictions_reproduces_its_metrics(cls_run, tmp_path):
     # run folders compare with themselves: zero differences, p = 1
     same = compare.compare(cls_run, cls_run, n_resamples=20, out=tmp_path / "cmp", plots=False, log=None)
     assert all(t.get("p_value", 1.0) == 1.0 for t in same["delong"].values())
+
+
+def test_headline_metrics_are_classification_metrics():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 120)
+    scores = rng.dirichlet(np.ones(3), 120)
+    full = classification_metrics(labels, scores, CLASSES)
+    head = scoring.headline_metrics(labels, scores, CLASSES)
+    assert head == {"auc_per_class": full["auc_per_class"], **{k: full[k] for k in scoring.SCALAR_KEYS}}
