@@ -286,6 +286,35 @@ def score_classification(protocol: Protocol, checked: CheckedPredictions, *, n_r
     return result
 
 
+def temperature_scaling(protocol: Protocol, checked: CheckedPredictions, validation: str | Path, *, fold: int = 1,
+                        tolerance: float = DEFAULT_TOLERANCE, max_missing: float = DEFAULT_MAX_MISSING
+                        ) -> dict[str, Any]:
+    """Fit a temperature on the validation predictions (log-probabilities as logits) and report
+    the validation NLL and the scored split's calibration before and after."""
+    from caaxr_tf.metrics.calibration import (apply_temperature, fit_temperature, logits_from_probabilities,
+                                              negative_log_likelihood)
+
+    val_protocol = load_protocol(protocol.path, "val", fold)
+    columns, records = read_predictions(validation)
+    val = check_classification(columns, records, val_protocol, tolerance=tolerance, max_missing=max_missing,
+                               source=str(validation))
+    val_by_id = {r["image_id"]: int(r["label_index"]) for r in val_protocol.rows}
+    val_labels = np.array([val_by_id[i] for i in val.ids])
+    val_logits = logits_from_probabilities(val.scores)
+    temperature = fit_temperature(val_logits, val_labels)
+    by_id = {r["image_id"]: int(r["label_index"]) for r in protocol.rows}
+    labels = np.array([by_id[i] for i in checked.ids])
+    scaled = apply_temperature(logits_from_probabilities(checked.scores), temperature)
+    before = calibration_report(labels, checked.scores, protocol.class_names)
+    after = calibration_report(labels, scaled, protocol.class_names)
+    keep = ("ece", "ece_equal_mass", "brier", "nll")
+    return {"temperature": temperature, "fitted_on": str(validation), "num_validation_images": len(val.ids),
+            "validation_nll_before": negative_log_likelihood(val_logits, val_labels),
+            "validation_nll_after": negative_log_likelihood(val_logits, val_labels, temperature),
+            "before": {k: before[k] for k in keep}, "after": {k: after[k] for k in keep},
+            "argmax_unchanged": bool(np.array_equal(np.argmax(scaled, 1), np.argmax(checked.scores, 1)))}
+
+
 def read_metadata(path: str | Path) -> dict[str, dict[str, str]]:
     """``{image_id: row}`` of a metadata CSV keyed by ``image_id``, else ``filename``."""
     with open(path, newline="", encoding="utf-8", errors="replace") as handle:
@@ -350,6 +379,11 @@ def format_table(metrics: dict[str, Any]) -> str:
     if calibration:
         lines.append(f"  {'ECE (top-label, 10 equal-width bins)':<{width}}  {calibration['ece']:.3f}")
         lines.append(f"  {'Brier (multi-class)':<{width}}  {calibration['brier']:.3f}")
+    scaling = metrics.get("temperature_scaling")
+    if scaling:
+        lines.append(f"  temperature {scaling['temperature']:.3f} (fitted on {scaling['num_validation_images']} val images): "
+                     f"ECE {scaling['before']['ece']:.3f} -> {scaling['after']['ece']:.3f}, "
+                     f"NLL {scaling['before']['nll']:.3f} -> {scaling['after']['nll']:.3f}")
     if "intervals" in metrics:
         some = next((v for k, v in metrics["intervals"].items() if isinstance(v, dict)), None)
         if some:
@@ -377,8 +411,13 @@ def score_file(protocol_dir: str | Path, predictions: str | Path, *, split: str 
                n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, slice_by: Sequence[str] = (),
                metadata: str | Path | None = None, min_slice: int = DEFAULT_MIN_N,
                max_missing: float = DEFAULT_MAX_MISSING, tolerance: float = DEFAULT_TOLERANCE,
-               out: str | Path | None = None, plots: bool = True, log=print) -> dict[str, Any]:
-    """Check and score one predictions file; writes metrics.json, metrics.txt and plots to ``out``."""
+               out: str | Path | None = None, plots: bool = True, log=print,
+               calibrate_on: str | Path | None = None) -> dict[str, Any]:
+    """Check and score one predictions file; writes metrics.json, metrics.txt and plots to ``out``.
+
+    ``calibrate_on``: the same model's predictions on the validation split of the fold; a
+    temperature is fitted there (`temperature_scaling`) and the calibration of the scored
+    split after scaling is reported beside it (the other metrics stay those of the file)."""
     from caaxr_tf.io import write_text_atomic
 
     protocol = load_protocol(protocol_dir, split, fold)
@@ -390,6 +429,9 @@ def score_file(protocol_dir: str | Path, predictions: str | Path, *, split: str 
     meta = read_metadata(metadata) if metadata else {}
     metrics = score_classification(protocol, checked, n_resamples=n_resamples, seed=seed, slice_by=slice_by,
                                    metadata=meta, min_slice=min_slice)
+    if calibrate_on:
+        metrics["temperature_scaling"] = temperature_scaling(protocol, checked, calibrate_on, fold=fold,
+                                                             tolerance=tolerance, max_missing=max_missing)
     metrics = {"predictions": str(Path(predictions).resolve()), "protocol": str(protocol.path.resolve()),
                "task": protocol.task, "split": split, "fold": fold, "missing": checked.missing,
                "validation": {"tolerance": tolerance, "max_missing": max_missing,
@@ -442,6 +484,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="allowed |sum of probabilities - 1| per row (default 1e-3)")
     parser.add_argument("--out", default=None, help="output folder (default <predictions stem>_score/)")
+    parser.add_argument("--calibrate-on", default=None, metavar="VAL_PREDICTIONS",
+                        help="the model's predictions on the fold's val split: fit a temperature there and "
+                             "report calibration after scaling")
     parser.add_argument("--no-plots", action="store_true")
     return parser.parse_args(argv)
 
@@ -452,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         score_file(args.protocol, args.predictions, split=args.split, fold=args.fold, n_resamples=args.bootstrap,
                    seed=args.seed, slice_by=slice_by, metadata=args.metadata, min_slice=args.min_slice,
-                   max_missing=args.max_missing, tolerance=args.tolerance, out=args.out, plots=not args.no_plots)
+                   max_missing=args.max_missing, tolerance=args.tolerance, out=args.out, plots=not args.no_plots,
+                   calibrate_on=args.calibrate_on)
     except (PredictionsError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1 if isinstance(error, (PredictionsError, FileNotFoundError)) else 2

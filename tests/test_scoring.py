@@ -181,3 +181,30 @@ def test_headline_metrics_are_classification_metrics():
     full = classification_metrics(labels, scores, CLASSES)
     head = scoring.headline_metrics(labels, scores, CLASSES)
     assert head == {"auc_per_class": full["auc_per_class"], **{k: full[k] for k in scoring.SCALAR_KEYS}}
+
+
+def test_calibrate_on_validation_predictions(protocol, tmp_path):
+    # make the fold's train rows its val rows, then give overconfident probabilities on both
+    manifest = protocol / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",train,", ",val,"))
+    with open(manifest) as handle:
+        rows = list(csv.DictReader(handle))
+    rng = np.random.default_rng(4)
+
+    def overconfident(split):
+        out = []
+        for r in rows:
+            if r["split_fold1"] != split:
+                continue
+            logits = rng.normal(size=3)
+            logits[int(r["label_index"])] += 0.8
+            p = np.exp(4 * logits) / np.exp(4 * logits).sum()
+            out.append({"image_id": r["image_id"], **{c: f"{v:.6f}" for c, v in zip(CLASSES, p)}})
+        return out
+
+    val = write(tmp_path / "val.csv", overconfident("val"))
+    test = write(tmp_path / "test.csv", overconfident("test"))
+    result = scoring.score_file(protocol, test, n_resamples=0, plots=False, log=None, out=tmp_path / "o", calibrate_on=val)["temperature_scaling"]
+    assert result["temperature"] > 1.5 and result["argmax_unchanged"]
+    assert result["validation_nll_after"] < result["validation_nll_before"]
+    assert result["after"]["nll"] < result["before"]["nll"]
