@@ -277,7 +277,8 @@ def _evaluate_run(
         from caaxr_tf.scoring import intervals_from_rows
 
         metrics["intervals"] = intervals_from_rows(result.header, result.rows, tfrecords, task.class_names,
-                                                   split=split, fold=fold, n_resamples=int(bootstrap))
+                                                   split=split, fold=fold, n_resamples=int(bootstrap),
+                                                   reference=metrics)
     files = dict(context.files)
     files["predictions"] = f"predictions{tag}.csv"
     write_text_atomic(eval_dir / files["predictions"], csv_text(result.header, result.rows))

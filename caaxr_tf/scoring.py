@@ -511,11 +511,17 @@ if __name__ == "__main__":
 
 def intervals_from_rows(header: Sequence[str], rows: Sequence[Sequence[Any]], protocol_dir: str | Path,
                         class_names: Sequence[str], *, split: str = "test", fold: int = 1,
-                        n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+                        n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                        reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bootstrap intervals of an evaluation's classification metrics from its per-image rows
     (``image_id, label, predicted, p_<class>...`` as written to predictions.csv), patients
     from the protocol's manifest (images not in the manifest count as their own patient).
-    For ``caaxr evaluate --bootstrap N``: the ``intervals`` entry of metrics.json."""
+    For ``caaxr evaluate --bootstrap N``: the ``intervals`` entry of metrics.json.
+
+    The rows hold the scores as written (6 decimals); where that rounding ties scores that
+    differed (a model whose outputs barely vary), estimates on the rows differ from the
+    evaluation's. With ``reference`` (the evaluation's metrics) such metrics are listed under
+    ``rounding_mismatch`` {name: [evaluation, from rows]}."""
     names = [str(c) for c in class_names]
     column = {name: list(header).index(f"p_{name}") for name in names}
     label_at = list(header).index("label")
@@ -529,7 +535,17 @@ def intervals_from_rows(header: Sequence[str], rows: Sequence[Sequence[Any]], pr
     patients = [patients_of.get(str(r[0]), str(r[0])) for r in rows]
     intervals = bootstrap(headline_metrics, labels, scores, groups=patients, n_resamples=n_resamples, seed=seed,
                           class_names=names)
-    return {"method": "patient-clustered bootstrap, percentile", "seed": seed, **intervals_as_dict(intervals)}
+    result: dict[str, Any] = {"method": "patient-clustered bootstrap, percentile", "seed": seed,
+                              **intervals_as_dict(intervals)}
+    if reference is not None:
+        from caaxr_tf.metrics.uncertainty import flatten
+
+        flat = flatten({k: reference.get(k) for k in ("auc_per_class", *SCALAR_KEYS)})
+        mismatch = {k: [flat[k], v.estimate] for k, v in intervals.items()
+                    if k in flat and math.isfinite(flat[k]) and abs(flat[k] - v.estimate) > 1e-9}
+        if mismatch:
+            result["rounding_mismatch"] = mismatch
+    return result
 
 
 def format_intervals(intervals: dict[str, Any]) -> list[str]:
@@ -540,5 +556,9 @@ def format_intervals(intervals: dict[str, Any]) -> list[str]:
     some = next(iter(cells.values()))
     lines = [f"  {some['confidence']:.0%} intervals ({intervals.get('method')}, {some['n_resamples']} resamples):"]
     width = max(len(k) for k in cells)
-    lines += [f"    {k:<{width}}  {format_interval(v['estimate'], v['low'], v['high'])}" for k, v in cells.items()]
+    lines += [f"    {k:<{width}}  {format_interval(v['estimate'], v['low'], v['high'])}" for k, v in cells.items()
+              if "estimate" in v]
+    if intervals.get("rounding_mismatch"):
+        lines.append("    warning: the per-image scores as written (6 decimals) give other values for "
+                     + ", ".join(intervals["rounding_mismatch"]) + "; these intervals are of the rounded scores")
     return lines
