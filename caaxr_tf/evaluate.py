@@ -154,6 +154,7 @@ def evaluate_run(
     cam: bool = False,
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
+    bootstrap: int = 0,
 ) -> dict[str, Any]:
     """Evaluate the ``which`` model of a run on ``split`` (optionally one subset of it).
 
@@ -169,6 +170,9 @@ def evaluate_run(
     then ends in the task's `Task.options_tag` (e.g. ``_lungs_a20``), so the default evaluation
     is never overwritten. ``patients`` is ``options["patients"]``.
 
+    ``bootstrap`` (classifiers): that many patient-clustered bootstrap resamples give 95 %
+    intervals of every metric (``metrics["intervals"]``, `caaxr_tf.scoring.intervals_from_rows`).
+
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
     split is damaged.
@@ -180,7 +184,7 @@ def evaluate_run(
         check_explainable(run.task(), "--cam")
     with naming_corrupt_shards(shard_files(run.protocol_dir, split, run.settings.fold)):
         return _evaluate_run(run, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
-                             cam=cam, options=options, patients=patients)
+                             cam=cam, options=options, patients=patients, bootstrap=bootstrap)
 
 
 def _evaluate_run(
@@ -196,6 +200,7 @@ def _evaluate_run(
     cam: bool = False,
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
+    bootstrap: int = 0,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir, settings, tfrecords = run.path, run.settings, run.protocol_dir
@@ -234,6 +239,12 @@ def _evaluate_run(
     }
     if cam:
         write_cam_grid(model, dataset, task.class_names, context.path("cam_grid", "png"), f"Grad-CAM: {context.title}")
+    if bootstrap and task.name == "classification":
+        from caaxr_tf.scoring import intervals_from_rows
+
+        metrics["intervals"] = intervals_from_rows(result.header, result.rows, tfrecords, task.class_names,
+                                                   split=split, fold=fold, n_resamples=int(bootstrap),
+                                                   reference=metrics)
     files = dict(context.files)
     files["predictions"] = f"predictions{tag}.csv"
     write_text_atomic(eval_dir / files["predictions"], csv_text(result.header, result.rows))
@@ -243,6 +254,10 @@ def _evaluate_run(
     write_json_atomic(eval_dir / f"metrics{tag}.json", metrics)
     if log is not None:
         log(format_metrics(metrics, task))
+        if metrics.get("intervals"):
+            from caaxr_tf.scoring import format_intervals
+
+            log("\n".join(format_intervals(metrics["intervals"])))
         log(f"wrote {eval_dir / f'metrics{tag}.json'}")
     return metrics
 
@@ -413,6 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exclude-overlap", action="store_true",
                         help="with --tfrecords: leave out external images that are in the run's training/validation "
                              "data (same image id or patient) instead of refusing; the JSON says how many")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="classifiers: 95%% intervals of every metric from N patient-clustered bootstrap "
+                             "resamples (metrics.json 'intervals'; caaxr score for more)")
     add_task_arguments(parser, "evaluate")
     args = parser.parse_args(argv)
     if args.split == "all" and args.tfrecords is None:
@@ -434,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.localization is None and args.tfrecords is None:
             evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
-                         cam=args.cam, options=task_options(args))
+                         cam=args.cam, options=task_options(args), bootstrap=args.bootstrap)
         if args.localization is not None:
             evaluate_localization_run(args.run, args.localization, split="test" if args.split == "all" else args.split,
                                       which=args.model, batch_size=args.batch_size, plots=not args.no_plots)

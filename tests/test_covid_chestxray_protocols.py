@@ -126,3 +126,17 @@ def test_absent_images_are_reported(built, covid_chestxray_root):
     assert len(frontal_absent) == 11
     assert reported == frontal_absent
     assert any(r["filename"] not in present for r in rows if r["view"] not in FRONTAL)  # absent, not frontal: not reported
+
+
+def test_manifest_carries_view_sex_and_age(built, covid_chestxray_root):
+    """Additive manifest columns for per-slice scoring (caaxr score --slice-by sex,view,age)."""
+    out, _ = built
+    first = {r["filename"]: r for r in metadata_rows(covid_chestxray_root, unique=True)}
+    with open(out / "2class" / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"view", "sex", "age"} <= set(rows[0])
+    for row in rows:
+        meta = first[row["image_id"]]
+        assert row["view"] == meta["view"].strip().lower()
+        assert row["sex"] == meta["sex"].strip() and row["age"] == meta["age"].strip(), row["image_id"]
+    assert {r["sex"] for r in rows} >= {"M", "F"}

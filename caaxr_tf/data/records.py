@@ -66,6 +66,9 @@ class Sample:
             masks, lungVAE lung masks); ``""`` when the source has none.
         series_id: the image series a slice belongs to (CT: one sequence of one patient).
         slice_index: position of a slice within its series (``-1`` for single images).
+        demographics: patient metadata as the source gives it (covid-chestxray: ``sex``,
+            ``age``), for the manifest and per-slice scoring only. Left out of ``repr`` (which the
+            build fingerprint hashes) and of equality, so builds made before it stay valid.
     """
 
     image_id: str
@@ -82,6 +85,7 @@ class Sample:
     mask_path: str = ""
     series_id: str = ""
     slice_index: int = -1
+    demographics: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def replace(self, **changes) -> "Sample":
         return dataclasses.replace(self, **changes)

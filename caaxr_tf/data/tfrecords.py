@@ -7,6 +7,7 @@ Layout under ``out_dir/<protocol>/``::
     fold1/train-00000-of-00008.tfrecord ...   fold k: training and validation shards
     fold1/val-00000-of-00002.tfrecord ...
     manifest.csv                               image_id, patient_id, source, label, split_fold1, ...
+                                               (and view, sex, age where the source gives them)
     summary.json                               counts per split and class, skipped inputs, warnings
 
 The sources are read through the source registry (``caaxr_tf.data.sources``), the protocols
@@ -414,6 +415,8 @@ def write_protocol(
     samples = [s for c in class_names for s in chosen[c]]
     with_masks = any(s.mask_path for s in samples)
     with_series = any(s.series_id for s in samples)
+    with_views = any(s.view for s in samples)
+    demographics = sorted({k for s in samples for k, v in s.demographics.items() if v})
 
     rows: list[dict[str, str]] = []
     by_part: dict[int, list[tuple[Sample, int, str]]] = {}
@@ -450,6 +453,10 @@ def write_protocol(
                 row[f"target_{name}"] = repr(value)
             if with_series:
                 row["series_id"], row["slice_index"] = sample.series_id, str(sample.slice_index)
+            if with_views:  # metadata for per-slice scoring (caaxr score --slice-by); not in the shards
+                row["view"] = sample.view
+            for name in demographics:
+                row[name] = sample.demographics.get(name, "")
             rows.append(row)
     rows.sort(key=lambda r: r["image_id"])
 

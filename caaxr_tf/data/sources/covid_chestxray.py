@@ -25,6 +25,13 @@ from caaxr_tf.data.sources import coerce_config, register_source, resolve_root
 
 SOURCE = "covid-chestxray"
 REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
+DEMOGRAPHIC_COLUMNS = ("sex", "age")  # optional; carried into the manifest (Sample.demographics)
+
+
+def _cell(value) -> str:
+    """A metadata cell as text; empty for a blank or NaN cell."""
+    text = "" if value is None else str(value).strip()
+    return "" if text.lower() in ("nan", "none") else text
 EXCLUDED_MODALITY = "modality not X-ray"
 EXCLUDED_VIEW = "non-frontal view"
 _FINDING_SPLIT = re.compile(r"[,/]")
@@ -201,6 +208,8 @@ def read_metadata_rows(
     row_filter = config.rows()
     table = read_csv_table(metadata_path, REQUIRED_COLUMNS)
     row_filter.check_columns(str(metadata_path), table.columns)
+    optional = {name: [_cell(v) for v in table[name].tolist()] if name in table.columns else [""] * len(table)
+                for name in DEMOGRAPHIC_COLUMNS}
 
     def check(index: int, patient: str, finding: str, view: str, row_modality: str, filename: str) -> MetadataRow:
         row, filename = index + 2, filename.strip()
@@ -230,6 +239,7 @@ def read_metadata_rows(
             labels={"COVID-19": 1.0 if any(token.lower() == "covid-19" for token in findings) else 0.0},
             findings=findings,
             view=view.strip().lower(),
+            demographics={name: optional[name][index] for name in DEMOGRAPHIC_COLUMNS},
         )
         return MetadataRow(row, filename, sample)
 
