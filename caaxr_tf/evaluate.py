@@ -167,6 +167,7 @@ def evaluate_run(
     cam: bool = False,
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Evaluate the ``which`` model of a run on ``split`` (optionally one subset of it).
 
@@ -184,6 +185,10 @@ def evaluate_run(
     split's patients then also go through selection → classification → the patient rule
     (``metrics["patients"]``, ``patients<tag>.csv``).
 
+    ``precision`` (``caaxr_tf.models.precision``): the model computes in bfloat16/float16
+    (float32 inputs and outputs); the files' tag then ends in ``_bfloat16``/``_float16`` and
+    ``metrics["precision"]`` says which. A precision the device lacks is a ``PrecisionError``.
+
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
     split is damaged.
@@ -194,13 +199,16 @@ def evaluate_run(
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     config, tfrecords, summary = _check_inputs(Path(run_dir).resolve(), split, subset, which)
+    from caaxr_tf.models.precision import check_precision
+
+    check_precision(precision)
     if cam:
         from caaxr_tf.explain.evaluation import check_explainable
 
         check_explainable(run_task(config, summary), "--cam")
     with naming_corrupt_shards(shard_files(tfrecords, split, int(config.get("fold") or 1))):
         return _evaluate_run(run_dir, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
-                             cam=cam, options=options, patients=patients)
+                             cam=cam, options=options, patients=patients, precision=precision)
 
 
 def _evaluate_run(
@@ -216,8 +224,10 @@ def _evaluate_run(
     cam: bool = False,
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     from caaxr_tf.data.pipeline import make_dataset
+    from caaxr_tf.models.precision import precision_tag, with_precision
     from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, load_run_model
     from caaxr_tf.tasks import EvalContext
 
@@ -228,7 +238,7 @@ def _evaluate_run(
     fold = int(config.get("fold") or 1)
     batch_size = int(batch_size or config.get("batch_size") or 32)
     model = load_run_model(run_dir, which)
-    predict = predict_function(model)
+    predict = predict_function(with_precision(model, precision))
     dataset = make_dataset(
         tfrecords, split, fold=fold, batch_size=batch_size, task=task, training=False, augment=False,
         cache=False, subset=subset, with_ids=True, image_size=int(config.get("image_size") or 224),
@@ -236,7 +246,7 @@ def _evaluate_run(
     if patients is not None and not hasattr(task, "evaluate_patients"):
         raise ValueError(f"--patients applies to CT runs (the ct task); this run's task is {task.name}")
     options = {key: value for key, value in (options or {}).items() if value is not None}
-    tag = output_tag(split, subset, which) + options_tag(options)
+    tag = output_tag(split, subset, which) + options_tag(options) + precision_tag(precision)
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
     context = EvalContext(eval_dir, tag, f"{config.get('model', '?')} — {config.get('protocol', '?')}, fold {fold}, {where}",
@@ -262,6 +272,7 @@ def _evaluate_run(
         "split": split,
         "subset": subset,
         "tfrecords": str(tfrecords),
+        "precision": precision,
         **result.metrics,
     }
     if cam:
@@ -499,6 +510,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ct task: the COVID-CTset folder; also evaluate the split's patients "
                              "(select, classify, patient rule)")
     add_infection_arguments(parser)
+    from caaxr_tf.models.precision import add_precision_argument
+
+    add_precision_argument(parser)
     args = parser.parse_args(argv)
     if args.split == "all" and args.tfrecords is None:
         parser.error("--split all needs --tfrecords")
@@ -534,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.localization is None and args.tfrecords is None:
             evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
-                         cam=args.cam, options=infection_options(args), patients=args.patients)
+                         cam=args.cam, options=infection_options(args), patients=args.patients,
+                         precision=args.precision)
         if args.localization is not None:
             evaluate_localization_run(args.run, args.localization, split="test" if args.split == "all" else args.split,
                                       which=args.model, batch_size=args.batch_size, plots=not args.no_plots)
