@@ -10,7 +10,7 @@ the metrics side by side and their difference, plus the largest per-image output
 difference (from the predictions CSVs where they hold probabilities).
 
 Metrics: seg — Dice, IoU; cls (3class, resnet18) — macro AUC, accuracy; infection (QaTa
-protocol, unet) — pixel F1, Dice; ct (fpn_resnet50v2) — slice accuracy, AUC.
+protocol, unet) — pixel F1, Dice; ct (fpn_resnet50v2) — slice accuracy, AUC, and the patient verdicts (``--patients``).
 """
 
 from __future__ import annotations
@@ -89,7 +89,10 @@ def parity(work: Path, name: str) -> dict[str, Any]:
     tfrecords = prepare(work, name)
     run_dir = train(work, name, tfrecords)
     trained = time.perf_counter() - started
-    results = {p: evaluate_run(run_dir, plots=False, log=None, precision=p) for p in ("float32", "bfloat16")}
+    # ct: also the patient path (selection -> slice classification -> the patient rule)
+    patients = work / f"data-{TASKS[name][0]}" if name == "ct" else None
+    results = {p: evaluate_run(run_dir, plots=False, log=None, precision=p, patients=patients)
+               for p in ("float32", "bfloat16")}
     keys = TASKS[name][4]
     row: dict[str, Any] = {"task": name, "model": TASKS[name][3], "protocol": TASKS[name][2],
                            "images": results["float32"].get("num_images"), "train_seconds": round(trained, 1)}
@@ -97,6 +100,8 @@ def parity(work: Path, name: str) -> dict[str, Any]:
         a, b = results["float32"].get(key), results["bfloat16"].get(key)
         row[key] = {"float32": a, "bfloat16": b,
                     "difference": None if a is None or b is None else b - a}
+    if patients is not None:
+        row["patients"] = {p: results[p].get("patients") for p in results}
     tags = {"float32": "", "bfloat16": "_bfloat16"}
     columns = {p: output_columns(run_dir / "eval" / f"predictions{tags[p]}.csv") for p in tags}
     diffs = [abs(x - y) for r32, r16 in zip(columns["float32"], columns["bfloat16"]) for x, y in zip(r32, r16)]
