@@ -197,3 +197,19 @@ def test_evaluation_parity(bf16, seg_run, cls_run):
     print(json.dumps({"dice": [seg32["dice"], seg16["dice"]], "iou": [seg32["iou"], seg16["iou"]],
                       "auc_macro": [cls32["auc_macro"], cls16["auc_macro"]],
                       "accuracy": [cls32["accuracy"], cls16["accuracy"]]}))
+
+
+def test_subclassed_models_are_refused(bf16):
+    class Tiny(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, images):
+            return self.dense(images)
+
+    model = Tiny()
+    model(np.zeros((1, 3), np.float32))
+    with pytest.raises(PrecisionError, match="subclassed model"):
+        with_precision(model, "bfloat16")
+    assert with_precision(model, "float32") is model

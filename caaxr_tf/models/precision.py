@@ -14,7 +14,8 @@ API (small on purpose: evaluate, export and the CT patient path call one functio
   Keras mixed policy ``mixed_<precision>`` (variables stay float32, the weights are copied
   bit for bit); layers producing the model's outputs compute in float32 and every floating
   output is float32. BatchNormalization computes its statistics in float32 under mixed
-  policies (Keras 3). ``float32`` returns ``model`` itself.
+  policies (Keras 3). ``float32`` returns ``model`` itself. Functional and Sequential models
+  only: a subclassed model (Mask R-CNN) is a ``PrecisionError``.
 * ``tolerance(precision)`` — the largest absolute difference allowed between the outputs in
   ``precision`` and in float32 for outputs in [0, 1] (probabilities, masks); used by the
   export check.
@@ -153,15 +154,20 @@ def with_precision(model, precision: str = "float32", *, check: bool = True):
         config["dtype"] = "float32" if id(layer) in outputs else policy
         return layer.__class__.from_config(config)
 
-    try:
-        copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    except (TypeError, ValueError, NotImplementedError):  # subclassed models: no graph to clone
-        copy = model.__class__.from_config(model.get_config())
-        for layer in copy._flatten_layers(include_self=True, recursive=True):
-            layer.dtype_policy = keras.DTypePolicy(policy)
-        copy(keras.ops.zeros((1, *model.inputs[0].shape[1:])))
+    if not isinstance(model, keras.Sequential) and not _is_functional(model):
+        # Mask R-CNN: box decoding, NMS and ROIAlign in bfloat16 would move boxes by up to a
+        # pixel at 224 px (8 significand bits); not cloned, not cast.
+        raise PrecisionError(f"--precision {precision} needs a functional Keras model; "
+                             f"{type(model).__name__} (a subclassed model) runs in float32 only")
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
     copy.set_weights(model.get_weights())
     return _float32_outputs(copy)
+
+
+def _is_functional(model) -> bool:
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, Functional)
 
 
 def _float32_outputs(model):
