@@ -187,7 +187,7 @@ def evaluate_run(
 
     ``precision`` (``caaxr_tf.models.precision``): the model computes in bfloat16/float16
     (float32 inputs and outputs); the files' tag then ends in ``_bfloat16``/``_float16`` and
-    ``metrics["precision"]`` says which. A precision the device lacks is a ``PrecisionError``.
+    ``metrics["inference_precision"]`` says which. A precision the device lacks is a ``PrecisionError``.
 
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
@@ -272,7 +272,7 @@ def _evaluate_run(
         "split": split,
         "subset": subset,
         "tfrecords": str(tfrecords),
-        "precision": precision,
+        "inference_precision": precision,
         **result.metrics,
     }
     if cam:

@@ -188,7 +188,7 @@ def test_evaluation_parity(bf16, seg_run, cls_run):
             results[run.name, precision] = evaluate_run(run, plots=False, log=None, precision=precision)
         assert (run / "eval" / "metrics.json").exists() and (run / "eval" / "metrics_bfloat16.json").exists()
     seg32, seg16 = results[seg_run.name, "float32"], results[seg_run.name, "bfloat16"]
-    assert seg16["precision"] == "bfloat16" and seg32["precision"] == "float32"
+    assert seg16["inference_precision"] == "bfloat16" and seg32["inference_precision"] == "float32"
     assert abs(seg16["dice"] - seg32["dice"]) <= METRIC_PARITY
     assert abs(seg16["iou"] - seg32["iou"]) <= METRIC_PARITY
     cls32, cls16 = results[cls_run.name, "float32"], results[cls_run.name, "bfloat16"]
