@@ -1214,6 +1214,10 @@ def bench_precision(bench: Bench, models: Sequence[str], figures: dict[str, dict
                 outputs = {name: np.asarray(tf.nest.flatten(step(x[:1]))[0], np.float32) for name, step in steps.items()}
                 figures[f"prec_{precision}_{model_name}_{size}_b{batch}"]["max_abs_difference"] = float(
                     np.max(np.abs(outputs[precision] - outputs["float32"])))
+                row = {name: figures[f"prec_{name}_{model_name}_{size}_b{batch}"] for name in copies}
+                bench.log("  " + ", ".join(f"{name} {row[name]['median']:.1f} ms/image (CPU {row[name]['cpu_median']:.1f})"
+                                           for name in copies)
+                          + f", max |difference| {row[precision]['max_abs_difference']:.2g}")
     notes.append(f"Precision rows: the model (random weights, built at each size) in float32 and as "
                  f"caaxr_tf.models.precision.with_precision(model, {precision!r}) (mixed policy, float32 inputs and "
                  "outputs), each called through tf.function (the graph the export serves), the two taken in turns; "
