@@ -25,6 +25,9 @@ Sections:
   on/off.
 * ``inference``: latency per image of the exported SavedModel (``serving_default`` on encoded
   PNGs, ``predict_preprocessed`` on float32 images) at batch 1 and 32 against the Keras model.
+  ``--precision bfloat16`` adds rows of each model built at ``--precision-sizes`` (224,512)
+  computing in bfloat16 against float32 at ``--precision-batches`` (1,32), in turns;
+  ``--precision-only`` measures only those (no training run, no export).
 
 * ``ct`` (not part of ``all``): seconds per CT patient (slice selection + classification,
   ``fpn_resnet50v2``) for sequences of 35, 130 and 406 slices against the published way
