@@ -25,6 +25,9 @@ Sections:
   on/off.
 * ``inference``: latency per image of the exported SavedModel (``serving_default`` on encoded
   PNGs, ``predict_preprocessed`` on float32 images) at batch 1 and 32 against the Keras model.
+  ``--precision bfloat16`` adds rows of each model built at ``--precision-sizes`` (224,512)
+  computing in bfloat16 against float32 at ``--precision-batches`` (1,32), in turns;
+  ``--precision-only`` measures only those (no training run, no export).
 
 * ``tfrecords-beam`` (not part of ``all``; needs ``pip install 'caaxr-tf[beam]'``): the same
   all-protocol build with ``--runner beam`` (Beam's DirectRunner, ``--workers`` processes)
@@ -1257,10 +1260,70 @@ def time_calls_in_turns(calls: dict[str, Callable[[], Any]], batch: int, repeats
     return results
 
 
+def bench_precision(bench: Bench, models: Sequence[str], figures: dict[str, dict[str, Any]], notes: list[str],
+                    precision: str) -> None:
+    """ms/image of each model computing in ``precision`` (``caaxr_tf.models.precision``) against
+    float32, per image size and batch, the two taken in turns."""
+    import numpy as np
+    import tensorflow as tf
+
+    from caaxr_tf.models import build_model
+    from caaxr_tf.models.precision import check_precision, with_precision
+
+    try:
+        check_precision(precision)
+    except ValueError as error:
+        notes.append(f"{precision} rows not measured: {error}")
+        return
+    sizes = [int(v) for v in str(bench.args.precision_sizes).split(",") if v.strip()]
+    batches = [int(v) for v in str(bench.args.precision_batches).split(",") if v.strip()]
+    min_seconds = 0.3 if bench.quick else 1.0
+    for model_name in models:
+        for size in sizes:
+            kwargs = {"num_classes": 2} if model_name != "unet" else {}
+            model = build_model(model_name, input_shape=(size, size, 1), weights="none", **kwargs)
+            copies = {"float32": model, precision: with_precision(model, precision)}
+            steps = {name: tf.function(lambda x, m=m: m(x, training=False), reduce_retracing=True)
+                     for name, m in copies.items()}
+            for batch in batches:
+                if batch * size * size > bench.args.precision_max_pixels:
+                    for name in copies:
+                        figures[f"prec_{name}_{model_name}_{size}_b{batch}"] = skipped(
+                            "ms/image", f"over --precision-max-pixels ({batch} x {size}^2)",
+                            label=f"{model_name} {size} px, batch {batch}, {name}")
+                    continue
+                x = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, size, size, 1)).astype(np.float32))
+                bench.log(f"inference precision: {model_name} {size} px, batch {batch}: float32 vs {precision}")
+                calls = {name: (lambda step=step: step(x)) for name, step in steps.items()}
+                timings = time_calls_in_turns(calls, batch, bench.repeats, min_seconds)
+                reference = f"prec_float32_{model_name}_{size}_b{batch}"
+                for name in copies:
+                    figures[f"prec_{name}_{model_name}_{size}_b{batch}"] = figure(
+                        unit="ms/image", reference=None if name == "float32" else reference,
+                        label=f"{model_name} {size} px, batch {batch}, Keras in tf.function, {name}",
+                        **timings[name])
+                outputs = {name: np.asarray(tf.nest.flatten(step(x[:1]))[0], np.float32) for name, step in steps.items()}
+                figures[f"prec_{precision}_{model_name}_{size}_b{batch}"]["max_abs_difference"] = float(
+                    np.max(np.abs(outputs[precision] - outputs["float32"])))
+                row = {name: figures[f"prec_{name}_{model_name}_{size}_b{batch}"] for name in copies}
+                bench.log("  " + ", ".join(f"{name} {row[name]['median']:.1f} ms/image (CPU {row[name]['cpu_median']:.1f})"
+                                           for name in copies)
+                          + f", max |difference| {row[precision]['max_abs_difference']:.2g}")
+    notes.append(f"Precision rows: the model (random weights, built at each size) in float32 and as "
+                 f"caaxr_tf.models.precision.with_precision(model, {precision!r}) (mixed policy, float32 inputs and "
+                 "outputs), each called through tf.function (the graph the export serves), the two taken in turns; "
+                 "max_abs_difference: largest output difference on one image.")
+
+
 def bench_inference(bench: Bench) -> dict[str, Any]:
     figures: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     extra_targets: list[dict[str, Any]] = []
+    if getattr(bench.args, "precision_only", False):
+        models = [m for m in INFERENCE_MODELS if m in (bench.args.models or list(INFERENCE_MODELS))]
+        bench_precision(bench, models, figures, notes, bench.args.precision or "bfloat16")
+        return {"figures": figures, "notes": notes, "extra_targets": extra_targets,
+                "settings": {"repeats": bench.repeats, "models": models, "precision_only": True}}
     try:
         from caaxr_tf.export import export_run
     except ImportError as error:
@@ -1353,6 +1416,8 @@ def bench_inference(bench: Bench) -> dict[str, Any]:
                 extra_targets.append({"name": f"{model_name} {what} b{batch} vs Keras", "figure": f"saved_{kind}_{key}",
                                       "reference": f"{ref}_{key}", "op": "<=", "threshold": 1.0,
                                       "description": f"{model_name} SavedModel {what} latency <= Keras, batch {batch}"})
+    if bench.args.precision:
+        bench_precision(bench, models, figures, notes, bench.args.precision)
     notes.append("Latency per image = wall time of one call / batch size, outputs fetched; median of repeats, each "
                  f"at least {min_seconds} s of calls after two warm-up calls, the variants of one batch size taken in "
                  "turns. The models are one-step training runs (weights do not change the cost).")
@@ -1372,8 +1437,10 @@ def bench_ct(bench: Bench) -> dict[str, Any]:
 
     args = bench.args
     lengths = [int(n) for n in str(args.ct_slices).split(",") if n.strip()]
+    precision = getattr(args, "ct_precision", "float32")
     result = ct_benchmark.run(bench.work / "ct", lengths, args.ct_image_size, repeats=bench.repeats,
-                              workers=args.workers, log=bench.log)
+                              workers=args.workers, log=bench.log, precision=precision,
+                              memory=not getattr(args, "ct_no_memory", False))
     figures: dict[str, dict[str, Any]] = {}
     targets = []
     for item in result["patients"].values():
@@ -1382,6 +1449,16 @@ def bench_ct(bench: Bench) -> dict[str, Any]:
                                        label=f"{n} slices ({item['kept']} kept), caaxr_tf.ct.patients")
         figures[f"reference_{n}"] = figure(item["reference_seconds"], "s/patient",
                                            label=f"{n} slices, OpenCV + model.predict per slice")
+        suffix = f"_{precision}"
+        if f"caaxr{suffix}_median" in item:
+            figures[f"caaxr{suffix}_{n}"] = figure(
+                item[f"caaxr{suffix}_seconds"], "s/patient", reference=f"reference_{n}",
+                label=f"{n} slices, caaxr_tf.ct.patients, model in {precision} "
+                      f"(verdict {'same' if item[f'caaxr{suffix}_same_verdict'] else 'DIFFERENT'}, "
+                      f"{item[f'caaxr{suffix}_covid_slices']} vs {item['covid_slices']} COVID slices)")
+            figures[f"reference{suffix}_{n}"] = figure(
+                item[f"reference{suffix}_seconds"], "s/patient", reference=f"reference_{n}",
+                label=f"{n} slices, OpenCV + model.predict per slice, model in {precision}")
         targets.append(dict(name=f"{n} slices vs reference", figure=f"caaxr_{n}", reference=f"reference_{n}",
                             op="<=", threshold=round(1 / ct_benchmark.TARGET_SPEEDUP, 4), cpu=False,
                             description=f"CT patient of {n} slices: time <= 1/3 of the published way"))
@@ -1526,6 +1603,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "default: a temporary folder, removed at the end")
     parser.add_argument("--ct-slices", default="35,130,406", help="ct: sequence lengths")
     parser.add_argument("--ct-image-size", type=int, default=512, help="ct: model input (the published 512)")
+    parser.add_argument("--ct-precision", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="ct: also time both paths with the model in this precision")
+    parser.add_argument("--ct-no-memory", action="store_true", help="ct: skip the memory children")
+    parser.add_argument("--precision", default=None, choices=("bfloat16", "float16"),
+                        help="inference: add rows of the model computing in this precision (224 and 512 px)")
+    parser.add_argument("--precision-sizes", default="224,512", help="inference: image sizes of the precision rows")
+    parser.add_argument("--precision-batches", default="1,32", help="inference: batch sizes of the precision rows")
+    parser.add_argument("--precision-max-pixels", type=int, default=32 * 512 * 512,
+                        help="inference: skip precision rows whose batch holds more pixels")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="inference: only the precision rows (no training run, no export)")
     args = parser.parse_args(argv)
     if "all" in args.sections:
         args.sections = list(SECTIONS) + [s for s in args.sections if s in EXTRA_SECTIONS]
@@ -1563,9 +1651,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with LoadSampler() as sampler:
             report["machine"] = machine_info()
-            if set(args.sections) - {CT_SECTION}:  # the ct section makes its own patients
+            needs_data = set(args.sections) - {CT_SECTION} - ({"inference"} if args.precision_only else set())
+            if needs_data:  # the ct section makes its own patients, precision rows their own images
                 # the beam comparison needs the data only, not the pipeline section's TFRecords
-                bench.prepare_data(tfrecords=bool(set(args.sections) - {CT_SECTION, BEAM_SECTION}))
+                bench.prepare_data(tfrecords=bool(needs_data - {BEAM_SECTION}))
             for name in args.sections:
                 section_started = time.perf_counter()
                 try:

@@ -14,7 +14,10 @@ not depend on the weights), are shared by
   each TIFF is read with ``cv2.imread(IMREAD_UNCHANGED)`` and its region counted, then each
   kept slice is read again and classified alone with ``model.predict`` (batch of one).
 
-Both give the same verdicts (checked). Figures: seconds per patient (median of the repeats,
+With ``--precision bfloat16`` (``caaxr_tf.models.precision``) both paths also run a
+bfloat16 copy of the model (``caaxr_bfloat16``, ``reference_bfloat16``), in the same turns;
+their verdicts and COVID-slice counts are recorded beside the float32 ones, not required to
+match. Both float32 paths give the same verdicts (checked). Figures: seconds per patient (median of the repeats,
 taken in turns), their ratio (target >= 3x on a CPU), and the peak resident memory that a
 406-slice patient adds to the process beyond the loaded, warmed-up model (target <= 2 GiB),
 measured in a fresh child process per path from ``ru_maxrss``.
@@ -110,32 +113,41 @@ def batch_predictor(model, image_size: int):
 
 
 def time_patients(folders: dict[int, Path], image_size: int, repeats: int, workers: int,
-                  log=print, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
-    """Seconds per patient of both paths, in turns, plus the verdicts."""
+                  log=print, batch_size: int = BATCH_SIZE, precision: str = "float32") -> dict[str, Any]:
+    """Seconds per patient of both paths, in turns, plus the verdicts; ``precision`` other
+    than float32 adds both paths with a copy of the model in that precision."""
     from caaxr_tf.data.ct_series import find_ct_series
 
     model = build_model(image_size)
-    predict = batch_predictor(model, image_size)
+    models = {"": model}
+    if precision != "float32":
+        from caaxr_tf.models.precision import with_precision
+
+        models[f"_{precision}"] = with_precision(model, precision)
+    predictors = {suffix: batch_predictor(m, image_size) for suffix, m in models.items()}
     warm = np.zeros((2, image_size, image_size, 1), np.float32)
-    predict(warm)
-    model.predict(warm[:1], verbose=0)
     results: dict[str, Any] = {}
     # One untimed pass of both paths over the shortest patient: oneDNN creates its kernels per
     # input shape on first use (batch 16, the last partial batch, batch 1).
     (shortest,) = find_ct_series(folders[min(folders)]).series
-    caaxr_patient(shortest, predict, image_size, workers, batch_size)
-    reference_patient(list(shortest.paths), model, image_size)
+    for suffix, m in models.items():
+        predictors[suffix](warm)
+        m.predict(warm[:1], verbose=0)
+        caaxr_patient(shortest, predictors[suffix], image_size, workers, batch_size)
+        reference_patient(list(shortest.paths), m, image_size)
+    paths = [f"{path}{suffix}" for suffix in models for path in ("caaxr", "reference")]
     for length, folder in folders.items():
         (series,) = find_ct_series(folder).series
-        times: dict[str, list[float]] = {"caaxr": [], "reference": []}
+        times: dict[str, list[float]] = {name: [] for name in paths}
         decisions = {}
         for _ in range(repeats):
-            for name in ("caaxr", "reference"):
+            for name in paths:
+                suffix = name[len("caaxr"):] if name.startswith("caaxr") else name[len("reference"):]
                 started = time.perf_counter()
-                if name == "caaxr":
-                    decision = caaxr_patient(series, predict, image_size, workers, batch_size)
+                if name.startswith("caaxr"):
+                    decision = caaxr_patient(series, predictors[suffix], image_size, workers, batch_size)
                 else:
-                    decision = reference_patient(list(series.paths), model, image_size)
+                    decision = reference_patient(list(series.paths), models[suffix], image_size)
                 times[name].append(time.perf_counter() - started)
                 decisions[name] = decision
         if decisions["caaxr"] != decisions["reference"]:
@@ -148,6 +160,15 @@ def time_patients(folders: dict[int, Path], image_size: int, repeats: int, worke
             "caaxr_ms_per_kept_slice": 1000.0 * caaxr / max(1, decisions["caaxr"].selected),
             "paper_seconds_p100": PAPER_SECONDS.get(length),
         }
+        for suffix in list(models)[1:]:
+            for path in ("caaxr", "reference"):
+                name = path + suffix
+                results[str(length)].update({
+                    f"{name}_seconds": times[name], f"{name}_median": statistics.median(times[name]),
+                    f"{name}_covid_slices": decisions[name].covid_slices,
+                    f"{name}_same_verdict": decisions[name] == decisions[path]})
+            log(f"{length} slices, {suffix[1:]}: caaxr {results[str(length)][f'caaxr{suffix}_median']:.2f} s, "
+                f"reference {results[str(length)][f'reference{suffix}_median']:.2f} s")
         log(f"{length} slices ({decisions['caaxr'].selected} kept): caaxr {caaxr:.2f} s, "
             f"reference {reference:.2f} s, {reference / caaxr:.2f}x")
     return results
@@ -215,7 +236,8 @@ def measure_memory(folder: Path, image_size: int, workers: int, path: str = "caa
 
 
 def run(work: Path, slices: Sequence[int] = SEQUENCES, image_size: int = 512, repeats: int = 3,
-        workers: int | None = None, memory: bool = True, log=print, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
+        workers: int | None = None, memory: bool = True, log=print, batch_size: int = BATCH_SIZE,
+        precision: str = "float32") -> dict[str, Any]:
     """The whole ``ct`` benchmark: data (kept in ``work``), timing, memory; a JSON-ready dict."""
     workers = workers or min(8, os.cpu_count() or 1)
     started = time.perf_counter()
@@ -223,7 +245,9 @@ def run(work: Path, slices: Sequence[int] = SEQUENCES, image_size: int = 512, re
     log(f"data: {', '.join(f'{n} slices' for n in slices)} in {work} ({time.perf_counter() - started:.0f} s)")
     result: dict[str, Any] = {
         "model": MODEL, "image_size": image_size, "batch_size": batch_size, "repeats": repeats, "workers": workers,
-        "patients": time_patients(folders, image_size, repeats, workers, log=log, batch_size=batch_size),
+        "precision": precision,
+        "patients": time_patients(folders, image_size, repeats, workers, log=log, batch_size=batch_size,
+                                  precision=precision),
         "gpu": "not measured",
     }
     if memory:
@@ -265,12 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores, at most 8)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="slices per model call (caaxr path)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="also time both paths with the model in this precision")
     parser.add_argument("--work-dir", default=None, help="keep the synthetic patients here")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="caaxr-ct-bench-"))
     result = run(work, [int(n) for n in args.slices.split(",")], args.image_size, args.repeats, args.workers,
-                 memory=not args.no_memory, batch_size=args.batch_size)
+                 memory=not args.no_memory, batch_size=args.batch_size, precision=args.precision)
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -105,6 +105,7 @@ from caaxr_tf.explain.localization import format_table  # noqa: E402
 from caaxr_tf.runs import BEST_MODEL, EVAL_DIR, FINAL_MODEL, Run, open_run  # noqa: E402
 from caaxr_tf.tasks import EvalContext, get_task  # noqa: E402
 from caaxr_tf.tasks.options import add_task_arguments, task_options  # noqa: E402
+from caaxr_tf.models.precision import add_precision_argument, check_precision, precision_tag, with_precision  # noqa: E402
 
 SPLITS = ("test", "val")
 MODEL_FILES = ("best", "final")
@@ -155,6 +156,7 @@ def evaluate_run(
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
     bootstrap: int = 0,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Evaluate the ``which`` model of a run on ``split`` (optionally one subset of it).
 
@@ -173,6 +175,10 @@ def evaluate_run(
     ``bootstrap`` (classifiers): that many patient-clustered bootstrap resamples give 95 %
     intervals of every metric (``metrics["intervals"]``, `caaxr_tf.scoring.intervals_from_rows`).
 
+    ``precision`` (``caaxr_tf.models.precision``): the model computes in bfloat16/float16
+    (float32 inputs and outputs); the files' tag then ends in ``_bfloat16``/``_float16`` and
+    ``metrics["inference_precision"]`` says which. A precision the device lacks is a ``PrecisionError``.
+
     Raises ``ValueError`` when the model's outputs are not finite (nothing is written) or the
     run's task is unknown, and ``tf.errors.DataLossError`` naming the shard when a shard of the
     split is damaged.
@@ -180,11 +186,12 @@ def evaluate_run(
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     run = _check_inputs(run_dir, split, subset, which)
+    check_precision(precision)
     if cam:
         check_explainable(run.task(), "--cam")
     with naming_corrupt_shards(shard_files(run.protocol_dir, split, run.settings.fold)):
         return _evaluate_run(run, split, subset, batch_size, which, plots=plots, num_examples=num_examples, log=log,
-                             cam=cam, options=options, patients=patients, bootstrap=bootstrap)
+                             cam=cam, options=options, patients=patients, bootstrap=bootstrap, precision=precision)
 
 
 def _evaluate_run(
@@ -201,6 +208,7 @@ def _evaluate_run(
     options: dict[str, Any] | None = None,
     patients: str | Path | None = None,
     bootstrap: int = 0,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir, settings, tfrecords = run.path, run.settings, run.protocol_dir
@@ -208,10 +216,10 @@ def _evaluate_run(
     fold = settings.fold
     batch_size = int(batch_size or settings.batch_size)
     model = run.model(which)
-    predict = run.predictor(model=model)
+    predict = run.predictor(model=with_precision(model, precision))
     dataset = run.dataset(split, task=task, batch_size=batch_size, subset=subset, with_ids=True)
     options = task.check_options({**(options or {}), **({"patients": str(patients)} if patients is not None else {})})
-    tag = output_tag(split, subset, which) + task.options_tag(options)
+    tag = output_tag(split, subset, which) + task.options_tag(options) + precision_tag(precision)
     options = task.open_options(options, Run)
     eval_dir = run_dir / EVAL_DIR
     where = f"{split} split" + (f", {subset} subset" if subset else "")
@@ -235,6 +243,7 @@ def _evaluate_run(
         "split": split,
         "subset": subset,
         "tfrecords": str(tfrecords),
+        "inference_precision": precision,
         **result.metrics,
     }
     if cam:
@@ -432,6 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="classifiers: 95%% intervals of every metric from N patient-clustered bootstrap "
                              "resamples (metrics.json 'intervals'; caaxr score for more)")
     add_task_arguments(parser, "evaluate")
+    add_precision_argument(parser)
     args = parser.parse_args(argv)
     if args.split == "all" and args.tfrecords is None:
         parser.error("--split all needs --tfrecords")
@@ -452,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.localization is None and args.tfrecords is None:
             evaluate_run(args.run, args.split, args.subset, args.batch_size, args.model, plots=not args.no_plots,
-                         cam=args.cam, options=task_options(args), bootstrap=args.bootstrap)
+                         cam=args.cam, options=task_options(args), bootstrap=args.bootstrap,
+                         precision=args.precision)
         if args.localization is not None:
             evaluate_localization_run(args.run, args.localization, split="test" if args.split == "all" else args.split,
                                       which=args.model, batch_size=args.batch_size, plots=not args.no_plots)

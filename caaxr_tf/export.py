@@ -24,6 +24,12 @@ returns a dict (Mask R-CNN: ``mask``, ``boxes``, ``scores``, ``classes``, ``num_
 0..1: the Grad-CAM of each image's predicted class (``caaxr_tf.explain.gradcam``, default
 target layer, logit scores), with the gradients computed inside the serving graph. It costs a
 backward pass per request.
+
+``--precision bfloat16`` (``float16`` on GPUs; ``caaxr_tf.models.precision``) serves the model
+computing in that precision: both signatures keep float32 inputs and outputs, the check of
+the reloaded export compares it with the float32 Keras model within
+``caaxr_tf.models.precision.tolerance(precision)`` (bfloat16: 2^-4) instead of
+``VERIFY_TOLERANCE``, and the metadata records ``precision``. Not with ``--cam``.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from caaxr_tf.explain.gradcam import GradCam, make_cam_function, resolve_layer_p
 from caaxr_tf.runs import Run  # noqa: E402
 from caaxr_tf.tasks import get_task  # noqa: E402
 from caaxr_tf.tasks.options import add_task_arguments, task_options  # noqa: E402
+from caaxr_tf.models.precision import add_precision_argument  # noqa: E402
 
 if TYPE_CHECKING:
     from caaxr_tf.tasks import Task
@@ -155,11 +162,12 @@ def make_export_archive(
 
 
 def verify_export(model, export_dir: str | Path, image_size: int, task: "str | Task",
-                  seed: int = 0, cam: bool = False) -> float:
+                  seed: int = 0, cam: bool = False, tolerance: float = VERIFY_TOLERANCE) -> float:
     """Largest absolute difference between the Keras model's outputs, named by the task, and the
     reloaded export on random images (``predict_preprocessed``); raises ``RuntimeError`` above
     ``VERIFY_TOLERANCE`` (``CAM_VERIFY_TOLERANCE`` for ``cam``, checked against
-    ``GradCam(model)`` when ``cam``)."""
+    ``GradCam(model)`` when ``cam``); ``tolerance`` replaces ``VERIFY_TOLERANCE`` (an export in
+    reduced precision checked against the float32 model)."""
     task = resolve_export_task(task)
     images = np.random.default_rng(seed).uniform(0, 255, (2, image_size, image_size, 1)).astype(np.float32)
     expected = {key: np.asarray(value) for key, value in task.serving_outputs(model(images, training=False)).items()}
@@ -184,8 +192,9 @@ def verify_export(model, export_dir: str | Path, image_size: int, task: "str | T
                     f"the model is broken (e.g. trained with a non-finite loss); {export_dir} is not kept"
                 )
         worst = max(worst, float(np.max(np.abs(exported - value.astype(np.float32)))))
-    if worst > VERIFY_TOLERANCE:
-        raise RuntimeError(f"the export at {export_dir} differs from the Keras model by {worst:g}")
+    if worst > tolerance:
+        raise RuntimeError(f"the export at {export_dir} differs from the Keras model by {worst:g} "
+                           f"(tolerance {tolerance:g})")
     return worst
 
 
@@ -279,18 +288,27 @@ def export_model(
     metadata: Mapping[str, Any] | None = None,
     verify: bool = True,
     cam: bool = False,
+    precision: str = "float32",
 ) -> Path:
     """Write ``model`` as a SavedModel at ``export_dir`` (which must not exist); ``cam`` adds
-    the Grad-CAM output (classifiers only, see the module docstring)."""
+    the Grad-CAM output (classifiers only, see the module docstring); ``precision`` serves it
+    computing in bfloat16/float16 (float32 inputs and outputs), checked against ``model``."""
+    from caaxr_tf.models.precision import check_precision, tolerance, with_precision
+
     export_dir = Path(export_dir)
     task = resolve_export_task(task, class_names)
     if cam:
         check_cam_export(task)
+    check_precision(precision)
+    if cam and precision != "float32":
+        raise ValueError(f"--cam is exported in float32 only, not with --precision {precision}")
     task.check_model(model, image_size)
-    archive = make_export_archive(model, task=task, class_names=class_names, image_size=image_size, cam=cam)
+    served = with_precision(model, precision)
+    archive = make_export_archive(served, task=task, class_names=class_names, image_size=image_size, cam=cam)
     archive.write_out(str(export_dir), verbose=False)
     if verify:
-        verify_export(model, export_dir, image_size, task, cam=cam)
+        verify_export(model, export_dir, image_size, task, cam=cam,
+                      tolerance=VERIFY_TOLERANCE if precision == "float32" else tolerance(precision))
     if cam:
         metadata = {**(metadata or {}), "cam": {"output": "cam", "class": "predicted", "score": "logit",
                                                 "layer": "/".join(resolve_layer_path(model)),
@@ -302,6 +320,7 @@ def export_model(
         "target_names": list(task.target_names),
         **({"target_ranges": dict(task.target_ranges)} if getattr(task, "target_ranges", None) else {}),
         "image_size": image_size,
+        "precision": precision,
         "signatures": {
             SERVING_SIGNATURE: {"inputs": ["images", "invert", "bit_depth"]},
             PREPROCESSED_SIGNATURE: {"inputs": ["images"]},
@@ -375,6 +394,7 @@ def export_run(
     cam: bool = False,
     lung_run: str | Path | None = None,
     options: Mapping[str, Any] | None = None,
+    precision: str = "float32",
 ) -> Path:
     """Export ``RUN_DIR/best.keras`` to ``out/<version>`` and update ``out/../models.config``.
 
@@ -400,6 +420,7 @@ def export_run(
     options = task.check_options({**(options or {}), **({"lung_run": lung_run} if lung_run is not None else {})})
     if cam:
         check_cam_export(task)
+    check_precision(precision)  # before anything is written
     class_names = run.class_names
     image_size = run.settings.image_size
     out.mkdir(parents=True, exist_ok=True)
@@ -426,7 +447,7 @@ def export_run(
     try:
         export_model(
             model, temporary, task=task, class_names=class_names, image_size=image_size,
-            metadata=metadata, verify=verify, cam=cam,
+            metadata=metadata, verify=verify, cam=cam, precision=precision,
         )
         from caaxr_tf.model_package import write_package  # the model card beside the SavedModel
 
@@ -474,6 +495,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="also write a KerasHub-style preset of the run (config.json, model.weights.h5, "
                              "metadata.json; caaxr_tf.models.preset.load_preset)")
     add_task_arguments(parser, "export")
+    add_precision_argument(parser, "the served model")
     return parser.parse_args(argv)
 
 
@@ -483,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = export_run(
             args.run, args.out, args.version, args.overwrite,
             which=args.which, serving_root=args.serving_root, verify=not args.no_verify, cam=args.cam,
-            options=task_options(args),
+            options=task_options(args), precision=args.precision,
         )
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
