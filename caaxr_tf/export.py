@@ -71,7 +71,7 @@ from caaxr_tf.explain.gradcam import GradCam, make_cam_function, resolve_layer_p
 from caaxr_tf.runs import Run  # noqa: E402
 from caaxr_tf.tasks import get_task  # noqa: E402
 from caaxr_tf.tasks.options import add_task_arguments, task_options  # noqa: E402
-from caaxr_tf.models.precision import add_precision_argument  # noqa: E402
+from caaxr_tf.models.precision import add_precision_argument, check_precision  # noqa: E402
 
 if TYPE_CHECKING:
     from caaxr_tf.tasks import Task

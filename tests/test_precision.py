@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from caaxr_tf.data.pipeline import make_dataset, read_summary
+from caaxr_tf.data.pipeline import read_summary
+from caaxr_tf.tasks.datasets import make_dataset
 from caaxr_tf.evaluate import evaluate_run
 from caaxr_tf.evaluate import main as evaluate_main
 from caaxr_tf.export import PREPROCESSED_SIGNATURE, SERVING_SIGNATURE, export_run
