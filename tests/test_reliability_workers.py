@@ -150,3 +150,51 @@ def test_a_worker_killed_once_is_retried_and_the_shards_are_unchanged(tmp_path):
     ours = examples(out / "2class")
     assert ours == examples(reference / "2class")
     assert {key.split(":", 1)[1] for key in ours} == {str(f"b'img{i}.png'") for i in range(8)} | {"b'large.png'"}
+
+
+class _PoolBrokenAtSubmit:
+    """A process pool as ``concurrent.futures`` leaves it once a worker died between two waits:
+    the first ``healthy_submits`` run the task; the next submit raises ``BrokenProcessPool``."""
+
+    def __init__(self, healthy_submits: int):
+        self.healthy_submits = healthy_submits
+
+    def submit(self, function, *args):
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.healthy_submits == 0:
+            raise BrokenProcessPool("a child process terminated abruptly")
+        self.healthy_submits -= 1
+        future = Future()
+        future.set_result(function(*args))
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+@pytest.mark.parametrize("healthy_submits", [0, 1, 3])
+def test_a_pool_that_breaks_at_submit_loses_no_image(tmp_path, healthy_submits):
+    """The race behind a CI failure: the watchdog killed a worker after one wait returned and
+    before the next submit, so ``submit`` itself raised; the task it was given must be staged
+    (once the pool is rebuilt), not dropped (KeyError in ``Stager.get`` afterwards)."""
+    from caaxr_tf.data import stager as stager_module
+    from caaxr_tf.data.records import Sample
+
+    images = tmp_path / "images"
+    images.mkdir()
+    samples = []
+    for index in range(6):
+        cv2.imwrite(str(images / f"img{index}.png"), np.full((20, 24), 30 * index, np.uint8))
+        samples.append(Sample(image_id=f"img{index}.png", patient_id=f"p{index}", source="covid-chestxray",
+                              path=str(images / f"img{index}.png"), labels=("COVID-19",)))
+    pools = iter([_PoolBrokenAtSubmit(healthy_submits)])
+
+    class BreakingStager(stager_module.Stager):
+        def _new_pool(self, workers):  # the first pool breaks; the rebuilt ones are healthy
+            return next(pools, _PoolBrokenAtSubmit(10**6))
+
+    stager = BreakingStager(tmp_path / "staging", storage_size=16, workers=2, progress=False)
+    stager.stage(samples, "test")
+    assert [stager.get(sample) is not None for sample in samples] == [True] * 6

@@ -105,8 +105,10 @@ class Stager:
         try:
             while queue or in_flight:
                 while queue and len(in_flight) < window:
-                    task = queue.pop()
-                    in_flight[self._pool.submit(stage_task, task)] = task
+                    # popped only once submitted: submit raises BrokenProcessPool when a worker
+                    # died since the last wait, and the task must then stay queued, not vanish
+                    future = self._pool.submit(stage_task, queue[-1])
+                    in_flight[future] = queue.pop()
                 done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
                     outcome = future.result()  # BrokenProcessPool when a worker died
