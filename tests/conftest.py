@@ -73,7 +73,8 @@ def locate_shared_data(root: Path) -> Path:
         if shared_data_required():
             pytest.fail(f"{message} ({REQUIRE_SHARED_DATA} is set)", pytrace=False)
         pytest.skip(message)
-    return root
+    # resolved: the readers report resolved paths, and the data folder may be a symbolic link
+    return root.resolve()
 
 
 @pytest.fixture(scope="session")
