@@ -47,6 +47,8 @@ VERBS: dict[str, Verb] = {
     "evaluate": Verb("caaxr_tf.evaluate", "evaluate a trained run on its test (or validation) split"),
     "score": Verb("caaxr_tf.scoring", "score a predictions file against a protocol, with bootstrap intervals"),
     "compare": Verb("caaxr_tf.compare", "compare two runs (or prediction files) on the same images: DeLong, bootstrap"),
+    "calibrate": Verb("caaxr_tf.calibrate",
+                      "fit a classifier run's temperature and operating thresholds on its validation split"),
     "cv": Verb("caaxr_tf.cv", "cross-validation: train and evaluate models on every fold of a protocol"),
     "export": Verb("caaxr_tf.export", "export a trained run as a TensorFlow Serving SavedModel"),
     "predict": Verb("caaxr_tf.predict", "predict with an exported model on PNG, JPEG and DICOM files"),
@@ -82,6 +84,7 @@ FAILURE_ERRORS = (
     ("caaxr_tf.weights.state_dict", "StateDictError"),
     ("caaxr_tf.model_package", "ModelPackageError"),
     ("caaxr_tf.scoring", "PredictionsError"),
+    ("caaxr_tf.calibrate", "CalibrationError"),
     ("builtins", "FileNotFoundError"),
 )
 

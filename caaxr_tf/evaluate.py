@@ -254,6 +254,17 @@ def _evaluate_run(
         metrics["intervals"] = intervals_from_rows(result.header, result.rows, tfrecords, task.class_names,
                                                    split=split, fold=fold, n_resamples=int(bootstrap),
                                                    reference=metrics)
+    if getattr(task, "supports_calibration", False):
+        from caaxr_tf.calibrate import CalibrationError
+
+        try:
+            scaling = _temperature_scaling(run, which, task, result.header, result.rows)
+        except CalibrationError as error:  # not this checkpoint's: evaluated without it, and said
+            scaling, metrics["temperature_scaling_left_out"] = None, str(error)
+            if log is not None:
+                log(f"warning: {error}")
+        if scaling is not None:
+            metrics["temperature_scaling"] = scaling
     files = dict(context.files)
     files["predictions"] = f"predictions{tag}.csv"
     write_text_atomic(eval_dir / files["predictions"], csv_text(result.header, result.rows))
@@ -263,12 +274,35 @@ def _evaluate_run(
     write_json_atomic(eval_dir / f"metrics{tag}.json", metrics)
     if log is not None:
         log(format_metrics(metrics, task))
+        if metrics.get("temperature_scaling"):
+            scaling = metrics["temperature_scaling"]
+            log(f"  temperature {scaling['temperature']:.3f} ({scaling['fitted_on']}): "
+                f"ECE {scaling['before']['ece']:.3f} -> {scaling['after']['ece']:.3f}, "
+                f"NLL {scaling['before']['nll']:.3f} -> {scaling['after']['nll']:.3f}")
         if metrics.get("intervals"):
             from caaxr_tf.scoring import format_intervals
 
             log("\n".join(format_intervals(metrics["intervals"])))
         log(f"wrote {eval_dir / f'metrics{tag}.json'}")
     return metrics
+
+
+def _temperature_scaling(run: Run, which: str, task, header: Sequence[str], rows: Sequence[Sequence[Any]]
+                         ) -> dict[str, Any] | None:
+    """ECE/NLL of the evaluated split before and after the run's calibration.json (None without
+    one), from the predictions as written to predictions.csv, so ``caaxr score`` of that file
+    with the same temperature gives the same figures."""
+    from caaxr_tf.calibrate import read_calibration, split_calibration
+    from caaxr_tf.run_files import CALIBRATION_FILE
+
+    calibration = read_calibration(run, which)
+    if calibration is None:
+        return None
+    names = list(task.class_names)
+    columns = [header.index(f"p_{name}") for name in names]
+    labels = np.array([names.index(row[header.index("label")]) for row in rows])
+    probabilities = np.array([[float(row[c]) for c in columns] for row in rows])
+    return split_calibration(labels, probabilities, names, calibration, str(run.path / CALIBRATION_FILE))
 
 
 def _explain_inputs(run_dir: str | Path, which: str, what: str):

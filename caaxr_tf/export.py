@@ -25,6 +25,13 @@ returns a dict (Mask R-CNN: ``mask``, ``boxes``, ``scores``, ``classes``, ``num_
 target layer, logit scores), with the gradients computed inside the serving graph. It costs a
 backward pass per request.
 
+A run calibrated by ``caaxr calibrate`` (RUN_DIR/calibration.json of the exported checkpoint)
+is served temperature-scaled: ``probabilities`` are ``softmax(log(p) / T)`` (a
+``TemperatureScaling`` layer after the model, inside both signatures and inside the check of
+the reloaded export), and the metadata's ``calibration`` holds ``T`` and the operating
+thresholds that ``caaxr predict`` turns into decisions. ``--no-calibration`` serves the raw
+probabilities.
+
 ``--precision bfloat16`` (``float16`` on GPUs; ``caaxr_tf.models.precision``) serves the model
 computing in that precision: both signatures keep float32 inputs and outputs, the check of
 the reloaded export compares it with the float32 Keras model within
@@ -395,11 +402,18 @@ def export_run(
     lung_run: str | Path | None = None,
     options: Mapping[str, Any] | None = None,
     precision: str = "float32",
+    calibration: bool = True,
 ) -> Path:
     """Export ``RUN_DIR/best.keras`` to ``out/<version>`` and update ``out/../models.config``.
 
     ``lung_run`` (infection runs only): a lungs-protocol segmentation run served in the same
     graph (`with_lung_run`): the map is restricted to its lungs and per-lung fractions are output.
+
+    ``calibration`` (default on): when the run has a calibration.json of this checkpoint
+    (``caaxr calibrate``), the export serves the temperature-scaled probabilities and its
+    metadata holds the temperature and the operating thresholds; one fitted on another
+    checkpoint is a ``CalibrationError`` before anything is written. ``False`` exports the raw
+    probabilities.
 
     Returns the version folder. ``version`` defaults to the next free one; an existing version
     is a ``FileExistsError`` unless ``overwrite``. ``cam`` adds the Grad-CAM output (a
@@ -429,7 +443,20 @@ def export_run(
     existing = _version_dirs(out, version)
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it or pick another --version")
+    fitted = None
+    if calibration and getattr(task, "supports_calibration", False):
+        from caaxr_tf.calibrate import read_calibration
+
+        fitted = read_calibration(run, which)  # before anything is written
     model, options_metadata = task.serving_model(run.model(which), image_size, options, Run)
+    if fitted is not None:
+        from caaxr_tf.calibrate import calibrated_model
+
+        # the export check then compares the served graph with the calibrated Keras model
+        model = calibrated_model(model, fitted["temperature"])
+        options_metadata = {**options_metadata, "calibration": {
+            key: fitted[key] for key in ("method", "temperature", "checkpoint", "checkpoint_sha256", "fitted_on",
+                                         "thresholds")}}
     temporary = out / f".export-{version}-{os.getpid()}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     metadata = {
@@ -494,6 +521,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default=None, metavar="DIR",
                         help="also write a KerasHub-style preset of the run (config.json, model.weights.h5, "
                              "metadata.json; caaxr_tf.models.preset.load_preset)")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="serve the raw probabilities even when the run has a calibration.json")
     add_task_arguments(parser, "export")
     add_precision_argument(parser, "the served model")
     return parser.parse_args(argv)
@@ -505,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = export_run(
             args.run, args.out, args.version, args.overwrite,
             which=args.which, serving_root=args.serving_root, verify=not args.no_verify, cam=args.cam,
-            options=task_options(args), precision=args.precision,
+            options=task_options(args), precision=args.precision, calibration=not args.no_calibration,
         )
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -101,6 +101,19 @@ def _evaluation(run_dir: Path | None) -> list[dict[str, Any]]:
     return table
 
 
+def _thresholds(task: str, info: Mapping[str, Any], run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The decision rule of the export and, when it was calibrated, its operating points."""
+    calibration = info.get("calibration")
+    if calibration:
+        points = calibration["thresholds"]
+        return {"rule": f"arg-max of the temperature-scaled probabilities (T = {calibration['temperature']:.4g}); "
+                        f"operating points for {points['class']}: {points['rule']}",
+                "values": {key: value for key, value in points.items() if key.startswith("specificity_")}}
+    return {"rule": "arg-max of the softmax probabilities" if task == "classification"
+            else "probability >= 0.5 per pixel" if task in ("segmentation", "infection")
+            else "task-specific", "values": run_config.get("thresholds")}
+
+
 def build_card(export_dir: Path, info: Mapping[str, Any], run_config: Mapping[str, Any] | None = None,
                run_dir: Path | None = None, name: str | None = None) -> dict[str, Any]:
     """The ``model_card.json`` content of an export (``info``: its ``caaxr_export.json``)."""
@@ -122,9 +135,7 @@ def build_card(export_dir: Path, info: Mapping[str, Any], run_config: Mapping[st
         "name": name or str(run_config.get("model") or info.get("model") or "model"),
         "task": task,
         "class_names": class_names,
-        "thresholds": {"rule": "arg-max of the softmax probabilities" if task == "classification"
-                       else "probability >= 0.5 per pixel" if task in ("segmentation", "infection")
-                       else "task-specific", "values": run_config.get("thresholds")},
+        "thresholds": _thresholds(task, info, run_config),
         "input": input_spec(image_size),
         "preprocessing": _preprocessing(run_config, imported),
         "training": {k: run_config.get(k) for k in ("protocol", "fold", "tfrecords", "epochs", "batch_size",

@@ -45,7 +45,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from caaxr_tf.logs import quiet_tensorflow_logs
 
@@ -215,6 +215,7 @@ class ServedModel:
         outputs), checked against the outputs."""
         metadata_path = self.path / METADATA_PATH
         metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.exists() else {}
+        self.calibration = metadata.get("calibration")
         if not metadata and self.package:  # the model package alone describes the export
             metadata = {key: self.package[key] for key in ("task", "class_names")}
         name = metadata.get("task")
@@ -273,10 +274,22 @@ def _record(model: ServedModel, image: PreparedImage, outputs: dict[str, np.ndar
             record[key] = [_text(v) for v in value.ravel()]
         else:
             record[key] = np.round(value.astype(np.float64), 6).tolist() if value.dtype.kind == "f" else value.tolist()
+    if model.calibration and "probabilities" in outputs:
+        record["decisions"] = operating_decisions(model.calibration["thresholds"], outputs, index)
     record["input"] = {"format": image.format, "invert": image.invert, "bit_depth": image.bit_depth}
     if model.package:
         record["model"] = {"name": model.package["name"], "decision": model.package["thresholds"]["rule"]}
     return record
+
+
+def operating_decisions(thresholds: Mapping[str, Any], outputs: Mapping[str, np.ndarray], index: int
+                        ) -> dict[str, bool]:
+    """``{"<class> at 90% specificity": p >= threshold, ...}`` of one image, from the calibrated
+    probability as served (not the rounded one printed) and the export's thresholds."""
+    names = [_text(name) for name in outputs["class_names"][index]]
+    probability = float(outputs["probabilities"][index][names.index(thresholds["class"])])
+    return {f"{thresholds['class']} at {key.split('_', 1)[1]}% specificity": probability >= float(point["threshold"])
+            for key, point in thresholds.items() if key.startswith("specificity_")}
 
 
 def write_overlay(image: np.ndarray, path: Path) -> Path:

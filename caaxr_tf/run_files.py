@@ -7,6 +7,7 @@
     RUN_DIR/logs/          TensorBoard event files (train/, validation/)
     RUN_DIR/backup/        checkpoints to resume an interrupted run (removed when it completes)
     RUN_DIR/eval/          metrics.json and plots from ``caaxr_tf.evaluate``
+    RUN_DIR/calibration.json  temperature and operating thresholds from ``caaxr calibrate``
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ HISTORY_FILE = "history.csv"
 LOG_DIR = "logs"
 BACKUP_DIR = "backup"
 EVAL_DIR = "eval"
+CALIBRATION_FILE = "calibration.json"
 
 
 def load_run_config(run_dir: str | Path) -> dict[str, Any]:

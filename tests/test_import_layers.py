@@ -47,6 +47,7 @@ LAYERS = {
     "caaxr_tf.scoring": APPS,  # caaxr score
     "caaxr_tf.scoring_plots": APPS,
     "caaxr_tf.compare": APPS,  # caaxr compare
+    "caaxr_tf.calibrate": APPS,  # caaxr calibrate
     "caaxr_tf.weights.cli": APPS,  # caaxr import-weights
     # the Run object: a run folder with its typed config, task, model and datasets
     "caaxr_tf.runs": RUNS,

@@ -224,3 +224,31 @@ class MaxUnpooling2D(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "pool_size": self.pool_size}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TemperatureScaling(keras.layers.Layer):
+    """Probabilities ``p`` [N, C] (rows summing to 1) → ``softmax(log(p) / temperature)``.
+
+    The log of a softmax is the logits minus a per-row constant, so this equals
+    ``softmax(logits / temperature)`` of the model's logits: temperature scaling (Guo et al.,
+    2017) applied after a model that outputs probabilities. ``p`` is clipped at 1e-12 as
+    ``caaxr_tf.metrics.calibration.logits_from_probabilities`` does, so the layer and the NumPy
+    fit agree. Dividing by ``temperature > 0`` keeps the order of the classes.
+    """
+
+    def __init__(self, temperature: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def call(self, probabilities):
+        logits = ops.log(ops.clip(ops.cast(probabilities, "float32"), 1e-12, 1.0))
+        return ops.softmax(logits / self.temperature, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "temperature": self.temperature}

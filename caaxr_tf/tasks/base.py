@@ -162,6 +162,8 @@ class Task:
     # The model outputs class scores that Grad-CAM can explain (``caaxr_tf.explain``):
     # ``evaluate --cam/--localization/--tfrecords``, ``export --cam``, ``predict --cam``.
     supports_cam: ClassVar[bool] = False
+    # caaxr calibrate: a temperature and operating thresholds fitted on the probabilities
+    supports_calibration: ClassVar[bool] = False
     # ``overlay`` draws a picture of a prediction (``caaxr_tf.predict --overlay``).
     has_overlay: ClassVar[bool] = False
 

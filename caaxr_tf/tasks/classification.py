@@ -38,6 +38,7 @@ class ClassificationTask(Task):
     reported_outputs = ("probabilities", "predicted_class", "class_names")
     supports_class_balance = True
     supports_cam = True
+    supports_calibration = True  # caaxr calibrate: temperature and thresholds of the probabilities
 
     def __init__(self, class_names: Sequence[str], *, loss: str | None = None,
                  loss_kwargs: Mapping[str, Any] | None = None, target_names: Sequence[str] = (),

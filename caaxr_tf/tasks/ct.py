@@ -64,6 +64,7 @@ class CTTask(ClassificationTask):
     name = protocol_task = "ct"
     model_task = "classification"
     supports_class_balance = False
+    supports_calibration = False  # patients are decided by the arg-max of their slices
 
     # inputs -----------------------------------------------------------------------
 
