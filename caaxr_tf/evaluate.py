@@ -248,12 +248,15 @@ def _evaluate_run(
     }
     if cam:
         write_cam_grid(model, dataset, task.class_names, context.path("cam_grid", "png"), f"Grad-CAM: {context.title}")
-    if bootstrap and task.name == "classification":
+    if bootstrap:
         from caaxr_tf.scoring import intervals_from_rows
 
-        metrics["intervals"] = intervals_from_rows(result.header, result.rows, tfrecords, task.class_names,
-                                                   split=split, fold=fold, n_resamples=int(bootstrap),
-                                                   reference=metrics)
+        intervals = intervals_from_rows(result.header, result.rows, tfrecords, task.class_names, split=split,
+                                        fold=fold, n_resamples=int(bootstrap), reference=metrics, task=task)
+        if intervals is not None:
+            metrics["intervals"] = intervals
+        elif log is not None:
+            log(f"warning: --bootstrap: the {task.name} task has no bootstrap intervals; none computed")
     if getattr(task, "supports_calibration", False):
         from caaxr_tf.calibrate import CalibrationError
 

@@ -232,25 +232,9 @@ def check_classification(columns: Sequence[str], records: Sequence[dict[str, Any
 # --------------------------------------------------------------------------- #
 
 SCALAR_KEYS = ("auc_macro", "sensitivity_at_99_specificity", "sensitivity_at_90_specificity", "accuracy")
+from caaxr_tf.metrics.classification import headline_metrics  # noqa: E402,F401  (moved; re-exported)
 
 
-def headline_metrics(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """The evaluation's numbers (`classification_metrics`) without the confusion matrix and
-    counts: what the bootstrap resamples."""
-    from caaxr_tf.metrics.classification import SPECIFICITIES, auc_per_class, covid_index, sensitivity_at_specificity
-
-    # the same functions and steps as classification_metrics, without the confusion matrix (speed)
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    names = [str(c) for c in class_names]
-    covid = covid_index(names)
-    aucs = auc_per_class(labels, scores, names)
-    finite = [v for v in aucs.values() if math.isfinite(v)]
-    result: dict[str, Any] = {"auc_per_class": aucs, "auc_macro": float(np.mean(finite)) if finite else float("nan")}
-    for specificity in SPECIFICITIES:
-        result[f"sensitivity_at_{round(specificity * 100)}_specificity"] = sensitivity_at_specificity(
-            labels == covid, scores[:, covid], specificity)
-    result["accuracy"] = float(np.mean(np.argmax(scores, axis=1) == labels)) if labels.size else float("nan")
-    return result
 
 
 def score_classification(protocol: Protocol, checked: CheckedPredictions, *, n_resamples: int = DEFAULT_RESAMPLES,
@@ -512,37 +496,42 @@ if __name__ == "__main__":
 def intervals_from_rows(header: Sequence[str], rows: Sequence[Sequence[Any]], protocol_dir: str | Path,
                         class_names: Sequence[str], *, split: str = "test", fold: int = 1,
                         n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
-                        reference: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Bootstrap intervals of an evaluation's classification metrics from its per-image rows
-    (``image_id, label, predicted, p_<class>...`` as written to predictions.csv), patients
-    from the protocol's manifest (images not in the manifest count as their own patient).
-    For ``caaxr evaluate --bootstrap N``: the ``intervals`` entry of metrics.json.
+                        reference: dict[str, Any] | None = None, task: Any = None) -> dict[str, Any] | None:
+    """Bootstrap intervals of an evaluation's metrics from its per-image rows (as written to
+    predictions.csv; the task's `Task.bootstrap_inputs` reads them: classification by default),
+    patients from the protocol's manifest (images not in the manifest count as their own
+    patient). For ``caaxr evaluate --bootstrap N``: the ``intervals`` entry of metrics.json;
+    None when the task has no intervals.
 
-    The rows hold the scores as written (6 decimals); where that rounding ties scores that
+    The rows hold the values as written (6 decimals); where that rounding ties scores that
     differed (a model whose outputs barely vary), estimates on the rows differ from the
     evaluation's. With ``reference`` (the evaluation's metrics) such metrics are listed under
     ``rounding_mismatch`` {name: [evaluation, from rows]}."""
-    names = [str(c) for c in class_names]
-    column = {name: list(header).index(f"p_{name}") for name in names}
-    label_at = list(header).index("label")
+    if task is None:
+        from caaxr_tf.tasks.classification import ClassificationTask
+
+        task = ClassificationTask([str(c) for c in class_names])
+    inputs = task.bootstrap_inputs(header, rows)
+    if inputs is None:
+        return None
     try:
         patients_of = {r["image_id"]: r.get("patient_id") or r["image_id"]
                        for r in load_protocol(protocol_dir, split, fold).rows}
     except (FileNotFoundError, ValueError):
         patients_of = {}
-    labels = np.array([names.index(str(r[label_at])) for r in rows], dtype=np.int64)
-    scores = np.array([[float(r[column[name]]) for name in names] for r in rows], dtype=np.float64)
     patients = [patients_of.get(str(r[0]), str(r[0])) for r in rows]
-    intervals = bootstrap(headline_metrics, labels, scores, groups=patients, n_resamples=n_resamples, seed=seed,
-                          class_names=names)
+    intervals = bootstrap(inputs.metric, inputs.y_true, inputs.y_score, groups=patients, n_resamples=n_resamples,
+                          seed=seed, **inputs.kwargs)
     result: dict[str, Any] = {"method": "patient-clustered bootstrap, percentile", "seed": seed,
-                              **intervals_as_dict(intervals)}
+                              "num_patients": len(set(patients)), **intervals_as_dict(intervals)}
     if reference is not None:
         from caaxr_tf.metrics.uncertainty import flatten
 
-        flat = flatten({k: reference.get(k) for k in ("auc_per_class", *SCALAR_KEYS)})
+        tops = {key.split("/", 1)[0] for key in intervals}
+        flat = flatten({k: reference[k] for k in tops if k in reference})
         mismatch = {k: [flat[k], v.estimate] for k, v in intervals.items()
-                    if k in flat and math.isfinite(flat[k]) and abs(flat[k] - v.estimate) > 1e-9}
+                    # 1e-6: a mean of values written with 6 decimals moves by <= 5e-7; ties change more
+                    if k in flat and math.isfinite(flat[k]) and abs(flat[k] - v.estimate) > 1e-6}
         if mismatch:
             result["rounding_mismatch"] = mismatch
     return result

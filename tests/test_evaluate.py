@@ -281,3 +281,26 @@ def test_cli_errors_are_one_line(seg_run, tfrecords, tmp_path, capsys):
     (bad_fold / "config.yaml").write_text(yaml.safe_dump({**config, "fold": 3}))
     assert "fold 3 does not exist" in _one_line_error(capsys, ["--run", str(bad_fold), "--split", "val"])
     assert "unknown subset" in _one_line_error(capsys, ["--run", str(seg_run), "--subset", "nodules"])
+
+
+def test_segmentation_bootstrap_intervals_are_patient_clustered(seg_run):
+    """evaluate --bootstrap on a segmentation run (issue 23: intervals for every task): the
+    interval of the mean Dice equals an independent NumPy resampling of the patients."""
+    from caaxr_tf.metrics.uncertainty import resample_indices
+
+    metrics = evaluate_run(seg_run, plots=False, log=None, bootstrap=60)
+    intervals = metrics["intervals"]
+    with open(seg_run / "eval" / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(Path(metrics["tfrecords"]) / "manifest.csv", newline="") as handle:
+        patient_of = {r["image_id"]: r["patient_id"] for r in csv.DictReader(handle)}
+    patients = [patient_of[r["image_id"]] for r in rows]
+    dice = np.array([float(r["dice"]) for r in rows])
+    assert intervals["num_patients"] == len(set(patients)) < len(rows), "the tiny set has patients with 2+ images"
+    # values written with 6 decimals: their mean is within 5e-7 of the evaluation's
+    assert intervals["dice"]["estimate"] == pytest.approx(metrics["dice"], abs=1e-6)
+    assert intervals["iou"]["estimate"] == pytest.approx(metrics["iou"], abs=1e-6)
+    means = np.array([dice[index].mean() for index in resample_indices(patients, len(rows), 60, 0)])
+    assert [intervals["dice"]["low"], intervals["dice"]["high"]] == pytest.approx(
+        list(np.percentile(means, [2.5, 97.5])), abs=1e-12)
+    assert intervals["dice"]["n_resamples"] == 60 and "rounding_mismatch" not in intervals

@@ -132,6 +132,18 @@ class EvalResult:
 Predict = Callable[[Any], Any]
 
 
+@dataclass(frozen=True)
+class BootstrapInputs:
+    """What ``evaluate --bootstrap`` resamples (`Task.bootstrap_inputs`): ``metric(y_true,
+    y_score, **kwargs)`` returns the task's headline numbers (a dict, named as in
+    metrics.json) from per-image arrays whose first axis is the image, in the rows' order."""
+
+    metric: Callable[..., Any]
+    y_true: Any
+    y_score: Any
+    kwargs: dict[str, Any]
+
+
 class Task:
     """Base class of the registered tasks (see the module docstring)."""
 
@@ -340,6 +352,11 @@ class Task:
     def options_tag(self, options: Mapping[str, Any]) -> str:
         """The file-name tag of an evaluation with ``options`` ("" by default)."""
         return ""
+
+    def bootstrap_inputs(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> "BootstrapInputs | None":
+        """The per-image data and metric of this task's patient-clustered bootstrap intervals,
+        from an evaluation's rows (as written to predictions.csv); None: the task has none."""
+        return None
 
     def serving_model(self, model: Any, image_size: int, options: Mapping[str, Any],
                       open_run: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:

@@ -13,7 +13,7 @@ import tensorflow as tf
 from caaxr_tf.io import json_safe
 from caaxr_tf.metrics.classification import classification_metrics, covid_index
 from caaxr_tf.models.outputs import class_scores  # noqa: F401  (moved to caaxr_tf.models.outputs; re-exported)
-from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, Task, check_finite, format_value, register_task
+from caaxr_tf.tasks.base import BootstrapInputs, EvalContext, EvalResult, Predict, Task, check_finite, format_value, register_task
 from caaxr_tf import metrics
 from caaxr_tf.data.schema import MANIFEST_FILE, read_summary
 from caaxr_tf.models import build_model
@@ -119,6 +119,18 @@ class ClassificationTask(Task):
             plot_confusion_matrix(np.array(metrics["confusion_matrix"]["matrix"]), names,
                                   context.path("confusion_matrix", "png"), f"confusion matrix: {context.title}")
         return EvalResult(metrics, ["image_id", "label", "predicted", *(f"p_{c}" for c in names)], rows)
+
+    def bootstrap_inputs(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> BootstrapInputs | None:
+        """Labels and class scores (``label``, ``p_<class>`` columns) for `headline_metrics`."""
+        from caaxr_tf.metrics.classification import headline_metrics
+
+        header, names = list(header), list(self.class_names)
+        if "label" not in header or any(f"p_{name}" not in header for name in names):
+            return None
+        columns = [header.index(f"p_{name}") for name in names]
+        labels = np.array([names.index(str(row[header.index("label")])) for row in rows], dtype=np.int64)
+        scores = np.array([[float(row[c]) for c in columns] for row in rows], dtype=np.float64)
+        return BootstrapInputs(headline_metrics, labels, scores, {"class_names": names})
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
         covid = metrics["covid_class"]

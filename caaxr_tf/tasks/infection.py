@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from caaxr_tf.metrics.classification import covid_index
-from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, check_finite, format_value, register_task
+from caaxr_tf.tasks.base import BootstrapInputs, EvalContext, EvalResult, Predict, check_finite, format_value, register_task
 from caaxr_tf.tasks.classification import ClassificationTask
 from caaxr_tf.models.outputs import mask_output
 from caaxr_tf.tasks.segmentation import EMPTY_SCORE, SegmentationTask, segmentation_metrics
@@ -54,6 +54,18 @@ class InfectionOptions:
     lung_run: Any = None  # a lungs-protocol run folder (opened: a `caaxr_tf.infection.lungs.LungRun`)
     threshold: float | None = None  # t; the task's own otherwise
     min_pixels: int | None = None  # A; the task's own otherwise
+
+
+def infection_headline(flags: np.ndarray, overlap: np.ndarray) -> dict[str, float]:
+    """Mean Dice/IoU over all and over COVID-19 images, and the detection sensitivity and
+    specificity, from ``flags`` [N, 2] (is COVID-19, detected) and ``overlap`` [N, 2] (Dice, IoU)."""
+    is_covid, detected = flags[:, 0].astype(bool), flags[:, 1].astype(bool)
+    dice, iou = overlap[:, 0], overlap[:, 1]
+    result = {"dice": _mean(dice), "iou": _mean(iou), "dice_covid": _mean(dice[is_covid]),
+              "iou_covid": _mean(iou[is_covid])}
+    result["sensitivity"] = float(detected[is_covid].mean()) if is_covid.any() else float("nan")
+    result["specificity"] = float((~detected[~is_covid]).mean()) if (~is_covid).any() else float("nan")
+    return result
 
 
 @register_task
@@ -220,6 +232,16 @@ class InfectionTask(SegmentationTask):
         lungs = lung_run if hasattr(lung_run, "predict") else LungRun(open_run(lung_run))
         return (with_lung_model(model, lungs.model, image_size, lungs.image_size),
                 {"lung_run": str(Path(lungs.run_dir).resolve())})
+
+    def bootstrap_inputs(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> BootstrapInputs | None:
+        """Per image: is COVID-19, detected, Dice, IoU (`infection_headline`)."""
+        header = list(header)
+        needed = ("covid", "covid_detected", "dice", "iou")
+        if any(name not in header for name in needed):
+            return None
+        flags = np.array([[int(row[header.index("covid")]), int(row[header.index("covid_detected")])] for row in rows])
+        overlap = np.array([[float(row[header.index("dice")]), float(row[header.index("iou")])] for row in rows])
+        return BootstrapInputs(infection_headline, flags, overlap, {})
 
     def format_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
         lines = [

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, Task, check_finite, format_value, register_task
+from caaxr_tf.tasks.base import BootstrapInputs, EvalContext, EvalResult, Predict, Task, check_finite, format_value, register_task
 from caaxr_tf.config import ConfigError
 from caaxr_tf.data.pipeline import decode_common
 from caaxr_tf.data.schema import GROUPED_HALVES, MANIFEST_FILE, read_summary
@@ -47,6 +47,13 @@ def check_target_ranges(ranges: Mapping[str, Sequence[float]], target_names: Seq
             raise ValueError(f"target_ranges[{name!r}]: low {low} > high {high}")
         checked[str(name)] = (low, high)
     return checked
+
+
+def flat_regression_scores(truth: np.ndarray, predicted: np.ndarray, target_names: Sequence[str]) -> dict[str, float]:
+    """``<target>_<mae|mse|r2|pearson_r>`` as in metrics.json (`regression_scores` per column)."""
+    return {f"{name}_{metric}": value
+            for j, name in enumerate(target_names)
+            for metric, value in regression_scores(truth[:, j], predicted[:, j]).items() if metric in METRIC_NAMES}
 
 
 @register_task
@@ -142,6 +149,15 @@ class RegressionTask(Task):
         rows = [[image_id, *(f"{v:.6f}" for v in t), *(f"{v:.6f}" for v in p)]
                 for image_id, t, p in zip(ids, truth_np, predicted_np)]
         return EvalResult(metrics, header, rows)
+
+    def bootstrap_inputs(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> BootstrapInputs | None:
+        """True and predicted targets (``true_<t>``, ``predicted_<t>``): MAE, MSE, R², r per target."""
+        header, names = list(header), list(self.target_names)
+        if any(f"{kind}_{n}" not in header for n in names for kind in ("true", "predicted")):
+            return None
+        truth = np.array([[float(row[header.index(f"true_{n}")]) for n in names] for row in rows])
+        predicted = np.array([[float(row[header.index(f"predicted_{n}")]) for n in names] for row in rows])
+        return BootstrapInputs(flat_regression_scores, truth, predicted, {"target_names": names})
 
     def clamp(self, outputs: np.ndarray) -> np.ndarray:
         """``[N, T]`` outputs with each target clamped to its range (``target_ranges``), as the

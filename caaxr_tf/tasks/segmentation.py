@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from caaxr_tf.tasks.base import EvalContext, EvalResult, Predict, Task, check_finite, format_value, register_task
+from caaxr_tf.tasks.base import BootstrapInputs, EvalContext, EvalResult, Predict, Task, check_finite, format_value, register_task
 from caaxr_tf.models.outputs import mask_output  # noqa: F401  (moved to caaxr_tf.models.outputs; re-exported)
 from caaxr_tf import losses, metrics
 from caaxr_tf.data.pipeline import augment_batch, boxes_to_mask, decode_common, decode_mask, make_dataset
@@ -18,6 +18,12 @@ from caaxr_tf.metrics import dice_per_image, iou_per_image
 THRESHOLD = 0.5  # a pixel is foreground where the probability is >= THRESHOLD
 EMPTY_SCORE = 1.0  # Dice / IoU of an image with empty truth and empty prediction
 CONSTANT_PREDICTIONS = {"empty mask": 0.0, "all-ones mask": 1.0}
+
+
+def mean_dice_iou(dice: np.ndarray, iou: np.ndarray) -> dict[str, float]:
+    """``dice`` and ``iou`` of `segmentation_metrics` (what the bootstrap resamples)."""
+    scores = segmentation_metrics(np.asarray(dice, np.float64), np.asarray(iou, np.float64))
+    return {"dice": scores["dice"], "iou": scores["iou"]}
 
 
 def segmentation_metrics(dice: np.ndarray, iou: np.ndarray) -> dict[str, Any]:
@@ -104,6 +110,15 @@ class SegmentationTask(Task):
         if context.plots and context.num_examples > 0:
             self._plot_examples(predict, dataset, ids, dice_np, context)
         return EvalResult(metrics, ["image_id", "dice", "iou", "true_pixels", "predicted_pixels"], rows)
+
+    def bootstrap_inputs(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> BootstrapInputs | None:
+        """Per-image Dice and IoU (``dice``, ``iou`` columns): intervals of their means."""
+        header = list(header)
+        if "dice" not in header or "iou" not in header:
+            return None
+        dice = np.array([float(row[header.index("dice")]) for row in rows])
+        iou = np.array([float(row[header.index("iou")]) for row in rows])
+        return BootstrapInputs(mean_dice_iou, dice, iou, {})
 
     def _plot_examples(self, predict: Predict, dataset: Any, ids: list[str], dice: np.ndarray,
                        context: EvalContext) -> None:
