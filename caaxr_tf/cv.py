@@ -47,6 +47,12 @@ Outputs, rewritten after every run, cover the models and folds of this invocatio
     same scores for constant predictions on the same test images — an empty and an all-ones
     mask for segmentation, the training split's most frequent class for classifiers: the floor
     a model has to rise above.
+``OUT/intervals.json`` (``--bootstrap N``, default 2000; 0 = off)
+    Per model: the 95 % patient-clustered bootstrap interval of the **mean over folds** of each
+    metric the task resamples (`caaxr_tf.metrics.uncertainty.fold_mean_bootstrap`: one draw of
+    patients shared by the folds, each fold scored on its images of the drawn patients), from
+    the runs' eval/predictions.csv; results.md gains a table per model. The std row says how
+    much the folds disagree; the interval says how much the test sample leaves open.
 ``OUT/baselines.json``
     Those constant-prediction scores: ``{"" or subset: {prediction: metrics}}`` (segmentation:
     ``num_images, dice, iou``; classification: the keys of ``metrics.json``).
@@ -72,7 +78,7 @@ from caaxr_tf.logs import quiet_tensorflow_logs
 quiet_tensorflow_logs()
 
 from caaxr_tf.evaluate import metrics_path  # noqa: E402
-from caaxr_tf.io import write_text_atomic  # noqa: E402
+from caaxr_tf.io import json_safe, write_text_atomic  # noqa: E402
 from caaxr_tf.tables import (  # noqa: E402,F401  (moved to caaxr_tf.tables; re-exported)
     AGGREGATES,
     _number,
@@ -103,6 +109,7 @@ Evaluator = Callable[..., dict]
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 BASELINES_JSON = "baselines.json"
+INTERVALS_JSON = "intervals.json"
 
 
 @dataclass
@@ -227,6 +234,67 @@ def results_markdown(
     return "\n".join(lines) + "\n"
 
 
+def fold_mean_intervals(rows: Sequence[Mapping[str, Any]], task: Any, protocol_dir: Path, n_resamples: int,
+                        seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per model: the 95 % patient-clustered bootstrap interval of the mean over its folds of
+    each metric the task resamples (`caaxr_tf.metrics.uncertainty.fold_mean_bootstrap`), from
+    the folds' eval/predictions.csv and the protocol manifest's patients. A model whose runs lack
+    the per-image rows gets ``{"left_out": reason}``."""
+    from caaxr_tf.metrics.uncertainty import fold_mean_bootstrap, intervals_as_dict
+    from caaxr_tf.scoring import load_protocol
+
+    result: dict[str, dict[str, Any]] = {}
+    ok = [r for r in rows if r.get("status") == "ok" and str(r.get("fold")) not in AGGREGATES]
+    for model in dict.fromkeys(r["model"] for r in ok):
+        folds, used, metric, kwargs, reason = [], [], None, {}, None
+        for row in (r for r in ok if r["model"] == model):
+            path = Path(row["run_dir"]) / EVAL_DIR / "predictions.csv"
+            if not path.exists():
+                reason = f"{path} not found"
+                break
+            with open(path, newline="", encoding="utf-8") as handle:
+                table = list(csv.reader(handle))
+            inputs = task.bootstrap_inputs(table[0], table[1:])
+            if inputs is None:
+                reason = f"the {task.name} task has no bootstrap intervals"
+                break
+            patient_of = {r["image_id"]: r.get("patient_id") or r["image_id"]
+                          for r in load_protocol(protocol_dir, "test", int(row["fold"])).rows}
+            folds.append((inputs.y_true, inputs.y_score, [patient_of.get(r[0], r[0]) for r in table[1:]]))
+            used.append(int(row["fold"]))
+            metric, kwargs = inputs.metric, inputs.kwargs
+        if reason is not None or metric is None:
+            result[model] = {"left_out": reason or "no evaluated fold"}
+            continue
+        intervals = fold_mean_bootstrap(metric, folds, n_resamples=n_resamples, seed=seed, **kwargs)
+        patients = set().union(*(set(map(str, groups)) for _, _, groups in folds))
+        result[model] = {"folds": used, "num_patients": len(patients), "n_resamples": n_resamples, "seed": seed,
+                         "method": "patient-clustered bootstrap of the mean over folds, percentile",
+                         "intervals": intervals_as_dict(intervals)}
+    return result
+
+
+def format_fold_mean_intervals(intervals: Mapping[str, Mapping[str, Any]], markdown: bool = True) -> list[str]:
+    """One table per model: metric, mean over folds, 95 % interval."""
+    from caaxr_tf.metrics.uncertainty import format_interval
+
+    lines: list[str] = []
+    for model, entry in intervals.items():
+        if "left_out" in entry:
+            lines += [f"{model}: no interval ({entry['left_out']})", ""]
+            continue
+        head = (f"{model}, mean over folds {', '.join(map(str, entry['folds']))} with its 95 % interval "
+                f"({entry['method']}, {entry['num_patients']} patients, {entry['n_resamples']} resamples):")
+        cells = [(k, format_interval(v["estimate"], v["low"], v["high"])) for k, v in entry["intervals"].items()]
+        if markdown:
+            lines += [head, "", "| metric | mean [95 % interval] |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in cells] + [""]
+        else:
+            width = max(len(k) for k, _ in cells) if cells else 0
+            lines += [head] + [f"  {k:<{width}}  {v}" for k, v in cells]
+    return lines
+
+
 def format_baselines_table(
     baselines: Mapping[str, Mapping[str, Mapping[str, Any]]],
     columns: Sequence[tuple[str, str]],
@@ -336,12 +404,15 @@ def run_cv(
     evaluator: Evaluator | None = None,
     log: Callable[[str], None] = print,
     explain: ExplainOptions | None = None,
+    bootstrap: int = 0,
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``models`` × ``folds``; write OUT/results.csv and OUT/results.md.
 
     ``trainer(config, run_dir)`` defaults to ``caaxr_tf.train.run_training`` and ``evaluator``
     to ``caaxr_tf.evaluate.evaluate_run`` (both injectable for tests). ``explain`` adds the
-    cross-source and localization columns (classifiers). Returns the fold rows.
+    cross-source and localization columns (classifiers). ``bootstrap`` (> 0): that many
+    patient-clustered resamples give each model's interval of the mean over folds
+    (OUT/intervals.json, and a section of results.md). Returns the fold rows.
     Raises ValueError / FileNotFoundError (ConfigError for training settings) for bad
     arguments before anything runs.
     """
@@ -368,6 +439,8 @@ def run_cv(
         raise ValueError(f"fold {bad_folds[0]} does not exist in {protocol_dir}: it has folds 1..{available}")
     if not models:
         raise ValueError("no models given")
+    if bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {bootstrap}")
     if eval_batch_size is not None and eval_batch_size < 1:
         raise ValueError(f"--eval-batch-size must be at least 1, got {eval_batch_size}")
     configs = {(model, fold): resolve_run_config(tfrecords, protocol, model, fold, config_file=training.config_file,
@@ -396,12 +469,13 @@ def run_cv(
     baselines = task.baselines(protocol_dir, "test", folds[0], subsets, **over_folds)
     write_text_atomic(out / BASELINES_JSON, json.dumps(baselines, indent=2) + "\n")
 
-    def write_results() -> None:
+    def write_results(intervals: Mapping[str, Any] | None = None) -> None:
         write_text_atomic(out / RESULTS_CSV, results_csv_text(rows, columns))
-        write_text_atomic(
-            out / RESULTS_MD, results_markdown(rows, protocol, task, class_names, subsets, folds, protocol_dir,
-                                               baselines, extra_columns=explain.columns())
-        )
+        text = results_markdown(rows, protocol, task, class_names, subsets, folds, protocol_dir, baselines,
+                                extra_columns=explain.columns())
+        if intervals:
+            text += "\n" + "\n".join(format_fold_mean_intervals(intervals)) + "\n"
+        write_text_atomic(out / RESULTS_MD, text)
 
     total = len(models) * len(folds)
     for number, (model, fold) in enumerate(((m, k) for m in models for k in folds), start=1):
@@ -456,6 +530,11 @@ def run_cv(
     if baselines:
         log("constant predictions on the same test images:")
         log(format_baselines_table(baselines, task.paper_columns(subsets), task, markdown=False))
+    if bootstrap:
+        intervals = fold_mean_intervals(rows, task, protocol_dir, bootstrap)
+        write_text_atomic(out / INTERVALS_JSON, json.dumps(json_safe(intervals), indent=2) + "\n")
+        write_results(intervals)
+        log("\n".join(format_fold_mean_intervals(intervals, markdown=False)))
     log(f"wrote {out / RESULTS_CSV} and {out / RESULTS_MD}")
     return rows
 
@@ -502,6 +581,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--localization", default=None, metavar="TFRECORDS[/PROTOCOL]",
                         help="classifiers: score the COVID Grad-CAM against a segmentation protocol's boxes "
                              "(columns cam_hit_rate, cam_energy, cam_iou)")
+    parser.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                        help="patient-clustered resamples of each model's interval of the mean over folds "
+                             "(intervals.json, results.md; 0 = off; default 2000)")
     add_training_arguments(parser)
     return parser.parse_args(argv)
 
@@ -521,6 +603,7 @@ def main(argv: list[str] | None = None, trainer: Trainer | None = None) -> int:
             force=args.force, eval_only=args.eval_only, eval_batch_size=args.eval_batch_size,
             plots=not args.no_plots, trainer=trainer,
             explain=ExplainOptions(args.external, args.class_map, args.localization, args.exclude_overlap),
+            bootstrap=args.bootstrap,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -89,3 +89,41 @@ def test_rows_without_a_manifest_count_each_image_as_a_patient(tmp_path):
     expected = bootstrap(inputs.metric, inputs.y_true, inputs.y_score, n_resamples=30, seed=0)
     assert got["num_patients"] == 25
     assert got["dice"]["low"] == expected["dice"].low and got["dice"]["high"] == expected["dice"].high
+
+
+def test_fold_mean_bootstrap_of_one_fold_is_the_bootstrap():
+    from caaxr_tf.metrics.classification import headline_metrics
+    from caaxr_tf.metrics.uncertainty import fold_mean_bootstrap
+
+    labels, scores = RNG.integers(0, 2, 60), RNG.dirichlet([1, 1], 60)
+    groups = [f"p{k // 3}" for k in range(60)]
+    kwargs = dict(n_resamples=150, seed=4, class_names=["covid", "normal"])
+    single = bootstrap(headline_metrics, labels, scores, groups=groups, **kwargs)
+    assert fold_mean_bootstrap(headline_metrics, [(labels, scores, groups)], **kwargs) == single
+    # the same fold twice: the mean over folds is the fold's value in every resample
+    twice = fold_mean_bootstrap(headline_metrics, [(labels, scores, groups)] * 2, **kwargs)
+    for key, interval in single.items():  # (a + a) / 2 may differ from a in the last bit
+        assert (twice[key].low, twice[key].high) == pytest.approx((interval.low, interval.high), abs=1e-12), key
+
+
+def test_fold_mean_bootstrap_against_a_direct_resampling():
+    """Two folds on the same test patients (listed in other orders) with their own Dice: each
+    resample draws patients once for both folds; the value is the mean of the two fold means."""
+    from caaxr_tf.metrics.uncertainty import fold_mean_bootstrap
+    from caaxr_tf.tasks.segmentation import mean_dice_iou
+
+    patients = np.repeat(np.arange(12), 2)  # 24 images, 2 per patient
+    dice_a, dice_b = RNG.random(24), RNG.random(24)
+    order_b = RNG.permutation(24)
+    folds = [(dice_a, dice_a, [f"p{p}" for p in patients]),
+             (dice_b[order_b], dice_b[order_b], [f"p{p}" for p in patients[order_b]])]
+    got = fold_mean_bootstrap(mean_dice_iou, folds, n_resamples=300, seed=9)["dice"]
+    rng = np.random.default_rng(9)
+    values = []
+    for _ in range(300):
+        drawn = rng.integers(0, 12, 12)  # patients numbered by first appearance: p0 .. p11 in fold 1
+        a = np.concatenate([dice_a[patients == p] for p in drawn]).mean()
+        b = np.concatenate([dice_b[patients == p] for p in drawn]).mean()
+        values.append((a + b) / 2)
+    assert got.estimate == pytest.approx((dice_a.mean() + dice_b.mean()) / 2, abs=1e-12)
+    assert [got.low, got.high] == pytest.approx(list(np.percentile(values, [2.5, 97.5])), abs=1e-12)

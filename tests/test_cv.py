@@ -219,6 +219,16 @@ def test_cv_classification_with_a_failed_fold(tfrecords, tmp_path, capsys):
     assert f"| mobilenetv2 | 1 of 2 | {float(one['auc_covid']):.3f} |" in markdown
     assert "* mobilenetv2 fold 2: failed: training raised RuntimeError: training failed" in markdown
     assert "FAILED" in capsys.readouterr().out
+    # --bootstrap (default 2000): the interval of the mean over folds, around the mean row
+    intervals = json.loads((tmp_path / "intervals.json").read_text())
+    assert intervals["resnet18"]["folds"] == [1, 2] and intervals["mobilenetv2"]["folds"] == [1]
+    mean_row = next(r for r in table if r["model"] == "resnet18" and r["fold"] == "mean")
+    for key, column in (("auc_macro", "auc_macro"), ("accuracy", "accuracy"), ("auc_per_class/covid", "auc_covid")):
+        cell = intervals["resnet18"]["intervals"][key]
+        # predictions.csv holds 6 decimals: ranks tie only where scores agree to 1e-6
+        assert cell["estimate"] == pytest.approx(float(mean_row[column]), abs=1e-4), key
+        assert cell["low"] <= cell["estimate"] <= cell["high"] and cell["n_resamples"] == 2000
+    assert "resnet18, mean over folds 1, 2 with its 95 % interval" in markdown
 
 
 @pytest.mark.parametrize(

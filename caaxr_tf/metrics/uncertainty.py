@@ -177,6 +177,60 @@ def bootstrap(
     return result
 
 
+def fold_mean_bootstrap(
+    metric: Metric,
+    folds: Sequence[tuple[Any, Any, Sequence[Any]]],
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int | np.random.Generator = DEFAULT_SEED,
+    **kwargs: Any,
+) -> dict[str, Interval]:
+    """Interval of the **mean over folds** of ``metric`` (the CV table's mean row).
+
+    ``folds``: ``(y_true, y_score, groups)`` of each fold's test images. One resample draws
+    patients from all the folds' test patients together (numbered by first appearance, fold by
+    fold) and each fold is scored on the images of the drawn patients it tests; the resample's
+    value is the mean over folds. The folds of a protocol with a fixed test split test the same
+    patients, so the draw is shared and the interval covers the test sampling of the mean.
+    With one fold this is `bootstrap` exactly (same draws). A value undefined in any fold of a
+    resample is skipped for that resample.
+    """
+    if not folds:
+        raise ValueError("no folds")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    numbers: dict[str, int] = {}
+    for _, _, groups in folds:
+        for patient in np.asarray(groups).astype(str):
+            numbers.setdefault(str(patient), len(numbers))
+    members = []
+    for y_true, _, groups in folds:
+        ids = np.array([numbers[str(p)] for p in np.asarray(groups).astype(str)], dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        bounds = np.searchsorted(ids[order], np.arange(len(numbers) + 1))
+        members.append([order[bounds[k]:bounds[k + 1]] for k in range(len(numbers))])
+
+    def mean_over_folds(indices: Sequence[np.ndarray | None]) -> dict[str, float]:
+        values = [_evaluate(metric, (np.asarray(t) if i is None else np.asarray(t)[i],
+                                     np.asarray(s) if i is None else np.asarray(s)[i]), kwargs)
+                  for (t, s, _), i in zip(folds, indices)]
+        keys = set(values[0]).intersection(*values[1:])
+        return {k: float(np.mean([v[k] for v in values])) for k in values[0] if k in keys
+                and all(math.isfinite(v[k]) for v in values)}
+
+    point = mean_over_folds([None] * len(folds))
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_resamples):
+        drawn = rng.integers(0, len(numbers), size=len(numbers))
+        samples.append(mean_over_folds([np.concatenate([fold[k] for k in drawn]) for fold in members]))
+    keys = list(point) + sorted({k for s in samples for k in s} - set(point))
+    values = _collect(samples, keys)
+    return {key: Interval(point.get(key, float("nan")), *_percentiles(values[key], confidence), int(values[key].size),
+                          n_resamples, confidence) for key in keys}
+
+
 def paired_bootstrap(
     metric: Metric,
     y_true: Any,
