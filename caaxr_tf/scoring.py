@@ -4,7 +4,9 @@
                 [--bootstrap 2000] [--seed 0] [--slice-by source,view,sex,age] [--metadata CSV]
                 [--min-slice 20] [--max-missing 0.05] [--tolerance 1e-3] [--out DIR] [--no-plots]
 
-Predictions (classification protocols): a CSV, or JSON lines (``.jsonl``), with ``image_id``
+Regression protocols and segmentation mask folders: `caaxr_tf.scoring_tasks`.
+
+Predictions (classification protocols, CT slices): a CSV, or JSON lines (``.jsonl``), with ``image_id``
 and one probability column per class, named by the class (``covid``) or as caaxr-tf's
 evaluation writes them (``p_covid``); other columns (``label``, ``predicted``) are ignored.
 So ``RUN/eval/predictions.csv`` scores as it is.
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -53,82 +54,18 @@ from caaxr_tf.metrics.delong import delong_interval
 from caaxr_tf.metrics.slices import DEFAULT_MIN_N, age_bands, slice_metrics
 from caaxr_tf.metrics.uncertainty import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap, format_interval, intervals_as_dict
 
-MANIFEST_FILE = "manifest.csv"
-SUMMARY_FILE = "summary.json"
-DEFAULT_TOLERANCE = 1e-3
-DEFAULT_MAX_MISSING = 0.05
-MAX_LISTED = 20
-
-
-class PredictionsError(ValueError):
-    """A predictions file that cannot be scored; the message lists the problems by id and field."""
-
-
-@dataclass
-class Protocol:
-    """What scoring needs from a protocol folder: its classes and the manifest rows of a split."""
-
-    path: Path
-    task: str
-    class_names: list[str]
-    rows: list[dict[str, str]]  # manifest rows of the split, in manifest order
-    split: str
-    fold: int
-
-    @property
-    def ids(self) -> list[str]:
-        return [r["image_id"] for r in self.rows]
-
-
-def load_protocol(protocol_dir: str | Path, split: str = "test", fold: int = 1) -> Protocol:
-    """The protocol's summary.json classes and the manifest rows of ``split`` in ``fold``."""
-    protocol_dir = Path(protocol_dir)
-    summary_path, manifest_path = protocol_dir / SUMMARY_FILE, protocol_dir / MANIFEST_FILE
-    for path in (summary_path, manifest_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: --protocol must be a protocol folder TFRECORDS/PROTOCOL")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    with open(manifest_path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    column = f"split_fold{fold}"
-    if rows and column not in rows[0]:
-        folds = sorted(k for k in rows[0] if k.startswith("split_fold"))
-        raise ValueError(f"{manifest_path} has no fold {fold} (columns {', '.join(folds)})")
-    chosen = [r for r in rows if r.get(column) == split]
-    if not chosen:
-        raise ValueError(f"no images in the {split} split of fold {fold} in {manifest_path}")
-    return Protocol(protocol_dir, str(summary.get("task", "classification")), [str(c) for c in summary.get("classes", [])],
-                    chosen, split, fold)
-
-
-# --------------------------------------------------------------------------- #
-# Reading and checking a predictions file
-# --------------------------------------------------------------------------- #
-
-
-def read_predictions(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """``(columns, records)`` of a CSV or JSON-lines predictions file (values as read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"predictions file {path} not found")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        records, columns = [], []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PredictionsError(f"{path}: line {number}: not JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise PredictionsError(f"{path}: line {number}: not a JSON object")
-            records.append(record)
-            columns += [k for k in record if k not in columns]
-        return columns, records
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        records = list(reader)
-        return list(reader.fieldnames or []), records
+from caaxr_tf.score_inputs import (  # noqa: E402,F401  (the protocol and file readers; re-exported)
+    DEFAULT_MAX_MISSING,
+    DEFAULT_TOLERANCE,
+    MANIFEST_FILE,
+    MAX_LISTED,
+    SUMMARY_FILE,
+    PredictionsError,
+    Protocol,
+    _listed,
+    load_protocol,
+    read_predictions,
+)
 
 
 def probability_columns(columns: Sequence[str], class_names: Sequence[str]) -> dict[str, str]:
@@ -160,11 +97,6 @@ class CheckedPredictions:
     missing: list[str]
     problems: list[str] = field(default_factory=list)
     columns: dict[str, str] = field(default_factory=dict)
-
-
-def _listed(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:MAX_LISTED])
-    return shown + (f", ... ({len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
 
 
 def check_classification(columns: Sequence[str], records: Sequence[dict[str, Any]], protocol: Protocol, *,
@@ -396,8 +328,10 @@ def score_file(protocol_dir: str | Path, predictions: str | Path, *, split: str 
                metadata: str | Path | None = None, min_slice: int = DEFAULT_MIN_N,
                max_missing: float = DEFAULT_MAX_MISSING, tolerance: float = DEFAULT_TOLERANCE,
                out: str | Path | None = None, plots: bool = True, log=print,
-               calibrate_on: str | Path | None = None) -> dict[str, Any]:
+               calibrate_on: str | Path | None = None, image_size: int = 224) -> dict[str, Any]:
     """Check and score one predictions file; writes metrics.json, metrics.txt and plots to ``out``.
+    Regression and segmentation protocols: `caaxr_tf.scoring_tasks` (a mask folder for
+    segmentation, ``image_size`` its side).
 
     ``calibrate_on``: the same model's predictions on the validation split of the fold; a
     temperature is fitted there (`temperature_scaling`) and the calibration of the scored
@@ -405,8 +339,12 @@ def score_file(protocol_dir: str | Path, predictions: str | Path, *, split: str 
     from caaxr_tf.io import write_text_atomic
 
     protocol = load_protocol(protocol_dir, split, fold)
-    if protocol.task != "classification":
-        raise ValueError(f"{protocol.path}: scoring supports classification protocols; this one is {protocol.task}")
+    if protocol.task in OTHER_TASKS:
+        return _score_other(protocol, predictions, n_resamples=n_resamples, seed=seed, max_missing=max_missing,
+                            out=out, log=log, image_size=image_size)
+    if protocol.task not in ("classification", "ct"):
+        raise ValueError(f"{protocol.path}: scoring supports classification (and CT slice), regression and "
+                         f"segmentation protocols; this one is {protocol.task}")
     columns, records = read_predictions(predictions)
     checked = check_classification(columns, records, protocol, tolerance=tolerance, max_missing=max_missing,
                                    source=str(predictions))
@@ -450,11 +388,58 @@ def score_file(protocol_dir: str | Path, predictions: str | Path, *, split: str 
     return metrics
 
 
+OTHER_TASKS = ("regression", "segmentation")
+
+
+def _score_other(protocol: Protocol, predictions: str | Path, *, n_resamples: int, seed: int, max_missing: float,
+                 out: str | Path | None, log, image_size: int) -> dict[str, Any]:
+    """Regression targets or segmentation masks (`caaxr_tf.scoring_tasks`): metrics.json, metrics.txt."""
+    from caaxr_tf import scoring_tasks
+    from caaxr_tf.io import write_text_atomic
+
+    predictions = Path(predictions)
+    if protocol.task == "regression":
+        columns, records = read_predictions(predictions)
+        checked = scoring_tasks.check_regression(columns, records, protocol, max_missing=max_missing,
+                                                 source=str(predictions))
+        scored = {**scoring_tasks.score_regression(protocol, checked, n_resamples=n_resamples, seed=seed),
+                  "missing": checked.missing, "validation": {"max_missing": max_missing, "columns": checked.columns}}
+        headline = [k for k in scored if any(k.endswith(f"_{m}") for m in ("mae", "mse", "r2", "pearson_r"))]
+    else:
+        if not predictions.is_dir():
+            raise PredictionsError(f"{predictions}: a segmentation protocol is scored from a folder of mask PNGs "
+                                   "named by image id, not a file")
+        scored = scoring_tasks.score_masks(protocol, predictions, image_size=image_size, n_resamples=n_resamples,
+                                           seed=seed, max_missing=max_missing)
+        headline = ["dice", "iou"]
+    metrics = {"predictions": str(predictions.resolve()), "protocol": str(protocol.path.resolve()),
+               "task": protocol.task, "split": protocol.split, "fold": protocol.fold, **scored}
+    out = Path(out) if out else predictions.with_name(predictions.stem + "_score")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics["files"] = {"metrics": "metrics.json", "table": "metrics.txt"}
+    width = max(len(k) for k in headline)
+    lines = [f"{predictions.name} on {protocol.path.name} ({protocol.split}, fold {protocol.fold}): "
+             f"{metrics['num_images']} images"]
+    for key in headline:
+        lines.append(f"  {key:<{width}}  {_interval_text(metrics, key, metrics[key])}")
+    if metrics.get("missing"):
+        lines.append(f"  missing ids (not scored): {_listed(metrics['missing'])}")
+    table = "\n".join(lines)
+    write_text_atomic(out / "metrics.txt", table + "\n")
+    _write_json(out / "metrics.json", metrics)
+    if log is not None:
+        log(table)
+        log(f"wrote {out / 'metrics.json'}")
+    return metrics
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="caaxr score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", required=True, metavar="TFRECORDS/PROTOCOL", help="protocol folder (labels)")
-    parser.add_argument("--predictions", required=True, help="CSV or JSONL: image_id + one probability per class")
+    parser.add_argument("--predictions", required=True,
+                        help="CSV or JSONL: image_id + one probability per class (classification, CT slices) or "
+                             "one value per target (regression); a folder of mask PNGs (segmentation)")
     parser.add_argument("--split", default="test", choices=("test", "val", "train"))
     parser.add_argument("--fold", type=int, default=1)
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="N",
@@ -471,6 +456,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibrate-on", default=None, metavar="VAL_PREDICTIONS",
                         help="the model's predictions on the fold's val split: fit a temperature there and "
                              "report calibration after scaling")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="segmentation protocols: the side of the mask PNGs (the model size, default 224)")
     parser.add_argument("--no-plots", action="store_true")
     return parser.parse_args(argv)
 
@@ -482,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         score_file(args.protocol, args.predictions, split=args.split, fold=args.fold, n_resamples=args.bootstrap,
                    seed=args.seed, slice_by=slice_by, metadata=args.metadata, min_slice=args.min_slice,
                    max_missing=args.max_missing, tolerance=args.tolerance, out=args.out, plots=not args.no_plots,
-                   calibrate_on=args.calibrate_on)
+                   calibrate_on=args.calibrate_on, image_size=args.image_size)
     except (PredictionsError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1 if isinstance(error, (PredictionsError, FileNotFoundError)) else 2

@@ -46,6 +46,8 @@ LAYERS = {
     "caaxr_tf.model_package": APPS,  # the model card written by export, read by predict
     "caaxr_tf.scoring": APPS,  # caaxr score
     "caaxr_tf.scoring_plots": APPS,
+    "caaxr_tf.scoring_tasks": APPS,  # caaxr score of regression targets and segmentation masks
+    "caaxr_tf.score_inputs": APPS,  # protocol labels and predictions files read by caaxr score
     "caaxr_tf.compare": APPS,  # caaxr compare
     "caaxr_tf.calibrate": APPS,  # caaxr calibrate
     "caaxr_tf.weights.cli": APPS,  # caaxr import-weights
