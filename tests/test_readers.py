@@ -588,3 +588,21 @@ def test_read_csv_table_encodings_and_header(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(SchemaError, match="cannot be read as CSV"):
         read_csv_table(path)
+
+
+def test_bimcv_sidecar_demographics_reach_the_manifest(tmp_path):
+    """Issue 23 item 4: PatientSex, PatientAge, Modality and Manufacturer of the sidecar are carried
+    into Sample.demographics (manifest columns for --slice-by), leniently: they are only metadata."""
+    from caaxr_tf.data.bimcv import dicom_age_years, read_bimcv
+
+    tags = {**dicom_json(BitsStored=12, ViewPosition="PA"),
+            "00100040": {"vr": "CS", "Value": ["f"]}, "00101010": {"vr": "AS", "Value": ["045Y"]},
+            "00080060": {"vr": "CS", "Value": ["CR"]}, "00080070": {"vr": "LO", "Value": ["Philips"]}}
+    bimcv_image(tmp_path, "S1", "E1", "pa", tags)
+    bimcv_image(tmp_path, "S2", "E1", "pa", {**dicom_json(BitsStored=12), "00101010": {"vr": "AS", "Value": ["4 5Y"]},
+                                             "00100040": {"vr": "CS", "Value": ["M", "F"]}})
+    samples = {s.patient_id: s for s in read_bimcv(tmp_path).samples}
+    assert samples["sub-S1"].demographics == {"sex": "F", "age": "45", "modality": "CR", "manufacturer": "Philips"}
+    assert samples["sub-S2"].demographics == {}, "an unreadable age or two sexes leave the fields empty, not the image"
+    assert [dicom_age_years(v) for v in ("045Y", "018M", "006W", "364D", "365D", "45Y", "")] == [
+        "45", "1", "0", "0", "0", "", ""]

@@ -37,6 +37,10 @@ TAG_NAMES = {
     TAG_COLUMNS: "Columns",
 }
 EXCLUDED_VIEW = "non-frontal view"
+# Descriptive tags carried into the manifest for per-slice scoring (caaxr score --slice-by); not
+# used by the pipeline, so a value that cannot be read leaves the field empty instead of the image
+# out. Names as the covid-chestxray manifest columns where they mean the same.
+DEMOGRAPHIC_TAGS = {"00100040": "sex", "00101010": "age", "00080060": "modality", "00080070": "manufacturer"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Sidecar:
     view: str | None = None
     rows: int | None = None
     columns: int | None = None
+    demographics: dict[str, str] = field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -136,6 +141,33 @@ def _as_int(value: Any, low: int, high: int) -> int:
     return value
 
 
+def dicom_age_years(value: str) -> str:
+    """DICOM AgeString ``nnnD|W|M|Y`` in whole years as text (``"045Y"`` -> ``"45"``, ``"018M"`` ->
+    ``"1"``); ``""`` when it is not one."""
+    value = value.strip().upper()
+    if len(value) != 4 or not value[:3].isdigit() or value[3] not in "DWMY":
+        return ""
+    days = {"D": 1, "W": 7, "M": 30.4375, "Y": 365.25}[value[3]]
+    return str(int(int(value[:3]) * days // 365.25))
+
+
+def read_demographics(data: Mapping[str, Any]) -> dict[str, str]:
+    """Sex, age (years), modality and manufacturer of a sidecar, where present and readable."""
+    found = {}
+    for tag, name in DEMOGRAPHIC_TAGS.items():
+        try:
+            raw = _tag_value(data, tag)
+        except ValueError:
+            continue
+        if isinstance(raw, Mapping):  # a PN-like object: not one of these tags' forms
+            continue
+        text = str(raw).strip() if raw is not None else ""
+        text = dicom_age_years(text) if name == "age" and text else text
+        if text:
+            found[name] = text.upper() if name == "sex" else text
+    return found
+
+
 def read_sidecar(path: str | os.PathLike) -> Sidecar:
     """Read and check one sidecar; raises ``InputError(path, tag, reason)`` on bad input."""
     path = os.fspath(path)
@@ -181,6 +213,7 @@ def read_sidecar(path: str | os.PathLike) -> Sidecar:
         except (ValueError, AttributeError) as error:
             raise InputError(path, field_name(tag), str(error)) from error
     return Sidecar(
+        demographics=read_demographics(data),
         invert=values.get(TAG_PRESENTATION_LUT_SHAPE) == "INVERSE",
         bit_depth=values.get(TAG_BITS_STORED),
         view=values.get(TAG_VIEW_POSITION),
@@ -274,6 +307,7 @@ def scan_bimcv(root: str | os.PathLike, config: BimcvConfig | Mapping[str, Any] 
             bit_depth=sidecar.bit_depth,
             view=view,
             study_id=study_id,
+            demographics=dict(sidecar.demographics),
         )
         candidates.append(sample)
         if sidecar.size is not None:
