@@ -12,6 +12,7 @@ Results go to ``RUN_DIR/eval/`` and are written atomically (temporary name, then
     metrics<tag>.json       the numbers below
     predictions<tag>.csv    one row per image (segmentation: Dice/IoU; classifiers: scores)
     roc<tag>.png            classifiers: one-vs-rest ROC curve per class, AUC in the legend
+    reliability<tag>.png    classifiers: one-vs-rest reliability diagram per class, ECE in the legend
     confusion_matrix<tag>.png  classifiers: counts and row percentages
     examples<tag>.png       segmentation: image / ground truth / prediction overlays
 

@@ -1,7 +1,7 @@
 """Plots shared by the tasks' evaluations (matplotlib's object API with the Agg canvas: no
 global backend switch), written atomically.
 
-* ``plot_roc`` and ``plot_confusion_matrix``: classifiers;
+* ``plot_roc``, ``plot_confusion_matrix`` and ``plot_reliability_per_class``: classifiers;
 * ``plot_segmentation_examples``: image / ground truth / prediction rows, as the paper's Fig. 4.
 """
 
@@ -55,6 +55,30 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str],
     axes.set_ylabel("true positive rate (sensitivity)")
     axes.set_title(title, fontsize=10)
     axes.legend(loc="lower right", fontsize=8)
+    axes.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
+def plot_reliability_per_class(bins: dict, ece: dict, path: Path, title: str) -> None:
+    """One-vs-rest reliability diagram of every class: the fraction of images of the class
+    against the mean predicted probability per bin (``bins[name]``: the dict of
+    ``caaxr_tf.metrics.calibration.reliability_bins``), ECE in the legend."""
+    figure = new_figure(5.6, 5.0)
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    for name, cells in bins.items():
+        count = np.asarray(cells["count"], dtype=float)
+        keep = count > 0
+        value = ece.get(name)
+        label = f"{name} (ECE {value:.3f})" if value is not None and np.isfinite(value) else f"{name} (ECE n/a)"
+        axes.plot(np.asarray(cells["mean_predicted"], float)[keep], np.asarray(cells["fraction_positive"], float)[keep],
+                  marker="o", lw=2, label=label)
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.01)
+    axes.set_xlabel("mean predicted probability of the class (bin)")
+    axes.set_ylabel("fraction of images of the class")
+    axes.set_title(title, fontsize=10)
+    axes.legend(loc="upper left", fontsize=8)
     axes.grid(alpha=0.3)
     save_figure(figure, path)
 

@@ -237,7 +237,7 @@ def test_classifier_metrics_match_sklearn(cls_run, tfrecords):
     per_image = read_csv(cls_run / "eval" / "predictions.csv")
     assert [r["image_id"] for r in per_image] == ids
     np.testing.assert_allclose([float(r["p_covid"]) for r in per_image], scores[:, 0], atol=1e-6)
-    for name in ("roc.png", "confusion_matrix.png"):
+    for name in ("roc.png", "confusion_matrix.png", "reliability.png"):
         assert_png(cls_run / "eval" / name)
 
 

@@ -118,6 +118,12 @@ class ClassificationTask(Task):
             plot_roc(labels_np, scores_np, names, context.path("roc", "png"), f"ROC, one-vs-rest: {context.title}")
             plot_confusion_matrix(np.array(metrics["confusion_matrix"]["matrix"]), names,
                                   context.path("confusion_matrix", "png"), f"confusion matrix: {context.title}")
+            from caaxr_tf.metrics.calibration import calibration_report
+            from caaxr_tf.plots import plot_reliability_per_class
+
+            calibration = calibration_report(labels_np, np.clip(scores_np, 0.0, 1.0), names)
+            plot_reliability_per_class(calibration["reliability_per_class"], calibration["ece_per_class"],
+                                       context.path("reliability", "png"), f"reliability, one-vs-rest: {context.title}")
         return EvalResult(metrics, ["image_id", "label", "predicted", *(f"p_{c}" for c in names)], rows)
 
     def bootstrap_inputs(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> BootstrapInputs | None:
