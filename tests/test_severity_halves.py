@@ -452,3 +452,38 @@ def test_lung_infection_features_of_an_infection_run_with_a_lung_run(protocol_di
     predicted = fit.predict(expected[split.test])
     (score,) = [s for s in results[1].scores if s.seed == 0 and s.target == scored.target_names[0]]
     assert score.mae == pytest.approx(mean_absolute_error(scored.targets[split.test, 0], predicted[:, 0]), rel=1e-4)
+
+
+def test_imported_network_features_as_published_approach_a(protocol_dir, tmp_path):
+    """--imported: the imported torchxrayvision network's own outputs (no training) as the
+    features of least squares; checked against the Keras source model run by hand."""
+    from pathlib import Path
+
+    from caaxr_tf.severity import run_features as rf
+    from caaxr_tf.weights import import_weights, load_imported
+
+    data = Path(__file__).parent / "data" / "weights"
+    weights = import_weights("torchxrayvision", data / "xrv_densenet_small.safetensors", "densenet",
+                             input_size=64).save(tmp_path / "xrv.weights.h5")
+    scored, results = rf.evaluate_run_features(protocol_dir, [], num_splits=3,
+                                               imported=[(weights, "features"), (weights, "probabilities")])
+    source = load_imported(weights).build_source_model()
+    images = rf.protocol_images(protocol_dir, scored.image_ids, 64)
+    expected = np.asarray(source(images)["probabilities"], np.float64)
+    item = rf.imported_features(weights, protocol_dir, scored.image_ids, output="probabilities")
+    # model.predict in batches of 16 vs one eager call: float32 kernel noise on values <= 1
+    np.testing.assert_allclose(item.features, expected, atol=1e-5)
+    assert item.names[0].startswith("probabilities_") and item.features.shape == expected.shape
+    assert [r.name for r in results][1:] == [
+        f"xrv.weights.h5: imported torchxrayvision densenet features [{item_features_width(weights)}]",
+        f"xrv.weights.h5: imported torchxrayvision densenet probabilities [{expected.shape[1]}]"]
+    assert rf.parse_imported("a/b.weights.h5:logits") == ("a/b.weights.h5", "logits")
+    assert rf.parse_imported("c:/x.weights.h5") == ("c:/x.weights.h5", "features")
+    with pytest.raises(ValueError, match="unknown output 'pooled'"):
+        rf.imported_features(weights, protocol_dir, scored.image_ids, output="pooled")
+
+
+def item_features_width(weights) -> int:
+    from caaxr_tf.weights import load_imported
+
+    return int(load_imported(weights).build_source_model().output["features"].shape[-1])

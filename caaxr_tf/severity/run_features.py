@@ -3,7 +3,7 @@ from trained runs, least squares per half split of the protocol folder, the inte
 baseline beside them.
 
     python -m caaxr_tf.severity.run_features --tfrecords TFRECORDS/severity \
-        --run RUN_DIR[:KIND] [--run ...] [--lung-run LUNG_RUN] [--combined] [--splits N] [--which best|final] \
+        --run RUN_DIR[:KIND] [--run ...] [--imported WEIGHTS[:OUTPUT] ...] [--lung-run LUNG_RUN] [--combined] [--splits N] [--which best|final] \
         [--markdown] [--json OUT.json] [--plots DIR]
 
 ``TFRECORDS/severity`` is a ``grouped_halves`` protocol folder (``caaxr-make-tfrecords --source
@@ -15,6 +15,9 @@ train and val). Every run gives one feature matrix of a registered feature kind
 ``masked_intensity``: image brightness inside and outside a segmentation run's predicted mask;
 ``lung_infection``: an infection-map run's infected fraction of the right lung, the left lung and
 both, inside the lungs of a ``--lung-run``); ``--combined`` also scores all of them side by side.
+``--imported WEIGHTS[:features|logits|probabilities]`` takes a network imported by ``caaxr
+import-weights`` as it is (the published approach (a): torchxrayvision's DenseNet-121 features
+or its 18 calibrated outputs; `imported_features`).
 A run trained on the scored images' scores (a fold of this protocol) is refused
 (`check_not_trained_on_scores`): its training half is in the test halves of other splits.
 
@@ -258,6 +261,44 @@ def run_features(run_dir: str | Path, protocol_dir: str | Path, image_ids: Seque
     return RunFeatures(run_label(run_dir, config, kind), kind, np.asarray(features, np.float64), names)
 
 
+IMPORTED_OUTPUTS = ("features", "logits", "probabilities")
+
+
+def parse_imported(text: str) -> tuple[str, str]:
+    """``WEIGHTS`` or ``WEIGHTS:OUTPUT`` (an output of the imported network; default ``features``)."""
+    weights, separator, output = text.rpartition(":")
+    return (weights, output) if separator and output in IMPORTED_OUTPUTS else (text, "features")
+
+
+def imported_features(weights: str | Path, protocol_dir: str | Path, image_ids: Sequence[str], *,
+                      output: str = "features", image_cache: dict[int, np.ndarray] | None = None) -> RunFeatures:
+    """Approach (a) as published: an output of an imported pretrained network itself (``caaxr
+    import-weights``; `caaxr_tf.weights.ImportedWeights.build_source_model`), no training here:
+    ``features`` (the pooled backbone activations, e.g. DenseNet-121's 1024), ``logits`` or
+    ``probabilities`` (the source's head: torchxrayvision's 18 pathologies, calibrated), at the
+    network's own input size and preprocessing."""
+    from caaxr_tf.weights import load_imported
+
+    if output not in IMPORTED_OUTPUTS:
+        raise ValueError(f"unknown output {output!r} of an imported network; known: {', '.join(IMPORTED_OUTPUTS)}")
+    imported = load_imported(weights)
+    model = imported.build_source_model()
+    if output not in model.output:
+        raise ValueError(f"{weights}: the imported network has no {output!r} output (no head was imported); "
+                         f"it has {', '.join(model.output)}")
+    size = int(imported.metadata.get("input_size", 224))
+    cache = image_cache if image_cache is not None else {}
+    if size not in cache:
+        cache[size] = protocol_images(protocol_dir, image_ids, size)
+    values = np.asarray(model.predict(cache[size], batch_size=16, verbose=0)[output], np.float64)
+    classes = (imported.metadata.get("head") or {}).get("class_names") or []
+    names = ([f"{output}_{c}" for c in classes] if output != "features" and len(classes) == values.shape[1]
+             else [f"{output}_{i}" for i in range(values.shape[1])])
+    label = (f"{Path(weights).name}: imported {imported.metadata.get('source', '?')} "
+             f"{imported.metadata.get('model', '?')} {output}")
+    return RunFeatures(label, output, values, names)
+
+
 def run_label(run_dir: str | Path, config: dict[str, Any], kind: str, *, full_path: bool = False) -> str:
     """``<run folder name>: <model> (<protocol> fold <k>) <kind>``; the resolved folder path
     instead of its name with ``full_path`` (two runs in folders of the same name)."""
@@ -317,9 +358,11 @@ def check_not_trained_on_scores(run_dir: str | Path, protocol_dir: str | Path, i
 
 def evaluate_run_features(protocol_dir: str | Path, runs: Sequence[tuple[str | Path, str | None]], *,
                           num_splits: int | None = None, which: str = "best", combined: bool = False,
-                          lung_run: str | Path | None = None) -> tuple[ScoredImages, list[ProtocolResult]]:
-    """The intercept-only baseline, then least squares on each run's features (and, with
-    ``combined``, on all of them side by side), on the protocol folder's splits."""
+                          lung_run: str | Path | None = None, imported: Sequence[tuple[str | Path, str]] = ()
+                          ) -> tuple[ScoredImages, list[ProtocolResult]]:
+    """The intercept-only baseline, then least squares on each run's features and each
+    ``imported`` network's output (`imported_features`; and, with ``combined``, on all of them
+    side by side), on the protocol folder's splits."""
     scored = read_protocol(protocol_dir, num_splits)
     common = dict(target_names=scored.target_names, splits=scored.splits)
     results = [intercept_only_baseline(scored.targets, scored.patient_ids, **common)]
@@ -329,6 +372,11 @@ def evaluate_run_features(protocol_dir: str | Path, runs: Sequence[tuple[str | P
     sets = [run_features(run, protocol_dir, scored.image_ids, kind=kind, which=which, image_cache=cache,
                          lung_run=lung_run) for run, kind in runs]
     unique_labels(runs, sets)
+    for weights, output in imported:
+        item = imported_features(weights, protocol_dir, scored.image_ids, output=output, image_cache=cache)
+        if any(other.label == item.label for other in sets):
+            raise ValueError(f"--imported {weights}:{output} is given twice")
+        sets.append(item)
     for item in sets:
         results.append(evaluate_least_squares(item.features, scored.targets, scored.patient_ids,
                                               name=f"{item.label} [{item.features.shape[1]}]", **common))
@@ -357,6 +405,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tfrecords", required=True, help="the protocol folder (TFRECORDS/severity)")
     parser.add_argument("--run", action="append", default=[], type=parse_run,
                         help=f"a run folder, optionally :KIND ({', '.join(FEATURE_KINDS)}); repeatable")
+    parser.add_argument("--imported", action="append", default=[], type=parse_imported, metavar="WEIGHTS[:OUTPUT]",
+                        help="a network imported by caaxr import-weights (its .weights.h5), used as it is: OUTPUT "
+                             f"one of {', '.join(IMPORTED_OUTPUTS)} (default features); repeatable")
     parser.add_argument("--lung-run", default=None,
                         help="a lungs-protocol segmentation run, for the lung_infection features of infection runs")
     parser.add_argument("--combined", action="store_true", help="also fit all runs' features together")
@@ -378,8 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tensorflow as tf
 
     try:
+        if not args.run and not args.imported:
+            raise ValueError("give at least one --run or --imported")
         scored, results = evaluate_run_features(args.tfrecords, args.run, num_splits=args.splits,
-                                                which=args.which, combined=args.combined, lung_run=args.lung_run)
+                                                which=args.which, combined=args.combined, lung_run=args.lung_run,
+                                                imported=args.imported)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
