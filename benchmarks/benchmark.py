@@ -101,6 +101,14 @@ TARGETS: list[dict[str, Any]] = [
          threshold=5.0, description="make_dataset warm >= 5x the PyTorch DataLoader reading the source files"),
     dict(section="pipeline", name="cold vs decode limit", figure="tf_cold", reference="limit", op=">=", threshold=0.5,
          description="make_dataset cold >= 0.5x the cv2 decode limit"),
+    # the same three with the augmentation moved into the training step (augment_in: step)
+    dict(section="pipeline", name="warm vs PyTorch, augment_in step", figure="tf_warm_plain", reference="torch",
+         op=">=", threshold=5.0, description="make_dataset warm >= 5x the PyTorch DataLoader, augmentation in the step"),
+    dict(section="pipeline", name="cold vs PyTorch, augment_in step", figure="tf_cold_plain", reference="torch",
+         op=">=", threshold=1.0,
+         description="make_dataset cold >= 1.0x the PyTorch DataLoader (identical bytes), augmentation in the step"),
+    dict(section="pipeline", name="cold vs decode limit, augment_in step", figure="tf_cold_plain", reference="limit",
+         op=">=", threshold=0.5, description="make_dataset cold >= 0.5x the cv2 decode limit, augmentation in the step"),
     dict(section="tfrecords", name="1 worker vs decode limit", figure="build_w1", reference="limit_w1", op=">=",
          threshold=0.8, per_worker=True, description="build_tfrecords, 1 worker >= 0.8x the decode limit per worker"),
     dict(section="tfrecords", name="2 workers vs decode limit", figure="build_w2", reference="limit_w1", op=">=",
@@ -736,10 +744,10 @@ def bench_pipeline(bench: Bench) -> dict[str, Any]:
     figures: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
 
-    def dataset(cache: bool):
+    def dataset(cache: bool, augment: bool = True):
         # repeat=True and one iterator, as the training loop reads it
         return make_dataset(tfr, "train", batch_size=PIPELINE_BATCH, image_size=IMAGE_SIZE, training=True,
-                            augment=True, cache=cache, repeat=True, seed=0)
+                            augment=augment, cache=cache, repeat=True, seed=0)
 
     bench.log(f"pipeline: make_dataset cold (cache off), {repeats} x >= {min_images} images")
     # Steady state: tf.data decodes ahead (a whole epoch into the shuffle buffer, plus the
@@ -762,6 +770,23 @@ def bench_pipeline(bench: Bench) -> dict[str, Any]:
                                        label="make_dataset first epoch (fresh in-memory cache)")
     figures["tf_warm"] = figure([w for w, _ in warm], "images/s", reference="torch", cpu_values=[c for _, c in warm],
                                 label="make_dataset warm (cached)")
+
+    # augment_in: step — the same pipeline without the augmentation, which the training step does
+    bench.log("pipeline: the same without augmentation (augment_in: step), cold and warm")
+    iterator = iter(dataset(cache=False, augment=False))
+    take_images(iterator, max(2 * train_images, 100))
+    cold_plain = [take_images(iterator, min_images) for _ in range(repeats)]
+    warm_plain = []
+    for _ in range(repeats):
+        iterator = iter(dataset(cache=True, augment=False))
+        take_images(iterator, train_images, exact=True)
+        warm_plain.append(take_images(iterator, max(min_images, 3 * train_images)))
+    figures["tf_cold_plain"] = figure([w for w, _ in cold_plain], "images/s", reference="torch",
+                                      cpu_values=[c for _, c in cold_plain],
+                                      label="make_dataset cold, augmentation in the training step (augment_in: step)")
+    figures["tf_warm_plain"] = figure([w for w, _ in warm_plain], "images/s", reference="torch",
+                                      cpu_values=[c for _, c in warm_plain],
+                                      label="make_dataset warm, augmentation in the training step (augment_in: step)")
 
     entries = extract_split(tfr, "train", bench.work / "peer-files" / PIPELINE_PROTOCOL)
     index = bench.work / "peer-files" / f"{PIPELINE_PROTOCOL}.json"
@@ -1141,9 +1166,12 @@ def measure_step(config, warmup: int, steps: int, repeats: int) -> list[tuple[fl
     ``config`` is a RunConfig (``train_config``)."""
     import keras
 
+    from caaxr_tf.training.config import mixed_policy
+
     keras.utils.set_random_seed(int(config.seed))
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    policy = mixed_policy(config.mixed_precision)
+    if policy:
+        keras.mixed_precision.set_global_policy(policy)
     try:
         return time_held_step(build_held_step(config), warmup, steps, repeats)
     finally:
@@ -1156,6 +1184,7 @@ def bench_train(bench: Bench) -> dict[str, Any]:
     import tensorflow as tf
 
     from caaxr_tf.models import available_models
+    from caaxr_tf.tasks import get_task
 
     figures: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
@@ -1169,12 +1198,19 @@ def bench_train(bench: Bench) -> dict[str, Any]:
                 figures[f"step_{model}"] = skipped("images/s", "--quick (pass --models to include it)",
                                                    label=f"{model} training step")
                 wanted.remove(model)
+    from caaxr_tf.models.precision import supported_precisions
+
     gpu = bool(tf.config.list_physical_devices("GPU"))
-    variants = [(False, False)]
+    # (mixed_precision setting, XLA); the figure's suffix names the variant
+    variants: list[tuple[Any, bool]] = [(False, False)]
     if gpu:
         variants += [(True, False), (False, True), (True, True)]
     else:
-        notes.append("No GPU: mixed precision and XLA variants skipped (measured on CPU in float32 without XLA).")
+        notes.append("No GPU: float16 mixed precision and XLA variants skipped (measured on CPU without XLA).")
+    if "bfloat16" in supported_precisions():
+        variants.append(("bfloat16", False))
+    else:
+        notes.append("This CPU has neither avx512_bf16 nor amx_bf16: the mixed_bfloat16 step is not measured.")
     repeats = 1 if bench.quick else max(2, min(3, bench.repeats))
     for model in wanted:
         protocol = TRAIN_MODELS[model]
@@ -1192,15 +1228,34 @@ def bench_train(bench: Bench) -> dict[str, Any]:
         steps = 1 if (bench.quick or heavy) else 3
         warmup = 1 if (bench.quick or heavy) else 2
         for mixed, jit in variants:
-            suffix = "" if not (mixed or jit) else "_" + "_".join(n for n, on in (("mp", mixed), ("xla", jit)) if on)
+            mixed_tag = "bf16" if mixed == "bfloat16" else "mp"
+            suffix = "" if not (mixed or jit) else "_" + "_".join(n for n, on in ((mixed_tag, mixed), ("xla", jit)) if on)
             bench.log(f"train: {model} step{suffix} ({warmup} warm-up, {steps} step(s) per repeat, batch {batch})")
-            rates = measure_step(dataclasses.replace(config, mixed_precision=mixed, jit=jit), warmup, steps,
-                                 min(repeats, 2) if heavy else repeats)
+            label = f"{model} training step, batch {batch}" + (
+                f" ({'mixed ' + ('bfloat16' if mixed == 'bfloat16' else 'float16') if mixed else 'float32'}, "
+                f"XLA {'on' if jit else 'off'})" if (gpu or mixed) else "")
+            reference = f"step_{model}" if suffix else None
+            try:
+                rates = measure_step(dataclasses.replace(config, mixed_precision=mixed, jit=jit), warmup, steps,
+                                     min(repeats, 2) if heavy else repeats)
+            except Exception as error:  # a variant this model cannot run: recorded, the others go on
+                if not suffix:
+                    raise
+                figures[f"step_{model}{suffix}"] = skipped("images/s", f"{type(error).__name__}: {str(error)[:200]}",
+                                                           label=label, reference=reference)
+                continue
             figures[f"step_{model}{suffix}"] = figure(
-                [w for w, _ in rates], "images/s", cpu_values=[c for _, c in rates], label=f"{model} training step, batch {batch}"
-                + (f" ({'mixed precision' if mixed else 'float32'}, XLA {'on' if jit else 'off'})" if gpu else ""),
+                [w for w, _ in rates], "images/s", cpu_values=[c for _, c in rates], label=label, reference=reference,
                 batch=batch, protocol=protocol, steps_per_repeat=steps,
                 process_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        if config.augment and get_task(config.task).supports_augmentation:
+            bench.log(f"train: {model} step with the augmentation inside (augment_in: step)")
+            rates = measure_step(dataclasses.replace(config, augment_in="step"), warmup, steps,
+                                 min(repeats, 2) if heavy else repeats)
+            figures[f"step_{model}_augstep"] = figure(
+                [w for w, _ in rates], "images/s", cpu_values=[c for _, c in rates], reference=f"step_{model}",
+                label=f"{model} training step, batch {batch}, augmentation in the step (augment_in: step)",
+                batch=batch, protocol=protocol, steps_per_repeat=steps)
         for kind, position in (("cold", 0), ("warm", 1)):
             figures[f"input_{kind}_{model}"] = figure(
                 [i[position][0] for i in inputs], "images/s", reference=f"step_{model}",

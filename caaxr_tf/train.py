@@ -53,6 +53,12 @@ __all__ = ["ConfigError", "NonFiniteLossError", "locate_protocol_dir", "main", "
 
 # --------------------------------------------------------------------------- arguments
 
+def _mixed_precision_flag(value: str) -> str:
+    if value not in ("float16", "bfloat16"):
+        raise argparse.ArgumentTypeError(f"expected float16 or bfloat16 (or the flag alone for float16), got {value!r}")
+    return value
+
+
 # Training flags shared with caaxr_tf.cv: (flag, argparse options, RunConfig key).
 TRAINING_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("--config", dict(help="YAML file merged over caaxr_tf/configs/train.yaml (flat keys or its sections)"), ""),
@@ -63,8 +69,14 @@ TRAINING_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("--lr", dict(type=float, help="learning rate"), "learning_rate"),
     ("--weights", dict(help="none | imagenet | PATH"), "weights"),
     ("--strategy", dict(choices=STRATEGIES), "strategy"),
-    ("--mixed-precision", dict(action="store_true", default=None), "mixed_precision"),
+    ("--mixed-precision", dict(nargs="?", const=True, default=None, type=_mixed_precision_flag,
+                               metavar="float16|bfloat16",
+                               help="train under Keras' mixed policy, float32 variables (alone: float16; bfloat16 "
+                                    "on CPUs with avx512_bf16/amx_bf16 or GPUs)"), "mixed_precision"),
     ("--jit", dict(action="store_true", default=None, help="XLA-compile the training step"), "jit"),
+    ("--augment-in", dict(choices=("pipeline", "step"), help="where the training augmentation runs: the tf.data "
+                                                            "pipeline (default) or the training step (on the "
+                                                            "accelerator, when there is one)"), "augment_in"),
     ("--seed", dict(type=int), "seed"),
     ("--class-balance", dict(choices=CLASS_BALANCE, help="classifiers: none (default, the paper) | weights "
                                                          "(class-weighted loss) | sampling (oversampling)"),

@@ -76,8 +76,9 @@ def test_quick_report_structure(quick_report):
 
 def test_quick_report_figures_and_targets(quick_report):
     pipeline = quick_report["sections"]["pipeline"]["figures"]
-    assert {"tf_cold", "tf_first_epoch", "tf_warm", "limit", "torch", "torch_augment", "torch_source"} <= set(pipeline)
-    for key in ("tf_cold", "tf_warm", "limit"):
+    assert {"tf_cold", "tf_first_epoch", "tf_warm", "tf_cold_plain", "tf_warm_plain", "limit", "torch", "torch_augment",
+            "torch_source"} <= set(pipeline)
+    for key in ("tf_cold", "tf_warm", "tf_cold_plain", "tf_warm_plain", "limit"):
         assert pipeline[key]["status"] == "ok" and pipeline[key]["unit"] == "images/s"
     if torch_installed():
         assert pipeline["torch"]["status"] == "ok" and pipeline["torch_source"]["status"] == "ok"
@@ -92,7 +93,8 @@ def test_quick_report_figures_and_targets(quick_report):
 
     targets = {t["name"]: t for t in quick_report["targets"]}
     assert {"warm vs PyTorch", "cold vs PyTorch", "cold vs source peer", "warm vs source peer",
-            "cold vs decode limit", "1 worker vs decode limit",
+            "cold vs decode limit", "warm vs PyTorch, augment_in step", "cold vs PyTorch, augment_in step",
+            "cold vs decode limit, augment_in step", "1 worker vs decode limit",
             "2 workers vs decode limit", "2 workers vs 1", "peak memory growth"} == set(targets)
     for target in targets.values():
         assert TARGET_KEYS <= set(target)
@@ -110,6 +112,8 @@ def test_quick_report_figures_and_targets(quick_report):
         else:
             assert target["passed"] is (target["ratio"] <= target["threshold"])
     assert targets["cold vs decode limit"]["passed"] is not None
+    assert targets["cold vs decode limit, augment_in step"]["figure"] == "tf_cold_plain"
+    assert targets["cold vs decode limit, augment_in step"]["passed"] is not None
     if not torch_installed():
         assert targets["warm vs PyTorch"]["passed"] is None and targets["cold vs source peer"]["passed"] is None
 

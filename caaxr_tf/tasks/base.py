@@ -226,6 +226,15 @@ class Task:
         augmented, _ = augment_batch(images, None, seed)
         return augmented, {}
 
+    def augment_in_step(self, images: "tf.Tensor", targets: Any, seed: "tf.Tensor") -> tuple["tf.Tensor", Any]:
+        """``augment_in: step``: the same augmentation as ``augment``, applied inside the training
+        step to the model's inputs and training targets (so an accelerator runs it). A task whose
+        ``augment`` changes batch entries (masks) maps them onto its targets."""
+        augmented, changed = self.augment(images, {}, seed)
+        if changed:
+            raise NotImplementedError(f"{type(self).__name__}.augment_in_step must move {sorted(changed)} with the images")
+        return augmented, targets
+
     def target(self, batch: Mapping[str, "tf.Tensor"]) -> Any:
         """The training target of a batch."""
         raise NotImplementedError

@@ -37,7 +37,7 @@ from caaxr_tf.tasks.classification import ClassificationTask
 from caaxr_tf.models.outputs import mask_output
 from caaxr_tf.tasks.segmentation import EMPTY_SCORE, SegmentationTask, segmentation_metrics
 from caaxr_tf import metrics
-from caaxr_tf.data.pipeline import make_dataset
+from caaxr_tf.data.pipeline import augment_batch, make_dataset
 from caaxr_tf.metrics import dice_per_image, iou_per_image
 from caaxr_tf.metrics.pixel import PixelCounts, PixelF1
 
@@ -104,6 +104,10 @@ class InfectionTask(SegmentationTask):
         """``mask`` (float [B, S, S, 1]) and ``covid`` (float [B], 1 for the COVID-19 class)."""
         covid = tf.cast(tf.equal(batch["label"], self.covid_index), tf.float32)
         return {"mask": tf.cast(batch["mask"], tf.float32), "covid": covid}
+
+    def augment_in_step(self, images: tf.Tensor, targets: Any, seed: tf.Tensor) -> tuple[tf.Tensor, Any]:
+        images, masks = augment_batch(images, targets["mask"], seed)
+        return images, {**targets, "mask": masks}
 
     def per_example_loss(self, targets: Any, outputs: Any) -> tf.Tensor:
         return super().per_example_loss(targets["mask"], outputs)

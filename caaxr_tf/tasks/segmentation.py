@@ -70,6 +70,9 @@ class SegmentationTask(Task):
     def target(self, batch: Mapping[str, tf.Tensor]) -> Any:
         return tf.cast(batch["mask"], tf.float32)
 
+    def augment_in_step(self, images: tf.Tensor, targets: Any, seed: tf.Tensor) -> tuple[tf.Tensor, Any]:
+        return augment_batch(images, targets, seed)
+
     # training ---------------------------------------------------------------------
 
     def per_example_loss(self, targets: Any, outputs: Any) -> tf.Tensor:

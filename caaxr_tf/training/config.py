@@ -72,7 +72,7 @@ class OptimizerConfig:
     def to_mapping(self) -> dict[str, Any]:
         return {"name": self.name, **self.settings()}
 
-    def build(self, mixed_precision: bool = False):
+    def build(self, loss_scaling: bool = False):
         import keras
 
         classes = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "nadam": keras.optimizers.Nadam,
@@ -81,7 +81,22 @@ class OptimizerConfig:
             optimizer = classes[self.name](**self.settings())
         except (TypeError, ValueError) as error:  # a setting this optimizer does not have (e.g. momentum for adam)
             raise ConfigError(f"optimizer {self.name}: {error}") from None
-        return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
+        return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer
+
+
+# ``mixed_precision`` settings → the Keras policy (None: float32). ``true`` keeps its old meaning
+# (float16); bfloat16 has float32's exponent range, so only float16 needs loss scaling.
+MIXED_POLICIES: dict[Any, str | None] = {False: None, True: "mixed_float16", "float16": "mixed_float16",
+                                         "bfloat16": "mixed_bfloat16"}
+
+
+def mixed_policy(setting: bool | str) -> str | None:
+    """The Keras dtype policy of a ``mixed_precision`` setting; None for float32."""
+    return MIXED_POLICIES[setting]
+
+
+def needs_loss_scaling(setting: bool | str) -> bool:
+    return mixed_policy(setting) == "mixed_float16"
 
 
 @dataclass(frozen=True)
@@ -108,11 +123,14 @@ class RunConfig:
     validation_steps: int | None = field(default=None, metadata=_POSITIVE)
     weights: str = "none"
     strategy: Literal["auto", "one", "mirrored", "multiworker"] = "auto"
-    mixed_precision: bool = False
+    # false | true (= float16) | float16 | bfloat16: compute under Keras' mixed policy, float32 variables
+    mixed_precision: bool | Literal["float16", "bfloat16"] = False
     jit: bool = False
     shuffle_buffer: int = field(default=2048, metadata=_POSITIVE)
     cache: bool = True
     augment: bool = True
+    # where the augmentation runs: the tf.data pipeline (CPU) or the training step (the replica's device)
+    augment_in: Literal["pipeline", "step"] = "pipeline"
     bn_recompute_images: int = field(default=0, metadata={"min": 0})
     class_balance: Literal["none", "weights", "sampling"] = "none"
     model_kwargs: dict = field(default_factory=dict)

@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 
 from caaxr_tf.config import ConfigError
 from caaxr_tf.training.callbacks import BestModel, HistoryCSV, TrainingCallback, default_callbacks
-from caaxr_tf.training.config import RunConfig
+from caaxr_tf.models.precision import PrecisionError, check_precision
+from caaxr_tf.training.config import RunConfig, mixed_policy, needs_loss_scaling
 from caaxr_tf.training.distribute import is_chief, make_strategy, num_workers
 from caaxr_tf.data.pipeline import balanced_repeats, make_dataset
 from caaxr_tf.tasks import get_task
@@ -70,8 +71,17 @@ class Trainer:
 
         config, strategy = self.config, self.strategy
         keras.utils.set_random_seed(int(config.seed))
-        if config.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
+        policy = mixed_policy(config.mixed_precision)
+        if policy == "mixed_bfloat16":
+            try:
+                check_precision("bfloat16")
+            except PrecisionError:
+                raise ConfigError(
+                    "mixed_precision: bfloat16 needs a CPU with avx512_bf16 or amx_bf16 (or a GPU of compute "
+                    "capability 8.0 or later); this device has neither, and emulated bfloat16 is slower than "
+                    "float32. Train with mixed_precision: false") from None
+        if policy:
+            keras.mixed_precision.set_global_policy(policy)
         self.num_replicas = strategy.num_replicas_in_sync
         self.num_workers = num_workers(strategy)
         self.global_batch = int(config.batch_size)
@@ -85,7 +95,7 @@ class Trainer:
             # missing shards, bad model arguments, weights of another architecture or unreachable
             raise ConfigError(str(error).splitlines()[0] if str(error) else repr(error)) from error
         with strategy.scope():
-            self.optimizer = config.optimizer.build(config.mixed_precision)
+            self.optimizer = config.optimizer.build(loss_scaling=needs_loss_scaling(config.mixed_precision))
             self.optimizer.build(self.model.trainable_variables)
             self.train_metrics = [] if self.task.owns_loss else self.task.make_metrics()
             self.val_metrics = self.task.make_metrics()
@@ -105,7 +115,8 @@ class Trainer:
         self.train_step = make_train_step(
             self.task, strategy, self.model, self.optimizer, self.loss_tracker, global_batch=self.global_batch,
             component_trackers=self.component_trackers, train_metrics=self.train_metrics,
-            mixed_precision=config.mixed_precision, jit=config.jit)
+            loss_scaling=needs_loss_scaling(config.mixed_precision), jit=config.jit,
+            augment_seed=int(config.seed) if augments_in(config, self.task) == "step" else None)
         self.val_step = make_val_step(self)
         self.built = True
         return self
@@ -243,7 +254,7 @@ def training_datasets(config: RunConfig, task, global_batch: int, num_workers: i
         class_repeats = balanced_repeats(counts)
         pass_size = round(sum(c * r for c, r in zip(counts, class_repeats)))
     steps = int(config.steps_per_epoch or max(1, pass_size // global_batch))
-    train = make_dataset(config.tfrecords, "train", training=True, augment=config.augment and task.supports_augmentation,
+    train = make_dataset(config.tfrecords, "train", training=True, augment=augments_in(config, task) == "pipeline",
                          repeat=True, drop_remainder=True, shuffle_buffer=config.shuffle_buffer,
                          class_repeats=class_repeats, **common)
     # Several workers must take the same number of validation steps: repeat and count them.
@@ -254,14 +265,26 @@ def training_datasets(config: RunConfig, task, global_batch: int, num_workers: i
     return TrainingData(train, steps, val, int(val_steps) if val_steps else None, train_count, val_count)
 
 
+def augments_in(config: RunConfig, task) -> str | None:
+    """Where a run's training batches are augmented: "pipeline", "step" or None (not at all)."""
+    if not (config.augment and task.supports_augmentation):
+        return None
+    return config.augment_in
+
+
 def make_train_step(task, strategy, model, optimizer, loss_tracker, *, global_batch: int,
                     component_trackers: dict | None = None, train_metrics: Sequence = (),
-                    mixed_precision: bool = False, jit: bool = False):
+                    loss_scaling: bool = False, jit: bool = False, augment_seed: int | None = None):
     """The distributed training step: a tf.function that takes one batch from an iterator of
     distributed batches and runs the replica step under ``strategy`` (the benchmark times it
     too). The loss of each replica is its share of the global batch's mean
     (``compute_average_loss`` over ``global_batch``), so every replica count gives the same
-    update; ``loss_tracker`` receives the global batch's loss."""
+    update; ``loss_tracker`` receives the global batch's loss.
+
+    ``augment_seed`` (``augment_in: step``) augments each replica's batch inside the step with
+    ``task.augment_in_step``, stateless from (seed, step × replicas + replica): reproducible, a
+    resumed run continues the sequence (the step count is the optimizer's, checkpointed), and
+    no two replicas draw the same transforms."""
     import tensorflow as tf
 
     component_trackers = component_trackers or {}
@@ -280,7 +303,7 @@ def make_train_step(task, strategy, model, optimizer, loss_tracker, *, global_ba
                                                   global_batch_size=global_batch)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-            scaled = optimizer.scale_loss(loss) if mixed_precision else loss
+            scaled = optimizer.scale_loss(loss) if loss_scaling else loss
         gradients = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         loss_tracker.update_state(loss * num_replicas)
@@ -294,6 +317,15 @@ def make_train_step(task, strategy, model, optimizer, loss_tracker, *, global_ba
 
     # XLA compiles the replica step; reading the iterator cannot be compiled.
     replica_step = tf.function(replica_train_step, jit_compile=True) if jit else replica_train_step
+    if augment_seed is not None:
+        compiled_step = replica_step
+
+        def replica_step(images, targets):  # the augmentation stays outside an XLA cluster
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            step = tf.cast(tf.convert_to_tensor(optimizer.iterations), tf.int64)
+            seed = tf.stack([tf.constant(augment_seed, tf.int64), step * num_replicas + tf.cast(replica, tf.int64)])
+            images, targets = task.augment_in_step(images, targets, seed)
+            compiled_step(images, targets)
 
     @tf.function(reduce_retracing=True)
     def train_step(iterator):
