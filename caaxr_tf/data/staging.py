@@ -22,7 +22,6 @@ from caaxr_tf.data.images import LoadedImage, encode_png, load_image, resize_lon
 from caaxr_tf.data.masks import check_same_size, read_binary_mask
 from caaxr_tf.data.records import InputError, Sample, Skipped
 from caaxr_tf.io import atomic_path
-from caaxr_tf.data.ct_series import read_ct_tiff
 
 
 @dataclass
@@ -140,6 +139,8 @@ def _load(sample: Sample) -> LoadedImage:
     from caaxr_tf.data.sources.covid_ctset import SOURCE as CT_SOURCE
 
     if sample.source == CT_SOURCE:
+        from caaxr_tf.data.ct_series import read_ct_tiff  # pydicom: only for CT, not in every worker's start-up
+
         return LoadedImage(read_ct_tiff(sample.path), 16)
     return load_image(sample.path)
 

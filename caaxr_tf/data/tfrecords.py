@@ -751,8 +751,11 @@ def build_tfrecords(
 
     created_out = not out_dir.exists()
     lock: FolderLock | None = None
-    # Shards of protocol N are written in a thread while the workers decode protocol N + 1.
-    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    # Shards of protocol N are written in a thread while the workers decode protocol N + 1; the
+    # protocols whose images are all staged by then (3class, 4class reuse 2class's) are written
+    # side by side, one thread per worker, once the pool is idle.
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1, len(names))),
+                                                   thread_name_prefix="shard-writer")
     pending: dict[str, concurrent.futures.Future] = {}
     summaries: dict[str, dict[str, Any]] = {}
     try:
