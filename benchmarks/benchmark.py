@@ -1022,8 +1022,8 @@ def bench_tfrecords(bench: Bench) -> dict[str, Any]:
         item = figures[f"build_w{workers}"]
         notes.append(f"{workers} worker(s): {item['images']} images, {item['records']} records, "
                      f"{item['seconds']:.1f} s in all; staging {item['stage_seconds']:.1f} s (decode, and resize + PNG "
-                     f"encode where needed, in the workers), writing {item['write_seconds']:.1f} s (a parent thread, "
-                     "overlapping the next protocol's staging).")
+                     f"encode where needed, in the workers), writing {item['write_seconds']:.1f} s (summed over the "
+                     f"parent's shard-writer threads, one per worker, overlapping the next protocol's staging).")
     notes.append("The build time counts from build_tfrecords() with TensorFlow already imported; the worker pool's "
                  "start-up is inside it.")
     return {"figures": figures, "notes": notes, "settings": {"repeats": repeats, "memory_sizes": list(sizes)}}
