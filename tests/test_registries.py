@@ -75,7 +75,7 @@ def test_an_unknown_task_in_summary_json_is_a_clear_error_everywhere(unknown_tas
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--set", "epocs=3"], "unknown key 'epocs' (did you mean 'epochs'?); valid keys: augment, batch_size, bn_recompute_images"),
+        (["--set", "epocs=3"], "unknown key 'epocs' (did you mean 'epochs'?); valid keys: augment, augment_in, batch_size, bn_recompute_images"),
         (["--set", "optimizer.lerning_rate=0.1"],
          "unknown key 'lerning_rate' in optimizer (did you mean 'learning_rate'?); valid keys: beta_1, beta_2"),
         (["--set", "loss=dice"], "unknown loss 'dice' for the segmentation task; expected one of binary_crossentropy, bce_dice"),

@@ -160,7 +160,27 @@ def test_the_data_layer_has_no_import_cycle():
         if name not in state:
             visit(name, [])
     assert "caaxr_tf.data.images" not in graph["caaxr_tf.data.dicom"]
-    assert "caaxr_tf.data.dicom" in graph["caaxr_tf.data.images"]
+
+
+IMAGE_READER_SIDE = r"""
+import sys
+from caaxr_tf.data.images import load_image
+before = "pydicom" in sys.modules
+pixels = load_image(sys.argv[1]).pixels
+print(before, "pydicom" in sys.modules, pixels.dtype, pixels.shape)
+"""
+
+
+def test_the_image_reader_loads_pydicom_only_when_it_meets_a_dicom(tmp_path):
+    # a staging worker imports caaxr_tf.data.images; pydicom at module level cost its start-up 0.15 s
+    from caaxr_tf.data.synthetic_ct import write_dicom_series
+
+    raw = np.arange(4 * 4, dtype=np.uint16).reshape(1, 4, 4) * 100
+    path = write_dicom_series(tmp_path, raw, patient_id="p1", shuffle_names=False)[0]
+    done = subprocess.run([sys.executable, "-c", IMAGE_READER_SIDE, str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[:2] == ["False", "True"], done.stdout
 
 
 READING_SIDE = r"""
