@@ -162,6 +162,17 @@ def test_the_data_layer_has_no_import_cycle():
     assert "caaxr_tf.data.images" not in graph["caaxr_tf.data.dicom"]
 
 
+def run_on_a_tiny_dicom(tmp_path: Path, script: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """``script`` in a fresh interpreter with the path of a written 4x4 uint16 DICOM as its argument."""
+    from caaxr_tf.data.synthetic_ct import write_dicom_series
+
+    raw = np.arange(4 * 4, dtype=np.uint16).reshape(1, 4, 4) * 100
+    path = write_dicom_series(tmp_path, raw, patient_id="p1", shuffle_names=False)[0]
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    return done, path
+
+
 IMAGE_READER_SIDE = r"""
 import sys
 from caaxr_tf.data.images import load_image
@@ -173,12 +184,7 @@ print(before, "pydicom" in sys.modules, pixels.dtype, pixels.shape)
 
 def test_the_image_reader_loads_pydicom_only_when_it_meets_a_dicom(tmp_path):
     # a staging worker imports caaxr_tf.data.images; pydicom at module level cost its start-up 0.15 s
-    from caaxr_tf.data.synthetic_ct import write_dicom_series
-
-    raw = np.arange(4 * 4, dtype=np.uint16).reshape(1, 4, 4) * 100
-    path = write_dicom_series(tmp_path, raw, patient_id="p1", shuffle_names=False)[0]
-    done = subprocess.run([sys.executable, "-c", IMAGE_READER_SIDE, str(path)], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    done, _ = run_on_a_tiny_dicom(tmp_path, IMAGE_READER_SIDE)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[:2] == ["False", "True"], done.stdout
 
@@ -196,14 +202,9 @@ print(sorted(m for m in ("cv2", "tensorflow", "caaxr_tf.data.images", "caaxr_tf.
 
 
 def test_reading_side_modules_and_read_dicom_do_not_import_opencv(tmp_path):
-    from caaxr_tf.data.synthetic_ct import write_dicom_series
-
     from caaxr_tf.data.dicom import read_dicom
 
-    raw = np.arange(4 * 4, dtype=np.uint16).reshape(1, 4, 4) * 100
-    path = write_dicom_series(tmp_path, raw, patient_id="p1", shuffle_names=False)[0]
-    done = subprocess.run([sys.executable, "-c", READING_SIDE, str(path)], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    done, path = run_on_a_tiny_dicom(tmp_path, READING_SIDE)
     assert done.returncode == 0, done.stderr[-2000:]
     expected = read_dicom(path).pixels
     assert len(np.unique(expected)) == 16  # the pixels really were decoded

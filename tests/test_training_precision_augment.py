@@ -187,6 +187,15 @@ def test_step_augmentation_is_the_pipelines_augmentation_moved_into_the_step(tfr
     assert gradient_distance(start, weights_plain, weights_in_step) > 10 * GRADIENT_RTOL
 
 
+def augmented_by_halves(images: np.ndarray, masks: np.ndarray, seed: int,
+                        draws: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Half r of the batch (replica r's share) augmented with seed (seed, draws[r])."""
+    half = len(images) // 2
+    parts = [augment_batch(images[r * half:(r + 1) * half], masks[r * half:(r + 1) * half],
+                           np.array([seed, draw], np.int64)) for r, draw in enumerate(draws)]
+    return np.concatenate([p[0].numpy() for p in parts]), np.concatenate([p[1].numpy() for p in parts])
+
+
 @pytest.mark.numerics  # compares two traced steps at KERNEL_RTOL
 def test_each_replica_draws_its_own_transforms(tfrecords_root, tmp_path):
     import keras
@@ -203,18 +212,14 @@ def test_each_replica_draws_its_own_transforms(tfrecords_root, tmp_path):
     loss_in_step, weights_in_step = one_step_loss(step_trainer, (images, masks))
     # By hand: replica r holds images [2r, 2r + 2) of the global batch and draws with seed
     # (run seed, step 0 x 2 replicas + r); then the unaugmented run's step on the result.
-    halves = [augment_batch(images[2 * r:2 * r + 2], masks[2 * r:2 * r + 2], np.array([in_step.seed, r], np.int64))
-              for r in (0, 1)]
-    by_hand = (np.concatenate([h[0].numpy() for h in halves]), np.concatenate([h[1].numpy() for h in halves]))
+    by_hand = augmented_by_halves(images, masks, in_step.seed, draws=(0, 1))
     by_hand_trainer = built_trainer(plain, tmp_path / "h", "mirrored")
     assert all(np.array_equal(a, b) for a, b in zip(initial_weights(by_hand_trainer), start))
     loss_by_hand, weights_by_hand = one_step_loss(by_hand_trainer, by_hand)
     assert loss_in_step == pytest.approx(loss_by_hand, rel=KERNEL_RTOL)
     assert_same_gradients(start, weights_in_step, weights_by_hand)
     # the replica term matters: both replicas drawing with replica 0's seed give another step
-    same = [augment_batch(images[2 * r:2 * r + 2], masks[2 * r:2 * r + 2], np.array([in_step.seed, 0], np.int64))
-            for r in (0, 1)]
-    same_seed = (np.concatenate([h[0].numpy() for h in same]), np.concatenate([h[1].numpy() for h in same]))
+    same_seed = augmented_by_halves(images, masks, in_step.seed, draws=(0, 0))
     _, weights_same_seed = one_step_loss(built_trainer(plain, tmp_path / "o", "mirrored"), same_seed)
     assert gradient_distance(start, weights_same_seed, weights_in_step) > 10 * GRADIENT_RTOL
 
